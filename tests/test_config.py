@@ -1,0 +1,73 @@
+"""Config round trips and every class of validation error."""
+import math
+
+import pytest
+
+from raylab.config import (PRESETS, STAGES, ConfigError, ExperimentConfig, all_keys, fingerprint, from_flat,
+                           from_json, make_config, override, parse_assignments, to_flat, to_json)
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_round_trips(preset):
+    cfg = make_config(preset)
+    assert from_flat(to_flat(cfg)) == cfg
+    assert from_json(to_json(cfg)) == cfg
+    assert set(to_flat(cfg)) == set(all_keys())
+
+
+def test_paper_preset_is_the_papers_recipe():
+    c = make_config("paper")
+    assert (c.model.name, c.model.activation, c.train.batch_size, c.train.epochs) == ("wrn-28-10", "silu", 512, 400)
+    assert (c.train.lr, c.train.momentum, c.train.nesterov, c.train.weight_decay) == (0.2, 0.9, True, 5e-4)
+    assert (c.train.beta, c.train.label_smoothing, c.train.ema_tau, c.train.ratio) == (5.0, 0.1, 0.995, 0.3)
+    assert (c.attack.steps, c.attack.eps, c.attack.step) == (10, 8 / 255, 2 / 255)
+    assert (c.generate.steps, c.select.top_fraction, c.select.policy) == (20, 0.2, "topk")
+
+
+def test_strings_are_parsed_like_the_cli():
+    cfg = from_flat(parse_assignments(["attack.eps=8/255", "train.nesterov=false", "edm.channel_mult=1,2,2",
+                                       "train.beta=none", "train.loss=pgd_at", "generate.s_max=inf"]))
+    assert cfg.attack.eps == pytest.approx(8 / 255)
+    assert cfg.train.nesterov is False and cfg.train.beta is None
+    assert cfg.edm.channel_mult == (1, 2, 2) and math.isinf(cfg.generate.s_max)
+    assert isinstance(from_flat({"train.lr": 1}).train.lr, float)
+
+
+@pytest.mark.parametrize("flat, message", [
+    ({"train.lrr": 0.1}, "unknown config key (did you mean 'train.lr'?)"),
+    ({"nosection.x": 1}, "unknown config key"),
+    ({"train.lr": "fast"}, "cannot parse 'fast' as float"),
+    ({"train.epochs": 2.5}, "expected int"),
+    ({"train.nesterov": 1}, "expected bool"),
+    ({"train.epochs": True}, "expected int"),
+    ({"train.ratio": 1.5}, "out of range"),
+    ({"generate.steps": 0}, "out of range"),
+    ({"attack.eps": -0.1}, "out of range"),
+    ({"train.lr": 0}, "must be > 0"),
+    ({"model.name": "vit"}, "is not one of"),
+    ({"train.beta": None}, "required by train.loss=trades"),
+    ({"train.batch_size": 65, "resources.num_workers": 2}, "not divisible by resources.num_workers=2"),
+    ({"generate.sigma_min": 100.0}, "must be < generate.sigma_max"),
+    ({"train.lr": float("nan")}, "NaN"),
+])
+def test_validation_errors_are_one_line_and_name_the_key(flat, message):
+    with pytest.raises(ConfigError) as err:
+        from_flat(flat)
+    text = str(err.value)
+    assert message in text and "\n" not in text
+    assert text.split(":")[0] in set(all_keys()) | set(flat)
+
+
+def test_override_leaves_the_original_untouched_and_fingerprint_tracks_only_chosen_keys():
+    base = make_config("tiny")
+    new = override(base, {"train.beta": 6.0})
+    assert base.train.beta == 5.0 and new.train.beta == 6.0
+    assert fingerprint(base, ["generate", "edm"]) == fingerprint(new, ["generate", "edm"])
+    assert fingerprint(base, ["train.beta"]) != fingerprint(new, ["train.beta"])
+    assert fingerprint(base, ["generate"]) != fingerprint(override(base, {"generate.steps": 5}), ["generate"])
+
+
+def test_every_stage_is_in_the_experiment():
+    assert set(STAGES) == {f for f in ExperimentConfig.__dataclass_fields__}
+    with pytest.raises(ConfigError, match="preset"):
+        make_config("huge")
