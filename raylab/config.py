@@ -63,7 +63,9 @@ def _base_type(tp: Any) -> tuple[Any, bool]:
 def _coerce(key: str, tp: Any, value: Any) -> Any:
     """Turn a Python or string value into `tp`, or raise a one-line ConfigError."""
     base, optional = _base_type(tp)
-    if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null")):
+    if optional and isinstance(value, str) and value.strip().lower() in ("none", "null"):
+        return None
+    if value is None:
         if optional:
             return None
         raise ConfigError(f"{key}: None is not allowed (expected {base.__name__})")
@@ -418,7 +420,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "generate.steps": 10, "generate.per_class": 60, "generate.shard_size": 200, "generate.batch_size": 64,
         "select.scorer_model": "wrn-16-2", "select.top_fraction": 0.5,
         "model.name": "wrn-16-2",
-        "train.epochs": 3, "train.batch_size": 64, "train.lr": 0.1, "train.val_pgd_steps": 5,
+        "train.epochs": 3, "train.batch_size": 64, "train.lr": 0.1, "train.schedule_per": "step", "train.val_pgd_steps": 5,
         "train.checkpoint_every": 1, "attack.steps": 3,
         "eval.num_test": 200, "eval.pgd_steps": 10, "eval.autoattack": "custom", "eval.aa_attacks": "apgd-ce",
         "eval.chunk_size": 100, "eval.batch_size": 100, "eval.certify_n": 200,

@@ -1,0 +1,43 @@
+"""Run directories: `<tracking.root>/<stage>/<name>/` holding the resolved config, checkpoints and results.
+
+Names are deterministic (stage + content hash of the config keys that produce the run), so rerunning the same
+config finds and resumes the same directory instead of starting over; a changed config gets a new directory.
+Nothing here ever deletes a run directory (the reference `rmtree`d its log dir at start-up, training_recipe.md §4.2).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from raylab.config import ExperimentConfig, fingerprint, to_json
+from raylab.io import atomic_write_text
+
+# Config keys that determine each stage's output (the rest, e.g. tracking or eval knobs, do not).
+STAGE_KEYS: dict[str, list[str]] = {
+    "edm": ["data.dataset", "data.val_size", "data.max_train", "edm"],
+    "scorer": ["data", "select.scorer_model", "model.activation", "train.epochs", "train.batch_size", "train.lr",
+               "train.seed", "train.augment"],
+    "generate": ["data.dataset", "edm", "generate"],
+    "train": ["data", "generate", "select", "model", "attack", "train", "resources.num_workers"],
+}
+
+
+@dataclass(frozen=True)
+class RunDir:
+    stage: str
+    name: str
+    path: Path
+
+    @property
+    def config_path(self) -> Path:
+        return self.path / "config.json"
+
+
+def run_dir(cfg: ExperimentConfig, stage: str, name: str | None = None) -> RunDir:
+    """The deterministic directory of `stage` for `cfg` (created, with the resolved config written atomically)."""
+    name = name or f"{stage}-{fingerprint(cfg, STAGE_KEYS[stage])}"
+    path = Path(cfg.tracking.root).resolve() / stage / name
+    path.mkdir(parents=True, exist_ok=True)
+    run = RunDir(stage, name, path)
+    atomic_write_text(run.config_path, to_json(cfg) + "\n")
+    return run

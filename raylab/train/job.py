@@ -1,0 +1,79 @@
+"""The driver of adversarial training: check everything, then one `TorchTrainer.fit()`.
+
+`run_training(cfg, generated=...)` validates the inputs before any compute (config, dataset, generated view),
+resolves the deterministic run directory (rerunning the same config resumes it), opens or reopens the MLflow run,
+and passes the generated view to the workers as a Ray Dataset (`get_dataset_shard("generated")`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from raylab.config import ExperimentConfig, to_flat, to_json
+from raylab.data.datasets import get_dataset
+from raylab.raytrain import make_trainer
+from raylab.runs import RunDir, run_dir
+from raylab.train.worker import GENERATED, train_worker
+
+MLFLOW_RUN_FILE = "mlflow_run_id"
+
+
+@dataclass(frozen=True)
+class TrainOutcome:
+    run: RunDir
+    history: list[dict[str, Any]]
+    best: dict[str, Any]
+    mlflow_run_id: str | None
+
+    @property
+    def last(self) -> dict[str, Any]:
+        return self.history[-1] if self.history else {}
+
+
+def _check_inputs(cfg: ExperimentConfig, generated: Any) -> None:
+    get_dataset(cfg.data.dataset)
+    if cfg.train.ratio < 1.0 and generated is None:
+        raise ValueError(f"train.ratio: {cfg.train.ratio} < 1 mixes in generated images, but no generated view "
+                         "was given (generate one, or set train.ratio=1 to train on original images only)")
+
+
+def _open_tracker(cfg: ExperimentConfig, run: RunDir, parent_run_id: str | None, tags: dict | None):
+    """The run's MLflow run: reopened when this run directory already has one (a resumed run keeps its history)."""
+    from raylab.tracking import Tracker, resolve_tracking_uri
+
+    id_file = run.path / MLFLOW_RUN_FILE
+    if id_file.exists():
+        return Tracker.resume(resolve_tracking_uri(cfg.tracking), id_file.read_text().strip())
+    tracker = Tracker.start(cfg.tracking, run.name, params=to_flat(cfg), config_json=to_json(cfg),
+                            parent_run_id=parent_run_id, tags={"raylab.stage": run.stage, **(tags or {})})
+    id_file.write_text(tracker.run_id)
+    return tracker
+
+
+def run_training(cfg: ExperimentConfig, *, generated: Any = None, generated_rows: int = 0, name: str | None = None,
+                 parent_run_id: str | None = None, tags: dict | None = None, callbacks: list | None = None,
+                 stage: str = "train", crash: dict | None = None) -> TrainOutcome:
+    """Train `cfg` on Ray Train. `generated`: a Ray Dataset of the generated view (or None when ratio is 1);
+    `crash`: the worker's fault-injection drill (raylab.train.worker._fault_drill)."""
+    _check_inputs(cfg, generated)
+    run = run_dir(cfg, stage, name)
+    tracker = _open_tracker(cfg, run, parent_run_id, tags)
+    loop_config = {"flat": to_flat(cfg), "run_dir": str(run.path), "generated_rows": generated_rows,
+                   "mlflow_uri": tracker.uri, "mlflow_run_id": tracker.run_id, "crash": crash}
+    trainer = make_trainer(train_worker, loop_config, cfg, run,
+                           datasets={GENERATED: generated} if generated is not None else None, callbacks=callbacks)
+    with tracker:
+        result = trainer.fit()
+        out = result.return_value or {}
+        best = out.get("best", {})
+        tracker.log_metrics({"best_epoch": best.get("epoch", -1), "best_val_robust_acc":
+                             best.get("val_robust_acc", float("nan"))}, step=cfg.train.epochs)
+        for name_ in ("best.pt", "last.pt"):
+            if (run.path / name_).exists():
+                tracker.set_tags({f"checkpoint.{name_}": str(run.path / name_)})
+    return TrainOutcome(run, out.get("history", []), best, tracker.run_id)
+
+
+def checkpoint_path(run_path: str | Path, which: str = "best") -> Path:
+    return Path(run_path) / f"{which}.pt"
