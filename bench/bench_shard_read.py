@@ -11,8 +11,14 @@ measures images/s for:
   (the training input path);
 * raylab: `read_numpy` on a real store of the chosen type, with and without sha256 verification.
 
-Result that chose `shards.IMAGE_TYPE` (50k images, 5 shards, 2-core CPU box, Ray num_cpus=2, medians of 3):
-see the reply/notes of the shard-store task; rerun to refresh.
+Measured on the 2-core dev box while other jobs ran (load 7–13), 50k images, 5 shards, 5 interleaved rounds:
+
+    image type                  pyarrow img/s      ×  Ray Data img/s      ×      MB
+    binary                            267,183  20.78          15,964   4.17   154.4
+    fixed_size_binary(3072)           453,549  35.28          16,368   4.28   154.2
+    list<uint8>                        12,856   1.00           3,825   1.00   329.9
+
+so `shards.IMAGE_TYPE` is fixed_size_binary(3072): 1.7× faster through pyarrow, a tie through Ray Data.
 """
 from __future__ import annotations
 
@@ -94,28 +100,42 @@ def iterate_ray(ds, decode: Callable) -> int:
     return n
 
 
-def rate(fn: Callable[[], int], repeats: int, warmup: bool = False) -> float:
-    """Median images/s over `repeats` timed calls."""
-    if warmup:
+def interleaved(fns: dict[str, Callable[[], int]], repeats: int) -> dict[str, float]:
+    """Median images/s of each fn; one warm-up each, then rounds that run every fn once, so drifting machine
+    load hits all of them alike."""
+    for fn in fns.values():
         fn()
-    rates = []
+    rates: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
-        t = time.perf_counter()
-        n = fn()
-        rates.append(n / (time.perf_counter() - t))
-    return statistics.median(rates)
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            n = fn()
+            rates[name].append(n / (time.perf_counter() - t))
+    return {name: statistics.median(r) for name, r in rates.items()}
 
 
-def bench_store(root: Path, images: np.ndarray, shard_size: int, repeats: int) -> dict[str, float]:
+def fill_store(root: Path, images: np.ndarray, shard_size: int) -> Path:
     store = shards.ShardStore(root).create_or_open({"bench": "shard_read"})
     for start in range(0, len(images), shard_size):
         n = len(images[start:start + shard_size])
         store.write_shard(start, start + n - 1, {"image": images[start:start + n], "label": np.zeros(n, np.int16),
                                                   "seed": np.arange(start, start + n), "class_cond": np.full(n, -1)})
-    rates = {f"read_numpy(verify={v})": rate(lambda v=v: len(shards.read_numpy(root, ["image"], verify=v)["image"]),
-                                             repeats) for v in (False, True)}
-    read = lambda: iterate_ray(shards.read_dataset(root, ["image"], verify=True), shards.decode_images)  # noqa: E731
-    return rates | {"read_dataset(verify=True)": rate(read, repeats, warmup=True)}
+    return root
+
+
+def measure(tmp: Path, images: np.ndarray, args: argparse.Namespace) -> tuple[dict, dict, dict]:
+    """(pyarrow rates, Ray rates, MB on disk) per variant and per raylab store reader."""
+    paths = {name: write_variant(tmp / name.split("(")[0], images, args.shard_size, encode)
+             for name, (encode, _) in VARIANTS.items()}
+    mb = {name: sum(os.path.getsize(p) for p in ps) / 1e6 for name, ps in paths.items()}
+    root = fill_store(tmp / "store", images, args.shard_size)
+    pa_fns = {name: (lambda ps=ps, d=VARIANTS[name][1]: time_pyarrow(ps, d)) for name, ps in paths.items()}
+    pa_fns |= {f"read_numpy(verify={v})": lambda v=v: len(shards.read_numpy(root, ["image"], verify=v)["image"])
+               for v in (False, True)}
+    ray_fns = {name: (lambda ps=ps, d=VARIANTS[name][1]: time_ray(ps, d, args.ray_v2)) for name, ps in paths.items()}
+    ray_fns["read_dataset(verify=True)"] = lambda: iterate_ray(shards.read_dataset(root, ["image"]),
+                                                               shards.decode_images)
+    return interleaved(pa_fns, args.repeats), interleaved(ray_fns, args.repeats), mb
 
 
 def main() -> None:
@@ -132,30 +152,27 @@ def main() -> None:
 
     ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
     images = np.random.default_rng(0).integers(0, 256, (args.images, *shards.IMAGE_SHAPE), dtype=np.uint8)
-    rows = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for name, (encode, decode) in VARIANTS.items():
-            paths = write_variant(Path(tmp) / name.split("(")[0], images, args.shard_size, encode)
-            mb = sum(os.path.getsize(p) for p in paths) / 1e6
-            rows[name] = (rate(lambda: time_pyarrow(paths, decode), args.repeats),
-                          rate(lambda: time_ray(paths, decode, args.ray_v2), args.repeats, warmup=True), mb)
-        store_rates = bench_store(Path(tmp) / "store", images, args.shard_size, args.repeats)
+        pa_rates, ray_rates, mb = measure(Path(tmp), images, args)
     ray.shutdown()
-    report(rows, store_rates, args)
+    report(pa_rates, ray_rates, mb, args)
 
 
-def report(rows: dict, store_rates: dict, args: argparse.Namespace) -> None:
-    base_pa, base_ray, _ = rows["list<uint8>"]
-    print(f"\n{args.images} images, shards of {args.shard_size}, median of {args.repeats}, Ray Parquet datasource "
-          f"{'V2' if args.ray_v2 else 'V1'}; ratios vs list<uint8>")
+def report(pa_rates: dict, ray_rates: dict, mb: dict, args: argparse.Namespace) -> None:
+    base = "list<uint8>"
+    print(f"\n{args.images} images, shards of {args.shard_size}, median of {args.repeats} interleaved rounds, "
+          f"Ray Parquet datasource {'V2' if args.ray_v2 else 'V1'}; × = ratio to {base}")
     print(f"{'image type':<26}{'pyarrow img/s':>15}{'×':>7}{'Ray Data img/s':>16}{'×':>7}{'MB':>8}")
-    for name, (r_pa, r_ray, mb) in rows.items():
-        print(f"{name:<26}{r_pa:>15,.0f}{r_pa / base_pa:>7.2f}{r_ray:>16,.0f}{r_ray / base_ray:>7.2f}{mb:>8.1f}")
-    b, f = rows["binary"], rows["fixed_size_binary(3072)"]
-    print(f"binary / fixed_size_binary: pyarrow {b[0] / f[0]:.2f}×, Ray Data {b[1] / f[1]:.2f}×")
-    print(f"raylab store (IMAGE_TYPE={shards.IMAGE_TYPE}, read + concatenate + decode):")
-    for name, r in store_rates.items():
-        print(f"  {name:<24}{r:>15,.0f} img/s")
+    for name in VARIANTS:
+        r_pa, r_ray = pa_rates[name], ray_rates[name]
+        print(f"{name:<26}{r_pa:>15,.0f}{r_pa / pa_rates[base]:>7.2f}{r_ray:>16,.0f}"
+              f"{r_ray / ray_rates[base]:>7.2f}{mb[name]:>8.1f}")
+    fixed = "fixed_size_binary(3072)"
+    print(f"binary / {fixed}: pyarrow {pa_rates['binary'] / pa_rates[fixed]:.2f}×, "
+          f"Ray Data {ray_rates['binary'] / ray_rates[fixed]:.2f}×")
+    print(f"raylab store, IMAGE_TYPE={shards.IMAGE_TYPE} (read + concatenate + decode):")
+    for name, r in list(pa_rates.items())[len(VARIANTS):] + list(ray_rates.items())[len(VARIANTS):]:
+        print(f"  {name:<26}{r:>13,.0f} img/s")
 
 
 if __name__ == "__main__":

@@ -69,6 +69,52 @@ def _data_import(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _print_training(out) -> None:
+    best, last = out.best, out.last
+    print(f"run dir: {out.run.path}")
+    print(f"checkpoints: {out.run.path / 'best.pt'} (epoch {best.get('epoch')}), {out.run.path / 'last.pt'}")
+    print(f"last epoch: " + ", ".join(f"{k}={v:.4g}" for k, v in last.items() if isinstance(v, float)))
+    print(f"MLflow run: {out.mlflow_run_id} (see `raylab ui`)")
+
+
+def _train_args(p: argparse.ArgumentParser) -> None:
+    config_args(p)
+    p.add_argument("--generated", default=None, help="generated view or shard store (needed when train.ratio < 1)")
+
+
+@verb("train", "adversarial training on Ray Train (TRADES by default)", _train_args)
+def _train(ns: argparse.Namespace) -> int:
+    from raylab.cluster import init_ray
+    from raylab.train.job import run_training
+
+    cfg = config_from(ns)
+    init_ray()
+    generated, rows = _generated_input(ns.generated)
+    _print_training(run_training(cfg, generated=generated, generated_rows=rows))
+    return 0
+
+
+def _generated_input(path: str | None):
+    """(Ray Dataset, rows) of a shard store directory; (None, 0) without one."""
+    if path is None:
+        return None, 0
+    from raylab.data.shards import load_manifest, read_dataset
+
+    rows = sum(e["rows"] for e in load_manifest(path)["shards"].values())
+    return read_dataset(path), rows
+
+
+@verb("scorer train", "train the standard classifier that scores generated images", config_args)
+def _scorer_train(ns: argparse.Namespace) -> int:
+    from raylab.cluster import init_ray
+    from raylab.train.job import run_scorer_training
+
+    cfg = config_from(ns)
+    init_ray()
+    _print_training(run_scorer_training(cfg))
+    return 0
+
+
 def _ui_args(p: argparse.ArgumentParser) -> None:
     config_args(p)
     p.add_argument("--port", type=int, default=None)

@@ -2,14 +2,15 @@
 
 Layout of a store directory (DESIGN.md, "Data contracts")::
 
-    manifest.json                       identity + one entry per shard (seed range, rows, sha256, bytes)
+    manifest.json                       identity + one entry per shard (seed range, rows, sha256, bytes, columns)
     gen-0000000000-0000009999.parquet   seeds 0..9999 inclusive
     gen-0000010000-0000019999.parquet
     .manifest.lock                      flock target: writers read-modify-write the manifest under it
 
 Columns: `image` (3072 raw HWC uint8 bytes), `label` int16, `seed` int64, `class_cond` int16 (−1 when
 unconditional), and after scoring `score` float32, `pred` int16, `confidence` float32. The generator / sampler /
-scorer identity lives once in the manifest and in each file's key-value metadata, never per row.
+scorer identity lives once in the manifest and in each file's key-value metadata, never per row. Every shard of
+a store has the same columns (recorded per entry, enforced on write), so shards always concatenate.
 
 Crash safety: a shard is written to a hidden temp file in the same directory, fsynced, renamed into place, and
 only then recorded in the manifest, so a shard listed in the manifest is always complete. Readers check every file
@@ -43,13 +44,14 @@ class ShardError(ValueError):
 
 IMAGE_SHAPE = (32, 32, 3)
 IMAGE_BYTES = 32 * 32 * 3
-# Image column type, chosen by bench/bench_shard_read.py (50k images, 2 cores, numbers in the module docstring
-# there): variable `binary` streams ~1.3–1.5× faster through Ray Data (read_parquet → iter_batches(pyarrow) →
-# decode), the path training uses every epoch, while `fixed_size_binary(3072)` only wins the plain
-# pyarrow.read_table path, which is already >1M img/s and far from a bottleneck. Both decode zero-copy; the fixed
-# length that binary() does not encode in its type is checked on every decode (offsets step must be 3072).
-# Same conclusion as reference/ray_mlflow.md §2 (binary 62k vs fixed 42k img/s through Ray Data).
-IMAGE_TYPE = pa.binary()
+# Image column type: fixed_size_binary(3072) (= DESIGN.md's `binary(3072)`), chosen by bench/bench_shard_read.py
+# (50k random images, 5 shards, interleaved rounds, 2-core box shared with other jobs): pyarrow read_table +
+# decode 454k vs 267k img/s for variable `binary` (fixed 1.7–1.9× faster in all 4 runs); Ray Data read →
+# iter_batches(1024, pyarrow) → float NCHW a tie (16.4k vs 16.0k; binary/fixed 0.88–1.24× across runs, within
+# the load noise); list<uint8> is 4–50× slower and twice the bytes. The fixed width also lets the schema itself
+# reject a wrong-sized image.
+# (reference/ray_mlflow.md §2 saw binary ahead through Ray Data, 62k vs 42k; we could not reproduce a gap.)
+IMAGE_TYPE = pa.binary(3072)
 
 # numpy dtype of every non-image column (kept here: pa.DataType.to_pandas_dtype would import pandas).
 NUMPY_DTYPES: dict[str, type] = {"label": np.int16, "seed": np.int64, "class_cond": np.int16,
@@ -454,7 +456,11 @@ def _take(table: pa.Table, name: str, idx: np.ndarray) -> pa.Table:
 
 def read_table(root: str | os.PathLike, columns: list[str] | None = None, verify: bool = True,
                rows: Mapping[str, np.ndarray] | None = None) -> pa.Table:
-    """All shards (or the `rows` of the shards named in `rows`) in seed order as one table."""
+    """All shards (or the `rows` of the shards named in `rows`) in seed order as one table.
+
+    verify=True reads every byte of each shard once, hashes it and parses those same bytes, even when only a
+    few columns are asked for: a store is only trusted as a whole.
+    """
     root = Path(root)
     manifest = load_manifest(root)
     wanted = _check_request(manifest, columns, rows)
@@ -473,7 +479,7 @@ def read_table(root: str | os.PathLike, columns: list[str] | None = None, verify
 
 def read_numpy(root: str | os.PathLike, columns: list[str] | None = None, verify: bool = True,
                rows: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
-    """Like `read_table`, as numpy arrays (image read-only when the store has one shard: a zero-copy view)."""
+    """Like `read_table`, as numpy arrays; `image` may be a read-only zero-copy view (copy before writing)."""
     return table_to_numpy(read_table(root, columns=columns, verify=verify, rows=rows))
 
 

@@ -38,7 +38,7 @@ from raylab.eval.metrics import (EvalError, batch_slices, check_batch_size, chec
 from raylab.io import atomic_write_json
 
 # raylab's norm names (config `eval.norm`) -> pyautoattack's.
-NORMS: dict[str, str] = {"linf": "Linf", "l2": "L2"}
+AA_NORMS: dict[str, str] = {"linf": "Linf", "l2": "L2"}
 
 # The library's presets (`AutoAttack._set_version`); "custom" takes the attack list from the caller.
 VERSIONS: dict[str, tuple[str, ...] | None] = {
@@ -87,8 +87,8 @@ class AAResult:
     @property
     def cascade(self) -> list[tuple[str, float]]:
         """[(attack, robust accuracy after it and all before it), ...] in run order (001_... Table 6)."""
-        alive = lambda k: float(((self.fell_at == ROBUST) | (self.fell_at > k)).mean())  # noqa: E731
-        return [(name, alive(k + 1)) for k, name in enumerate(self.attacks)]
+        survived = [(self.fell_at == ROBUST) | (self.fell_at > code) for code in range(1, len(self.attacks) + 1)]
+        return [(name, float(alive.mean())) for name, alive in zip(self.attacks, survived)]
 
     def to_json(self) -> dict:
         d = dataclasses.asdict(self)
@@ -133,9 +133,10 @@ def resolve_attacks(version: str, attacks: Sequence[str] | None) -> tuple[str, .
 
 
 def aa_norm(norm: str) -> str:
-    if norm.lower() not in NORMS:
-        raise EvalError(f"autoattack norm: {norm!r} is not one of {', '.join(NORMS)}")
-    return NORMS[norm.lower()]
+    """pyautoattack's name for a raylab norm ("linf" -> "Linf"; the library's own spelling is accepted too)."""
+    if not isinstance(norm, str) or norm.lower() not in AA_NORMS:
+        raise EvalError(f"autoattack norm: {norm!r} is not one of {', '.join(AA_NORMS)}")
+    return AA_NORMS[norm.lower()]
 
 
 def _check_seed(seed: int) -> None:
@@ -236,8 +237,7 @@ def run_autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm: 
     check_batch_size(batch_size)
     check_eps(eps)
     _check_seed(seed)
-    names, norm = resolve_attacks(version, attacks), norm.lower()
-    aa_norm(norm)
+    names, norm = resolve_attacks(version, attacks), aa_norm(norm).lower()
     path = Path(state_path) if state_path is not None else None
     identity = _identity(x, y, norm=norm, eps=eps, version=version, attacks=list(names), seed=seed,
                          batch_size=batch_size)

@@ -16,7 +16,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from raylab.attacks.pgd import pgd
+from raylab.attacks import NORMS, OBJECTIVES, pgd
 
 
 class EvalError(ValueError):
@@ -54,6 +54,11 @@ def check_images(x: torch.Tensor, y: torch.Tensor | None = None) -> None:
 def check_eps(eps: float, what: str = "eps") -> None:
     if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not math.isfinite(eps) or eps < 0:
         raise EvalError(f"{what}: {eps!r} must be a finite number >= 0")
+
+
+def check_choice(what: str, value: str, allowed) -> None:
+    if value not in allowed:
+        raise EvalError(f"{what}: {value!r} is not one of {', '.join(allowed)}")
 
 
 def _describe(t: object) -> str:
@@ -113,6 +118,8 @@ def pgd_flags(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm: str, 
     check_images(x, y)
     check_batch_size(batch_size)
     check_eps(eps)
+    check_choice("norm", norm, NORMS)
+    check_choice("objective", objective, OBJECTIVES)
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise EvalError(f"steps: {steps!r} must be an integer >= 1")
     step = eps / 4 if step is None else step

@@ -428,8 +428,10 @@ class VPPrecond(_Precond):
         super().__init__(img_resolution, img_channels, label_dim, use_fp16, model_type, model_kwargs,
                          dict(beta_d=beta_d, beta_min=beta_min, M=M, epsilon_t=epsilon_t))
         self.beta_d, self.beta_min, self.M, self.epsilon_t = beta_d, beta_min, M, epsilon_t
-        self.sigma_min = float(self.sigma(torch.as_tensor(epsilon_t)))
-        self.sigma_max = float(self.sigma(torch.as_tensor(1.0)))
+        # In float32 like the reference, so σ_min is its 0.000977 (float64 would give 0.001000): the sampler clamps
+        # its schedule to this range and must clamp to the same value.
+        self.sigma_min = float(self.sigma(torch.tensor(epsilon_t, dtype=torch.float32, device="cpu")))
+        self.sigma_max = float(self.sigma(torch.tensor(1.0, dtype=torch.float32, device="cpu")))
 
     def sigma(self, t: torch.Tensor) -> torch.Tensor:
         return ((0.5 * self.beta_d * t ** 2 + self.beta_min * t).exp() - 1).sqrt()

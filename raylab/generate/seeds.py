@@ -68,7 +68,8 @@ class PerImageNoise:
     def __call__(self, like: torch.Tensor) -> torch.Tensor:
         if like.shape[0] != len(self):
             raise SeedError(f"noise_fn: batch of {like.shape[0]} images but {len(self)} generators")
-        return self.randn(like.shape[1:]).to(device=like.device, dtype=like.dtype)
+        # Drawn in x's dtype (float64 in the sampler), as the reference's randn_like does.
+        return self.randn(like.shape[1:], dtype=like.dtype).to(like.device)
 
 
 def latents(seeds: Sequence[int], shape: Sequence[int] = (3, 32, 32),

@@ -6,10 +6,12 @@
 """
 from raylab.tracking.mlflow_store import (NullTracker, RunSummary, Tracker, TrackingError, artifact_root,
                                           child_runs, client_for, ensure_experiment, find_runs, get_run,
-                                          get_run_metrics_history, rank_zero_tracker, resolve_tracking_uri)
+                                          get_run_metrics_history, pin_tracking, rank_zero_tracker,
+                                          resolve_tracking_uri)
 from raylab.tracking.plots import PlotError, histogram, image_grid, line_plot
 from raylab.tracking.ui import serve_ui, stop_ui
 
 __all__ = ["NullTracker", "PlotError", "RunSummary", "Tracker", "TrackingError", "artifact_root", "child_runs",
            "client_for", "ensure_experiment", "find_runs", "get_run", "get_run_metrics_history", "histogram",
-           "image_grid", "line_plot", "rank_zero_tracker", "resolve_tracking_uri", "serve_ui", "stop_ui"]
+           "image_grid", "line_plot", "pin_tracking", "rank_zero_tracker", "resolve_tracking_uri", "serve_ui",
+           "stop_ui"]

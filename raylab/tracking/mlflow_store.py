@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import fcntl
 import json
 import os
@@ -25,7 +26,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional, Sequence
 
 from mlflow import MlflowClient
-from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunStatus, RunTag
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
 
@@ -64,6 +65,12 @@ def resolve_tracking_uri(cfg: TrackingConfig) -> str:
 def artifact_root(cfg: TrackingConfig) -> Path:
     """`<abs tracking.root>/mlartifacts`: experiment artifact locations and the UI's --artifacts-destination."""
     return Path(cfg.root).resolve() / "mlartifacts"
+
+
+def pin_tracking(cfg: TrackingConfig) -> TrackingConfig:
+    """The same store with nothing left to resolve later: absolute root and explicit uri. Do this in the driver
+    before sending a config to Ray workers, whose cwd and environment differ from the driver's."""
+    return dataclasses.replace(cfg, root=str(Path(cfg.root).resolve()), uri=resolve_tracking_uri(cfg))
 
 
 def is_remote_uri(uri: str) -> bool:
@@ -135,6 +142,9 @@ def ensure_experiment(cfg: TrackingConfig, name: Optional[str] = None) -> str:
     client = client_for(uri)
     with _store_lock(uri):
         existing = client.get_experiment_by_name(name)
+        if existing is not None and existing.lifecycle_stage == "deleted":
+            raise TrackingError(f"experiment {name!r} is deleted in {uri}; restore it (mlflow experiments "
+                                "restore) or choose another tracking.experiment")
         if existing is not None:
             return existing.experiment_id
         try:
@@ -179,6 +189,7 @@ class Tracker:
 
     def __init__(self, client: MlflowClient, uri: str, run_id: str) -> None:
         self._client, self.uri, self.run_id = client, uri, run_id
+        self.ended = False
 
     # -- opening -------------------------------------------------------------------------------------------------
 
@@ -231,11 +242,11 @@ class Tracker:
 
     def log_metrics(self, metrics: Mapping[str, Any], step: int) -> None:
         """Log numeric metrics (Python, numpy or 0-d torch scalars) at `step`, e.g. the epoch."""
-        stamp = _now_ms()
+        stamp, step = _now_ms(), int(step)
         items = []
         for key, value in metrics.items():
             try:
-                items.append(Metric(str(key), float(value), stamp, int(step)))
+                items.append(Metric(str(key), float(value), stamp, step))
             except (TypeError, ValueError):
                 raise TrackingError(f"metric {key}: {value!r} is not a number") from None
         for batch in _chunks(items, METRICS_PER_BATCH):
@@ -266,10 +277,10 @@ class Tracker:
 
     def log_table(self, rows: Sequence[Mapping[str, Any]], name: str) -> None:
         """Log rows as `<name>.csv` and `<name>.json` (e.g. name='tables/ablation'); columns in first-seen order."""
-        if not all(isinstance(row, Mapping) for row in rows):
-            raise TrackingError(f"log_table {name}: rows must be a list of dicts")
-        columns = list(dict.fromkeys(k for row in rows for k in row))
         folder, _, stem = name.rpartition("/")
+        if not stem or not all(isinstance(row, Mapping) for row in rows):
+            raise TrackingError(f"log_table {name!r}: needs a file name and rows that are a list of dicts")
+        columns = list(dict.fromkeys(k for row in rows for k in row))
         with tempfile.TemporaryDirectory(prefix="raylab-table-") as tmp:
             with open(Path(tmp) / f"{stem}.csv", "w", newline="") as fh:
                 writer = csv.DictWriter(fh, fieldnames=columns)
@@ -298,6 +309,7 @@ class Tracker:
         if status not in END_STATUSES:
             raise TrackingError(f"status: {status!r} is not one of {', '.join(END_STATUSES)}")
         self._client.set_terminated(self.run_id, status=status)
+        self.ended = True
 
     @contextlib.contextmanager
     def _failing_on_error(self) -> Iterator[None]:
@@ -312,16 +324,17 @@ class Tracker:
         status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
         with contextlib.suppress(Exception):
             self.set_tags({"raylab.error": f"{type(exc).__name__}: {exc}"})
+        with contextlib.suppress(Exception):
             self.end(status)
 
     def __enter__(self) -> "Tracker":
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc is None:
-            self.end("FINISHED")
-        else:
+        if exc is not None:
             self._end_after(exc)
+        elif not self.ended:  # keep a status the body set explicitly, e.g. end("KILLED")
+            self.end("FINISHED")
 
     def __repr__(self) -> str:
         return f"Tracker(uri={self.uri!r}, run_id={self.run_id!r})"
@@ -332,6 +345,7 @@ class NullTracker:
 
     uri: Optional[str] = None
     run_id: Optional[str] = None
+    ended = False
 
     def _noop(self, *args: Any, **kwargs: Any) -> None:
         return None

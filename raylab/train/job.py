@@ -77,3 +77,16 @@ def run_training(cfg: ExperimentConfig, *, generated: Any = None, generated_rows
 
 def checkpoint_path(run_path: str | Path, which: str = "best") -> Path:
     return Path(run_path) / f"{which}.pt"
+
+
+def scorer_config(cfg: ExperimentConfig) -> ExperimentConfig:
+    """The standard (non-robust) classifier that scores and pseudo-labels generated images (000_... App. A:
+    a standard WRN-28-10; tiny WRN on digits): plain CE on original images only."""
+    from raylab.config import override
+
+    return override(cfg, {"model.name": cfg.select.scorer_model, "train.loss": "ce", "train.ratio": 1.0,
+                          "train.augment": "crop_flip"})
+
+
+def run_scorer_training(cfg: ExperimentConfig, **kwargs: Any) -> TrainOutcome:
+    return run_training(scorer_config(cfg), stage="scorer", **kwargs)

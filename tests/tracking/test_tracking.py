@@ -8,6 +8,7 @@ import pickle
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,7 @@ from raylab.config import TrackingConfig
 from raylab.tracking import plots
 from raylab.tracking.mlflow_store import (PARAM_VALUE_LIMIT, NullTracker, Tracker, TrackingError, child_runs,
                                           client_for, ensure_experiment, find_runs, get_run_metrics_history,
-                                          rank_zero_tracker, resolve_tracking_uri)
+                                          pin_tracking, rank_zero_tracker, resolve_tracking_uri)
 
 HASH = "ab12" * 16
 
@@ -61,6 +62,8 @@ def test_uri_precedence(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
     assert resolve_tracking_uri(TrackingConfig(root="runs")) == "http://127.0.0.1:9"
     assert resolve_tracking_uri(TrackingConfig(root="runs", uri="sqlite:////x/y.db")) == "sqlite:////x/y.db"
+    pinned = pin_tracking(TrackingConfig(root="runs"))
+    assert (pinned.root, pinned.uri) == (str(tmp_path / "runs"), "http://127.0.0.1:9")
 
 
 def test_sweep_hierarchy_roundtrip(tcfg, tmp_path):
@@ -148,24 +151,45 @@ def test_resume_and_pickle_reattach(tcfg):
     assert MlflowClient(first.uri).get_run(first.run_id).info.status == "FINISHED"
 
 
+def test_files_dicts_and_explicit_status(tcfg, tmp_path):
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "model.pt").write_bytes(b"weights")
+    (tmp_path / "notes.txt").write_text("hello")
+    with Tracker.start(tcfg, "files", params={}, config_json="{}") as tracker:
+        tracker.log_dict({"clean_acc": 0.9}, "eval/summary.json")
+        tracker.log_artifact(tmp_path / "notes.txt")
+        tracker.log_artifact(tmp_path / "ckpt", "checkpoints")
+        with pytest.raises(TrackingError, match="does not exist"):
+            tracker.log_artifact(tmp_path / "missing.pt")
+        tracker.end("KILLED")
+    client = MlflowClient(tracker.uri)
+    assert _artifacts(client, tracker.run_id) == ["checkpoints/model.pt", "config.json", "eval/summary.json",
+                                                  "notes.txt"]
+    assert client.get_run(tracker.run_id).info.status == "KILLED"  # not overwritten by the context exit
+
+
 RACER = """
 import sys
 from raylab.config import TrackingConfig
 from raylab.tracking.mlflow_store import ensure_experiment
 print("ready", flush=True)
-sys.stdin.readline()  # start line: both processes hit the fresh store at the same moment
+sys.stdin.readline()  # start signal, so the processes overlap on the fresh store
 print(ensure_experiment(TrackingConfig(root=sys.argv[1], experiment="raced")), flush=True)
 """
 
 
 def test_experiment_idempotent_and_race_safe(tmp_path, tcfg):
     assert ensure_experiment(tcfg) == ensure_experiment(tcfg)
-    # Two processes create the same experiment on a *fresh* store at once: without the store lock, MLflow's
-    # schema migrations collide (alembic / 'duplicate column' errors), and create_experiment races too.
+    # Two processes create the same experiment on a *fresh* store, the second starting while the first is
+    # mid-migration. Without the store lock this failed 5 of 6 tries (alembic 'expected to match one row').
     procs = [subprocess.Popen([sys.executable, "-c", RACER, str(tmp_path / "raced")], stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     assert [p.stdout.readline().strip() for p in procs] == ["ready", "ready"]
-    outs = [p.communicate("go\n", timeout=120) for p in procs]
+    for p in procs:
+        p.stdin.write("go\n")
+        p.stdin.flush()
+        time.sleep(0.3)
+    outs = [p.communicate(timeout=120) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs[0][1][-1500:] + outs[1][1][-1500:]
     assert outs[0][0].split() == outs[1][0].split() == ["1"]
 
@@ -178,6 +202,10 @@ def test_bad_inputs_fail_clearly(tcfg):
     assert find_runs(resolve_tracking_uri(tcfg), "unit") == []  # neither attempt left a run behind
     with pytest.raises(TrackingError, match="nope.*known: .*unit"):
         find_runs(resolve_tracking_uri(tcfg), "nope")
+    gone = TrackingConfig(root=tcfg.root, experiment="gone")
+    MlflowClient(resolve_tracking_uri(gone)).delete_experiment(ensure_experiment(gone))
+    with pytest.raises(TrackingError, match="'gone' is deleted"):
+        Tracker.start(gone, "x", params={}, config_json="{}")
     with Tracker.start(tcfg, "x", params={}, config_json="{}") as tracker:
         with pytest.raises(TrackingError, match="metric acc"):
             tracker.log_metrics({"acc": "high"}, step=0)

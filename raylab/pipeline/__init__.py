@@ -1,0 +1,10 @@
+"""Generated data: seed plans, the Ray Data generation job, selection views, baselines and quality measures.
+
+- `plan`: the seed plan and identity of a generated set (pure).
+- `generate_job`: `run_generate(cfg)`, the Ray Data job (the only Ray code here), and `score_store`.
+- `select`: selection policies and views (`build_view`, `load_view`, `describe`).
+- `gaussian`: the class-conditional Gaussian generator (001_... App. D).
+- `quality`: scorer outputs and Fréchet distances ("FD (scorer features)"; Inception FID from a user file).
+
+Submodules are imported on demand: `generate_job` pulls in Ray, the rest does not.
+"""

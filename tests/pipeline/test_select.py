@@ -1,0 +1,134 @@
+"""Selection policies and views over a store written directly (no generator needed)."""
+import json
+
+import numpy as np
+import pytest
+
+from raylab.config import SelectConfig
+from raylab.data.shards import ShardStore, read_numpy
+from raylab.pipeline.select import (SelectError, balanced_prefix, build_view, describe, load_scores, load_view,
+                                    save_scores, scores_path, select_rows, top_fraction_per_class)
+
+K, PER_CLASS, SHARD = 3, 20, 15
+
+
+def make_store(root, scored=True, identity="set-a"):
+    """K classes × PER_CLASS images in the generated layout (seed = class * PER_CLASS + j), random scores."""
+    rng = np.random.default_rng(0)
+    n = K * PER_CLASS
+    seed = np.arange(n)
+    label = (seed // PER_CLASS).astype(np.int16)
+    cols = {"image": rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8), "label": label, "seed": seed,
+            "class_cond": label}
+    if scored:
+        pred = np.where(rng.random(n) < 0.7, label, (label + 1) % K).astype(np.int16)
+        cols |= {"score": rng.random(n).astype(np.float32), "pred": pred,
+                 "confidence": rng.uniform(0.3, 1.0, n).astype(np.float32)}
+    store = ShardStore(root).create_or_open({"test": identity})
+    for a in range(0, n, SHARD):
+        b = min(a + SHARD, n) - 1
+        store.write_shard(a, b, {k: v[a:b + 1] for k, v in cols.items()})
+    return store, cols
+
+
+def test_topk_keeps_the_top_fraction_of_every_class():
+    label = np.repeat(np.arange(K), PER_CLASS).astype(np.int16)
+    score = np.random.default_rng(1).random(len(label)).astype(np.float32)
+    keep = top_fraction_per_class(label, score, np.arange(len(label)), 0.2)  # 000_...: 100K of 500K per class
+    assert np.bincount(label[keep]).tolist() == [4] * K
+    for c in range(K):
+        mine = label == c
+        assert score[keep & mine].min() > score[~keep & mine].max()
+    tie = top_fraction_per_class(np.zeros(4, np.int16), np.ones(4), np.array([9, 3, 7, 5]), 0.5)
+    assert tie.tolist() == [False, True, False, True]  # ties go to the lower plan index
+
+
+def test_agreement_drops_only_confident_disagreements_below_threshold():
+    cols = {"seed": np.arange(4), "label": np.zeros(4, np.int16), "pred": np.array([0, 0, 1, 1]),
+            "pred2": np.array([0, 1, 0, 2]), "confidence": np.array([0.5, 0.5, 0.95, 0.5]),
+            "confidence2": np.array([0.5, 0.5, 0.5, 0.5])}
+    chosen = select_rows(cols, SelectConfig(policy="agreement", agreement_confidence=0.9))
+    # agree → kept; disagree + both unsure → dropped; disagree but one ≥ 0.9 → kept (002_... §3.3.1)
+    assert chosen.keep.tolist() == [True, False, True, False]
+
+
+def test_balanced_prefix_takes_the_first_rows_of_each_class_in_plan_order():
+    labels = np.array([0, 1, 0, 1, 2, 0, 2, 1, 2], np.int16)
+    keep = balanced_prefix(labels, np.ones(9, bool), 7)  # 3 classes: 3, 2, 2
+    assert np.flatnonzero(keep).tolist() == [0, 1, 2, 3, 4, 5, 6]
+    assert balanced_prefix(labels, np.ones(9, bool), 0).all()
+    with pytest.raises(SelectError, match="class 0"):
+        balanced_prefix(labels, np.ones(9, bool), 12)
+
+
+def test_topk_view_references_rows_without_copying_images(tmp_path):
+    store, cols = make_store(tmp_path / "store")
+    view = build_view(store.root, SelectConfig(policy="topk", top_fraction=0.25), tmp_path / "view")
+    assert len(view) == K * 5 and np.all(np.diff(view.seed) > 0)
+    assert describe(view)["per_class"] == {0: 5, 1: 5, 2: 5}
+    assert not list((tmp_path / "view").glob("*.parquet"))
+    assert describe(view)["view_bytes"] < 0.2 * describe(view)["image_bytes_referenced"]
+    loaded = load_view(tmp_path / "view")
+    data = loaded.read_numpy(["image", "label", "seed", "score"])
+    np.testing.assert_array_equal(data["seed"], view.seed)
+    np.testing.assert_array_equal(data["image"], cols["image"][view.seed])  # the store's own bytes
+    np.testing.assert_array_equal(data["score"], cols["score"][view.seed])
+    assert set(loaded.rows) == {n for n in json.loads((tmp_path / "view" / "view.json").read_text())["shards"]}
+
+
+def test_amount_prefix_is_nested_and_balanced(tmp_path):
+    store, _ = make_store(tmp_path / "store")
+    small = build_view(store.root, SelectConfig(policy="none", amount=6), tmp_path / "small")
+    large = build_view(store.root, SelectConfig(policy="none", amount=12), tmp_path / "large")
+    assert describe(small)["per_class"] == {0: 2, 1: 2, 2: 2}
+    assert set(small.seed) <= set(large.seed)
+    np.testing.assert_array_equal(large.balanced_prefix(6).seed, small.seed)
+
+
+def test_pseudo_relabels_with_the_scorer_and_agreement_uses_a_second_scores_file(tmp_path):
+    store, cols = make_store(tmp_path / "store")
+    pseudo = build_view(store.root, SelectConfig(policy="pseudo", top_fraction=1.0), tmp_path / "pseudo")
+    np.testing.assert_array_equal(pseudo.label, cols["pred"])
+    assert not np.array_equal(pseudo.label, cols["label"])
+    np.testing.assert_array_equal(pseudo.read_numpy(["label"])["label"], cols["pred"])
+
+    second = {"seed": cols["seed"], "pred": (cols["pred"] + 1) % K, "confidence": np.full(len(cols["seed"]), 0.5),
+              "score": np.full(len(cols["seed"]), 0.5)}
+    path = save_scores(scores_path(store.root, "ab" * 32), second, {"identity_hash": store.identity_hash})
+    assert load_scores(path, store.identity_hash)[1]["seed"].tolist() == cols["seed"].tolist()
+    agreed = build_view(store.root, SelectConfig(policy="agreement", agreement_confidence=0.9), tmp_path / "agree",
+                        second=path)
+    expected = ~(cols["confidence"] < 0.9)  # every row disagrees; kept only where scorer 1 is confident
+    np.testing.assert_array_equal(agreed.seed, cols["seed"][expected])
+
+
+def test_views_refuse_missing_scores_a_torn_write_and_a_changed_store(tmp_path):
+    store, _ = make_store(tmp_path / "unscored", scored=False)
+    with pytest.raises(SelectError, match="needs columns"):
+        build_view(store.root, SelectConfig(policy="topk"), tmp_path / "v0")
+    with pytest.raises(SelectError, match="second scorer"):
+        build_view(store.root, SelectConfig(policy="agreement"), tmp_path / "v0")
+    build_view(store.root, SelectConfig(policy="none"), tmp_path / "v1")
+    (tmp_path / "v1" / "rows.npz").write_bytes(b"torn")
+    with pytest.raises(SelectError, match="torn"):
+        load_view(tmp_path / "v1")
+    store2, _ = make_store(tmp_path / "store2")
+    build_view(store2.root, SelectConfig(policy="none"), tmp_path / "v2")
+    meta = json.loads((tmp_path / "v2" / "view.json").read_text())
+    (store2.root / "manifest.json").write_text((store2.root / "manifest.json").read_text()
+                                               .replace(meta["identity_hash"], "0" * 64))
+    with pytest.raises(SelectError, match="identity"):
+        load_view(tmp_path / "v2")
+
+
+def test_view_dataset_streams_exactly_the_selected_rows(tmp_path, ray_session):
+    store, cols = make_store(tmp_path / "store")
+    view = build_view(store.root, SelectConfig(policy="pseudo", top_fraction=0.5, amount=9), tmp_path / "view")
+    rows = view.dataset(columns=("image", "label", "seed")).take_all()
+    got = {int(r["seed"]): r for r in rows}
+    assert sorted(got) == view.seed.tolist()
+    for s, label in zip(view.seed, view.label):
+        assert got[int(s)]["label"] == label
+        assert np.frombuffer(got[int(s)]["image"], np.uint8).tobytes() == cols["image"][s].tobytes()
+    direct = read_numpy(store.root, ["seed"])["seed"]
+    assert len(direct) == K * PER_CLASS > len(rows)
