@@ -115,6 +115,35 @@ def _scorer_train(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _sweep_args(p: argparse.ArgumentParser) -> None:
+    config_args(p)
+    p.add_argument("--key", required=True, help="flat config key to sweep, e.g. train.beta")
+    p.add_argument("--values", required=True, help="comma-separated values, e.g. 2,5,8")
+    p.add_argument("--layout", default=None, help="table layout: steps, best_last, plain")
+
+
+@verb("sweep", "a Ray Tune sweep over one config key (each trial: generate, select, train, evaluate)", _sweep_args)
+def _sweep(ns: argparse.Namespace) -> int:
+    from raylab.tune.sweep import run_sweep
+
+    run_sweep(config_from(ns), {ns.key: [v.strip() for v in ns.values.split(",")]}, layout=ns.layout)
+    return 0
+
+
+def _report_args(p: argparse.ArgumentParser) -> None:
+    config_args(p)
+    p.add_argument("sweep", help="sweep name (as printed by the sweep, or its prefix before the hash)")
+    p.add_argument("--layout", default=None)
+
+
+@verb("report", "rebuild a sweep's table and figures from MLflow alone", _report_args)
+def _report(ns: argparse.Namespace) -> int:
+    from raylab.tune.report import report_by_name
+
+    report_by_name(config_from(ns).tracking, ns.sweep, layout=ns.layout)
+    return 0
+
+
 def _ui_args(p: argparse.ArgumentParser) -> None:
     config_args(p)
     p.add_argument("--port", type=int, default=None)
@@ -126,6 +155,137 @@ def _ui(ns: argparse.Namespace) -> int:
 
     cfg = config_from(ns)
     serve_ui(cfg.tracking, port=ns.port or cfg.tracking.ui_port, block=True)
+    return 0
+
+
+def _generate_args(p: argparse.ArgumentParser) -> None:
+    config_args(p)
+    p.add_argument("--out", default=None, help="shard store directory (default: the run dir's shards/)")
+
+
+@verb("generate", "sample a generated set on Ray Data: sampler and scorer actors -> Parquet shards (resumable)",
+      _generate_args)
+def _generate(ns: argparse.Namespace) -> int:
+    from raylab.cluster import init_ray
+    from raylab.pipeline.generate_job import run_generate
+
+    cfg = config_from(ns)
+    init_ray()
+    run_generate(cfg, ns.out)  # prints its one-line summary
+    return 0
+
+
+def _select_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("view_out", help="directory the view is written to")
+    p.add_argument("--store", required=True, help="generated shard store to select from")
+    config_args(p)
+
+
+def _print_json(data: dict) -> None:
+    import json
+
+    print(json.dumps(data, indent=1))
+
+
+@verb("select", "select rows of a generated set into a view (select.policy, select.amount); copies no image",
+      _select_args)
+def _select(ns: argparse.Namespace) -> int:
+    from raylab.pipeline.select import build_view, describe
+
+    cfg = config_from(ns)
+    second = None
+    if cfg.select.policy == "agreement":
+        if not cfg.select.second_checkpoint:
+            raise ConfigError("select.second_checkpoint: required by select.policy=agreement (002_... filter)")
+        from raylab.cluster import init_ray
+        from raylab.pipeline.generate_job import score_store
+
+        init_ray()
+        second = score_store(cfg, ns.store, cfg.select.second_checkpoint)
+    _print_json(describe(build_view(ns.store, cfg.select, ns.view_out, second=second)))
+    return 0
+
+
+@verb("data describe", "rows per class and score quantiles of a selection view", lambda p: p.add_argument("view"))
+def _data_describe(ns: argparse.Namespace) -> int:
+    from raylab.pipeline.select import describe, load_view
+
+    _print_json(describe(load_view(ns.view)))
+    return 0
+
+
+@verb("edm train", "train the EDM generator on Ray Train (edm.*, resumable: rerun the same config)", config_args)
+def _edm_train(ns: argparse.Namespace) -> int:
+    from raylab.cluster import init_ray
+    from raylab.train.edm_worker import train_edm
+
+    cfg = config_from(ns)
+    init_ray()
+    out = train_edm(cfg)
+    print(f"run: {out.run_dir}\nnetwork: {out.network_dir}\nfinal loss: {out.final_loss:.4f} "
+          f"after {out.history[-1]['kimg'] if out.history else 0:g} kimg\nMLflow run: {out.mlflow_run_id}")
+    return 0
+
+
+def _edm_sample_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--num", type=int, default=100, help="images in all, spread evenly over the classes")
+    p.add_argument("--steps", type=int, default=20, help="EDM Heun steps (NFE = 2*steps - 1)")
+    p.add_argument("--out", required=True, help="directory for samples.png (one class per row) and samples.npz")
+    p.add_argument("--checkpoint", default="", help="network dir or official .pkl; '' = committed digits EDM")
+    p.add_argument("--seed", type=int, default=0, help="dataset seed: image i of class c is seeded by (seed, c, i)")
+    p.add_argument("--classes", default=None, help="comma-separated class indices (default: all)")
+
+
+@verb("edm sample", "sample a few images locally (no Ray) into a PNG grid and an .npz", _edm_sample_args)
+def _edm_sample(ns: argparse.Namespace) -> int:
+    from raylab.generate.sample_local import sample_to_dir
+
+    classes = [int(c) for c in ns.classes.split(",") if c.strip()] if ns.classes else None
+    out = sample_to_dir(ns.checkpoint, ns.num, ns.steps, ns.out, seed=ns.seed, class_labels=classes)
+    print(f"{len(out.labels)} images: {out.grid}, {out.npz}")
+    return 0
+
+
+def _eval_args(p: argparse.ArgumentParser) -> None:
+    config_args(p)  # for a run directory --preset is ignored and only eval.*/resources.*/tracking.* may be --set
+    p.add_argument("target", help="training run directory (eval.checkpoint picks best.pt/last.pt), or a checkpoint "
+                                  "file (RobustBench format: --set model.name=... --set data.dataset=...)")
+    p.add_argument("--out", default=None, help="parent of the <fingerprint>/ result directory "
+                                               "(default: <run or checkpoint dir>/eval)")
+    p.add_argument("--checks", action="store_true", help="gradient-masking checks (001_... App. C) on chunk 0")
+    p.add_argument("--local", action="store_true", help="evaluate in this process instead of Ray Data actors")
+
+
+@verb("eval", "clean / PGD / AutoAttack evaluation, sharded over Ray Data actors and resumable per chunk",
+      _eval_args)
+def _eval(ns: argparse.Namespace) -> int:
+    from raylab.eval.job import run_eval
+
+    if not ns.local:
+        from raylab.cluster import init_ray
+
+        init_ray()
+    run_eval(ns.target, parse_assignments(ns.overrides), ns.out, preset=ns.preset, checks=ns.checks,
+             engine="local" if ns.local else "ray")
+    return 0
+
+
+def _export_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--robustbench", nargs=2, metavar=("RUN", "OUT"), required=True,
+                   help="training run directory and the .pt file to write (DMWideResNet layout)")
+    p.add_argument("--which", choices=("best", "last"), default="best")
+    p.add_argument("--normalization-buffers", action="store_true",
+                   help="keep mean/std inside the state_dict (RobustBench's DMWideResNet has none there)")
+
+
+@verb("export", "export a run's EMA weights as a RobustBench DMWideResNet checkpoint", _export_args)
+def _export(ns: argparse.Namespace) -> int:
+    from raylab.eval.export import export_robustbench
+
+    run, out = ns.robustbench
+    path = export_robustbench(run, out, ns.which, normalization_buffers=ns.normalization_buffers)
+    print(f"{path}: RobustBench DMWideResNet checkpoint ({ns.which} of {run}); evaluate it with "
+          f"`raylab eval {path} --set model.name=... --set data.dataset=...`")
     return 0
 
 

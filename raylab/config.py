@@ -420,7 +420,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         "generate.steps": 10, "generate.per_class": 60, "generate.shard_size": 200, "generate.batch_size": 64,
         "select.scorer_model": "wrn-16-2", "select.top_fraction": 0.5,
         "model.name": "wrn-16-2",
-        "train.epochs": 3, "train.batch_size": 64, "train.lr": 0.1, "train.schedule_per": "step", "train.val_pgd_steps": 5,
+        "train.epochs": 3, "train.batch_size": 64, "train.lr": 0.1, "train.schedule_per": "step",
+        # BN running stats with momentum 0.01 lag far behind in a few hundred steps: re-estimate them for the
+        # EMA model before each evaluation instead (paper scale keeps the reference's copy).
+        "train.ema_bn": "recompute", "train.val_pgd_steps": 5,
         "train.checkpoint_every": 1, "attack.steps": 3,
         "eval.num_test": 200, "eval.pgd_steps": 10, "eval.autoattack": "custom", "eval.aa_attacks": "apgd-ce",
         "eval.chunk_size": 100, "eval.batch_size": 100, "eval.certify_n": 200,

@@ -93,11 +93,18 @@ def load_checkpoint_model(path: str | os.PathLike, model_name: str, *, num_class
                          std=_stats(meta, state, "std", std), activation=activation)
     try:
         load_reference_state_dict(model, state)
-    except RuntimeError as exc:
-        first = str(exc).strip().splitlines()
+    except RuntimeError:
         raise ExportError(f"checkpoint: {path} does not fit {model_name} with {num_classes} classes "
-                          f"({first[1].strip() if len(first) > 1 else first[0]})") from None
+                          f"({_mismatch(model.state_dict(), strip_wrappers(state))})") from None
     return model.eval()
+
+
+def _mismatch(own: dict[str, torch.Tensor], got: dict[str, torch.Tensor]) -> str:
+    """A one-line summary of why a state_dict does not load (torch lists every key, hundreds for a WRN)."""
+    found = {"missing keys": [k for k in own if k not in got and k not in NORMALIZATION_KEYS],
+             "unexpected keys": [k for k in got if k not in own],
+             "shape mismatches": [k for k in own if k in got and own[k].shape != got[k].shape]}
+    return "; ".join(f"{len(keys)} {what}, e.g. {keys[0]}" for what, keys in found.items() if keys)
 
 
 def load_robustbench_checkpoint(path: str | os.PathLike, model_name: str, dataset: str, *,

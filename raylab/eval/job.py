@@ -45,7 +45,7 @@ from raylab.eval.certify import certify
 from raylab.eval.checks import CHECKS, DEFAULT_STEPS, CheckReport
 from raylab.eval.export import load_checkpoint_model, read_state_dict
 from raylab.eval.metrics import EvalError, correct_flags, pgd_flags, require_eval_mode
-from raylab.eval.report import EvalHeader, EvalResult, format_table
+from raylab.eval.report import EvalHeader, EvalResult, format_table, metric_prefix
 from raylab.io import atomic_write_json, sha256_file
 
 FORMAT = "raylab-eval/1"     # part of the fingerprint: bump when a chunk's meaning changes
@@ -104,8 +104,9 @@ def chunk_seed(seed: int, chunk: int, stream: str) -> int:
 
 
 def to_float(images: np.ndarray) -> torch.Tensor:
-    """uint8 NHWC -> float NCHW in [0, 1] on the CPU (the model normalizes inside)."""
-    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div_(255.0)
+    """uint8 NHWC -> contiguous float NCHW in [0, 1] on the CPU (the model normalizes inside; pyautoattack
+    `.view`s gradients, which fails on the strides a bare permute leaves)."""
+    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div_(255.0).contiguous()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -294,7 +295,8 @@ class EvalActor:
         state = _state_path(self.spec, chunk)
         began = time.perf_counter()
         record = evaluate_chunk(self.model, x, y, ChunkJob(chunk, self.spec.eval, self.spec.num_classes, state))
-        record.update(chunk=chunk, start=start, stop=stop, labels=y.tolist(), seconds=time.perf_counter() - began)
+        record.update(chunk=chunk, start=start, stop=stop, labels=y.tolist(), seconds=time.perf_counter() - began,
+                      pid=os.getpid())
         atomic_write_json(chunk_path(self.spec.out, chunk), record)
         state.unlink(missing_ok=True)
         return True
@@ -364,8 +366,21 @@ class EvalOutcome:
     mlflow_run_id: Optional[str] = None
 
     @property
+    def clean_acc(self) -> float:
+        return self.result.clean_acc
+
+    @property
+    def pgd_acc(self) -> float:
+        return self.result.pgd_acc
+
+    @property
+    def aa_acc(self) -> Optional[float]:
+        return self.result.aa_acc
+
+    @property
     def metrics(self) -> dict[str, float]:
-        return self.result.metrics()
+        """The MLflow metrics: `eval_*` for the best checkpoint or a file, `eval_last_*` for last.pt."""
+        return self.result.metrics(metric_prefix(self.result.header.checkpoint))
 
 
 def default_header(ev: EvalConfig, **fields: Any) -> EvalHeader:
@@ -565,7 +580,7 @@ def log_eval(uri: str, run_id: str, outcome: EvalOutcome) -> None:
     result, header = outcome.result, outcome.result.header
     tracker = Tracker.attach(uri, run_id)  # attach: leave the finished training run's status alone
     prefix = f"eval/{header.checkpoint}-{outcome.out_dir.name}"
-    tracker.log_metrics(result.metrics(), step=header.epoch or 0)
+    tracker.log_metrics(outcome.metrics, step=header.epoch or 0)
     tracker.log_table(result.rows(), f"{prefix}/results")
     tracker.log_dict(result.to_json(), f"{prefix}/summary.json")
     tracker.log_text(outcome.table, f"{prefix}/table.txt")

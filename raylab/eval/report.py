@@ -21,9 +21,15 @@ CERT_TABLE_MULTIPLES = (0.0, 0.5, 1.0, 2.0, 3.0, 4.0)
 CERT_CURVE_POINTS = 41
 
 
-def pgd_metric_name(steps: int) -> str:
+def pgd_metric_name(steps: int, prefix: str = "eval_") -> str:
     """`eval_pgd40_acc` for the papers' PGD-40; the step count is part of the name so PGD-10 never poses as it."""
-    return f"eval_pgd{steps}_acc"
+    return f"{prefix}pgd{steps}_acc"
+
+
+def metric_prefix(checkpoint: str) -> str:
+    """`eval_` for the best checkpoint (or a file), `eval_last_` for last.pt: both land in the training run, often
+    at the same step (the epoch), and must not overwrite each other (000_... Tables 4-5 report both)."""
+    return "eval_last_" if checkpoint == "last" else "eval_"
 
 
 def format_eps(eps: float, norm: str) -> str:
@@ -106,18 +112,19 @@ class EvalResult:
         correct = self.cert_preds == self.labels
         return [(float(r), float((correct & (self.cert_radii >= r)).mean())) for r in grid]
 
-    def metrics(self) -> dict[str, float]:
-        """Flat MLflow metrics: eval_clean_acc, eval_pgd{k}_acc, eval_aa_acc, eval_aa_after_<attack>, ..."""
-        out = {"eval_clean_acc": self.clean_acc, pgd_metric_name(self.header.pgd_steps): self.pgd_acc,
-               "eval_num_test": float(self.n)}
+    def metrics(self, prefix: str = "eval_") -> dict[str, float]:
+        """Flat MLflow metrics: eval_clean_acc, eval_pgd{k}_acc, eval_aa_acc, eval_aa_after_<attack>,
+        eval_cert_acc_r<radius>, eval_check_<name>_passed, eval_num_test (with `prefix` for eval_)."""
+        out = {f"{prefix}clean_acc": self.clean_acc, pgd_metric_name(self.header.pgd_steps, prefix): self.pgd_acc,
+               f"{prefix}num_test": float(self.n)}
         if self.aa is not None:
-            out["eval_aa_acc"] = self.aa.robust_acc
-            out.update({f"eval_aa_after_{name}": acc for name, acc in self.aa.cascade})
+            out[f"{prefix}aa_acc"] = self.aa.robust_acc
+            out.update({f"{prefix}aa_after_{name}": acc for name, acc in self.aa.cascade})
         sigma = self.header.certify_sigma
         if sigma is not None:
-            out.update({f"eval_cert_acc_r{r:g}": acc
+            out.update({f"{prefix}cert_acc_r{r:g}": acc
                         for r, acc in self.certified_curve([m * sigma for m in CERT_TABLE_MULTIPLES])})
-        out.update({f"eval_check_{c.name}_passed": float(c.passed) for c in self.checks})
+        out.update({f"{prefix}check_{c.name}_passed": float(c.passed) for c in self.checks})
         return out
 
     def rows(self) -> list[dict[str, Any]]:
@@ -155,9 +162,10 @@ class EvalResult:
 
     def to_json(self) -> dict[str, Any]:
         """Summary for `summary.json` and the MLflow artifact (no per-example arrays)."""
-        return {"header": dataclasses.asdict(self.header), "n": self.n, "metrics": self.metrics(),
-                "rows": self.rows(), "warnings": self.warnings(),
-                "certified_curve": self.certified_curve(), "checks": [c.to_json() for c in self.checks]}
+        return {"header": dataclasses.asdict(self.header), "n": self.n,
+                "metrics": self.metrics(metric_prefix(self.header.checkpoint)), "rows": self.rows(),
+                "warnings": self.warnings(), "certified_curve": self.certified_curve(),
+                "checks": [c.to_json() for c in self.checks]}
 
 
 def _alive_after(aa: AAResult, code: int) -> np.ndarray:

@@ -88,15 +88,18 @@ def _principal(centred: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _fit_class(x: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(mean (D,), factor (D, r), resid_std (D,)) of one class's flattened images."""
     mean = x.mean(axis=0)
     centred = x - mean
     vecs, var = _principal(centred, rank)
     factor = vecs * np.sqrt(var)
     pixel_var = centred.var(axis=0, ddof=1) if len(x) > 1 else np.zeros(DIM)
-    resid = np.clip(pixel_var - (factor ** 2).sum(axis=1), 0.0, None)
-    padded = np.zeros((DIM, rank))
-    padded[:, :factor.shape[1]] = factor  # classes with fewer images than `rank` get zero columns
-    return mean, padded, np.sqrt(resid)
+    return mean, factor, np.sqrt(np.clip(pixel_var - (factor ** 2).sum(axis=1), 0.0, None))
+
+
+def _pad(factor: np.ndarray, width: int) -> np.ndarray:
+    """Zero columns up to the widest class's rank (classes with fewer images have fewer directions)."""
+    return np.pad(factor, ((0, 0), (0, width - factor.shape[1])))
 
 
 def fit_gaussian(images: np.ndarray, labels: np.ndarray, num_classes: int, rank: int = DEFAULT_RANK) -> GaussianFit:
@@ -113,9 +116,11 @@ def fit_gaussian(images: np.ndarray, labels: np.ndarray, num_classes: int, rank:
         raise GaussianError(f"labels: every class 0..{num_classes - 1} needs at least one image, got counts "
                             f"{counts.tolist()}")
     flat = images.reshape(len(images), DIM).astype(np.float64)
-    parts = [_fit_class(flat[labels == c], rank) for c in range(num_classes)]
-    mean, factor, resid = (np.stack(p).astype(np.float32) for p in zip(*parts))
-    return GaussianFit(mean, factor, resid, counts.astype(np.int64))
+    means, factors, resids = zip(*(_fit_class(flat[labels == c], rank) for c in range(num_classes)))
+    width = max(f.shape[1] for f in factors)
+    factor = np.stack([_pad(f, width) for f in factors])
+    return GaussianFit(np.stack(means).astype(np.float32), factor.astype(np.float32),
+                       np.stack(resids).astype(np.float32), counts.astype(np.int64))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -165,7 +170,3 @@ def load_gaussian(path: str | os.PathLike) -> GaussianFit:
         raise GaussianError(f"{path}: format {meta.get('format')!r}, expected {FORMAT!r}")
     return GaussianFit(**arrays)
 
-
-def is_gaussian_file(path: str | os.PathLike) -> bool:
-    path = Path(path)
-    return path.is_file() and path.suffix == ".npz"

@@ -41,8 +41,9 @@ from raylab.io import sha256_file
 from raylab.pipeline.gaussian import fit_gaussian, load_gaussian, sample_gaussian, save_gaussian
 from raylab.pipeline.plan import SeedPlan, sampler_identity, set_identity
 from raylab.pipeline.quality import Scorer, score_columns, scorer_fd, scorer_identity
-from raylab.pipeline.select import save_scores, scores_path
+from raylab.pipeline.select import load_scores, save_scores, scores_path
 from raylab.runs import run_dir
+from raylab.runtime import pick_device
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 DEFAULT_SCORER = ASSETS / "scorer-digits" / "best.pt"  # committed by the lead; used for data.dataset=digits
@@ -73,17 +74,16 @@ GENERATORS: dict[str, GeneratorKind] = {}
 
 def _default_edm(cfg: ExperimentConfig, out_dir: Path) -> Path:
     """The committed tiny digits EDM (raylab.train.edm_worker.default_generator_path)."""
+    hint = "pass generate.checkpoint=PATH (a raylab EDM directory or an official .pkl)"
+    if cfg.data.dataset != "digits":
+        raise GenerateError(f"generate.checkpoint: '' means the committed digits EDM, but data.dataset="
+                            f"{cfg.data.dataset}; {hint}")
     try:
         from raylab.train.edm_worker import default_generator_path
-        path = Path(default_generator_path())
     except ImportError:
-        path = None
-    if cfg.data.dataset != "digits" or path is None or not path.exists():
-        raise GenerateError(f"generate.checkpoint: '' means the committed digits EDM, which is "
-                            f"{'not available' if path is None or not path.exists() else 'for digits only'} "
-                            f"(data.dataset={cfg.data.dataset}); pass generate.checkpoint=PATH (a raylab EDM "
-                            "directory or an official .pkl)")
-    return path
+        raise GenerateError(f"generate.checkpoint: '' means the committed digits EDM, not in this checkout; "
+                            f"{hint}") from None
+    return Path(default_generator_path())
 
 
 def _default_gaussian(cfg: ExperimentConfig, out_dir: Path) -> Path:
@@ -195,10 +195,6 @@ def _packed_row(first: int, last: int, arrays: dict[str, np.ndarray]) -> pa.Tabl
     return pa.table(cols)
 
 
-def _device(use_gpu: bool) -> torch.device:
-    return torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
-
-
 def _crash_once(marker: Optional[str]) -> None:
     """Fault drill: the first call anywhere to create `marker` kills its own process (a lost actor)."""
     if not marker:
@@ -214,7 +210,7 @@ class SamplerActor:
     """Holds the generator; each call samples the shards in its batch (batch_size=1: one shard)."""
 
     def __init__(self, spec: JobSpec):
-        self.spec, self.device = spec, _device(spec.use_gpu)
+        self.spec, self.device = spec, pick_device(spec.use_gpu)
         self.generator = GENERATORS[spec.generator].load(Path(spec.checkpoint), spec.generate, self.device)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
@@ -233,7 +229,7 @@ class ScorerActor:
 
     def __init__(self, spec: JobSpec):
         self.spec = spec
-        self.scorer = Scorer.load(spec.scorer, _device(spec.use_gpu))
+        self.scorer = Scorer.load(spec.scorer, pick_device(spec.use_gpu))
 
     def __call__(self, table: pa.Table) -> pa.Table:
         parts = []
@@ -427,7 +423,7 @@ class ShardScorerActor:
     """Reads one verified shard per call and scores its images against their stored labels."""
 
     def __init__(self, store: str, scorer: dict[str, Any], use_gpu: bool):
-        self.store, self.scorer = store, Scorer.load(scorer, _device(use_gpu))
+        self.store, self.scorer = store, Scorer.load(scorer, pick_device(use_gpu))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out: dict[str, list[np.ndarray]] = {k: [] for k in ("seed", "score", "pred", "confidence")}
@@ -439,6 +435,15 @@ class ShardScorerActor:
         return {k: np.concatenate(v) for k, v in out.items()}
 
 
+def _scores_current(path: Path, manifest: dict) -> bool:
+    """A cached scores file made for this store identity and covering all of its rows (a resumed store grows)."""
+    if not path.is_file():
+        return False
+    meta, cols = load_scores(path)
+    return (meta.get("identity_hash") == manifest["identity_hash"]
+            and len(cols["seed"]) == sum(e["rows"] for e in manifest["shards"].values()))
+
+
 def score_store(cfg: ExperimentConfig, store: str | os.PathLike, checkpoint: str | os.PathLike) -> Path:
     """Score every image of `store` with the classifier at `checkpoint`; the result is cached as
     `store/scores/<sha16>.npz` (seed, score, pred, confidence) and reused when present."""
@@ -448,7 +453,7 @@ def score_store(cfg: ExperimentConfig, store: str | os.PathLike, checkpoint: str
     manifest = load_manifest(store)
     scorer = scorer_identity(checkpoint, cfg)
     path = scores_path(store, scorer["sha256"])
-    if path.is_file():
+    if _scores_current(path, manifest):
         return path
     entries = [{"name": n, "rows": e["rows"]} for n, e in manifest["shards"].items()]
     if not entries:

@@ -19,6 +19,7 @@ reference/ray_mlflow.md §1), each with a checkpoint.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import math
@@ -26,7 +27,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -201,6 +202,19 @@ def load_state(t: EDMTraining, state: dict[str, Any]) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 # The Ray Train worker (every rank runs it).
 
+@contextlib.contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """Run with `count` intra-op threads, then restore the previous count. Ray gives each worker as many threads as
+    CPUs (OMP_NUM_THREADS); local mode (num_workers=0) trains inside the driver, so it gets the same here. It
+    matters: on a loaded 2-core machine, 2 threads trained 6x slower than 1 (OpenMP spin-waits when oversubscribed)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(max(int(count), 1))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def _crash_drill(crash: Optional[dict], rank: int) -> Callable[[int], None]:
     """Fault-injection drill (tests, chaos runs): `crash = {"kimg", "marker"}` kills rank 0's process before the
     first step at or past `kimg`, once (the marker file lets the retried attempt run through)."""
@@ -224,10 +238,15 @@ def _worker_training(cfg: ExperimentConfig, label_dim: int) -> EDMTraining:
 def edm_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     """Ray Train entry: resume from the latest checkpoint if any, train tick by tick, then (rank 0) write the EMA
     network to `<run dir>/network` and a sample grid to `<run dir>/samples.png` and MLflow."""
+    cfg = from_flat(loop_config["flat"])
+    with torch_threads(cfg.resources.cpus_per_worker):
+        return _train_ticks(cfg, loop_config)
+
+
+def _train_ticks(cfg: ExperimentConfig, loop_config: dict[str, Any]) -> dict[str, Any]:
     from raylab.raytrain import load_latest_state, report
     from raylab.tracking import rank_zero_tracker
 
-    cfg = from_flat(loop_config["flat"])
     splits = load_splits(cfg.data)
     t = _worker_training(cfg, splits.num_classes)
     state = load_latest_state()
@@ -288,13 +307,13 @@ def train_edm(cfg: ExperimentConfig, *, name: Optional[str] = None, parent_run_i
               samples_per_class: int = 10) -> EDMTrainOutcome:
     """Train the EDM of `cfg.edm` on `cfg.data` with Ray Train (`cfg.resources`); rerunning the same config resumes
     its run (deterministic run name). `crash`: the fault drill of `_crash_drill` (tests)."""
-    from raylab.raytrain import make_trainer
-    from raylab.runs import run_dir
-    from raylab.train.job import _open_tracker
-
     _check_inputs(cfg)
     if samples_per_class < 1:
         raise ValueError(f"samples_per_class: {samples_per_class} must be >= 1")
+    from raylab.raytrain import make_trainer
+    from raylab.runs import run_dir
+    from raylab.train.job import _open_tracker  # the adversarial driver's: reopens the run dir's MLflow run
+
     run = run_dir(cfg, "edm", name)
     tracker = _open_tracker(cfg, run, parent_run_id, tags)
     loop_config = {"flat": to_flat(cfg), "run_dir": str(run.path), "mlflow_uri": tracker.uri,

@@ -67,8 +67,8 @@ def run_training(cfg: ExperimentConfig, *, generated: Any = None, generated_rows
         result = trainer.fit()
         out = result.return_value or {}
         best = out.get("best", {})
-        tracker.log_metrics({"best_epoch": best.get("epoch", -1), "best_val_robust_acc":
-                             best.get("val_robust_acc", float("nan"))}, step=cfg.train.epochs)
+        tracker.log_metrics({"best_epoch": best.get("epoch", -1), f"best_{best.get('metric', 'score')}":
+                             best.get("score", float("nan"))}, step=cfg.train.epochs)
         for name_ in ("best.pt", "last.pt"):
             if (run.path / name_).exists():
                 tracker.set_tags({f"checkpoint.{name_}": str(run.path / name_)})

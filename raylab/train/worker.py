@@ -153,7 +153,7 @@ def train_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
                             ratio=cfg.train.ratio)
     ctx = build_context(cfg, splits, steps, world)
     streams = build_streams(cfg, splits, rank, world)
-    start, best, history = 0, {"val_robust_acc": -math.inf, "epoch": -1}, []
+    start, best, history = 0, {"metric": selection_metric(cfg), "score": -math.inf, "epoch": -1}, []
     state = load_latest_state()
     if state is not None:
         start, best, history = restore(ctx, streams, state)
@@ -177,10 +177,14 @@ def train_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     return {"history": history, "best": best}
 
 
+def selection_metric(cfg: ExperimentConfig) -> str:
+    """What picks `best.pt`: validation PGD-40 accuracy (000_... Tables 4-5); clean accuracy for the CE scorer."""
+    return "val_clean_acc" if cfg.train.loss == "ce" else "val_robust_acc"
+
+
 def _keep_best(run_path: Path, ctx: TrainContext, epoch: int, metrics: dict, best: dict) -> dict:
-    """`best.pt` follows validation robust accuracy (000_... Tables 4-5 report best and last)."""
-    score = metrics.get("val_robust_acc", metrics["test_clean_acc"])
-    if score >= best["val_robust_acc"]:
+    score = metrics.get(best["metric"], metrics["test_clean_acc"])
+    if score >= best["score"]:
         save_weights(run_path / "best.pt", ctx, epoch, metrics)
-        return {"val_robust_acc": score, "epoch": epoch}
+        return {**best, "score": score, "epoch": epoch}
     return best

@@ -22,10 +22,10 @@ def assets(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def reference_run(assets, tmp_path_factory, ray_session):
-    """The whole job once: 2 sampler actors, 1 scorer actor, generate.batch_size 8, MLflow on (sqlite)."""
+    """The whole job once: 2 sampler actors, 1 scorer actor, generate.batch_size 8 (MLflow: see test_generate_job)."""
     from raylab.pipeline.generate_job import run_generate
     from tests.pipeline.helpers import job_config
 
     root = tmp_path_factory.mktemp("reference-run")
-    cfg = job_config(assets, root, {"tracking.uri": f"sqlite:///{root / 'mlflow.db'}"})
-    return cfg, run_generate(cfg, root / "store", fd_images=60)
+    cfg = job_config(assets, root)
+    return cfg, run_generate(cfg, root / "store", track=False)

@@ -3,6 +3,7 @@ import shutil
 
 import numpy as np
 
+from raylab.config import override
 from raylab.data.shards import load_manifest, read_numpy, verify_store
 from raylab.io import sha256_file
 from raylab.pipeline.generate_job import run_generate
@@ -35,14 +36,17 @@ def test_one_actor_and_another_batch_size_give_identical_bytes(reference_run, as
     assert len(shard_hashes(out.store)) == 6
 
 
-def test_mlflow_run_has_throughput_identity_grids_balance_and_scores(reference_run):
-    cfg, out = reference_run
-    run = get_run(cfg.tracking.uri, out.mlflow_run_id)
+def test_mlflow_run_has_throughput_identity_grids_balance_and_scores(reference_run, tmp_path, mlflow_uri):
+    cfg, ref = reference_run
+    store = shutil.copytree(ref.store, tmp_path / "store")  # complete: this run samples nothing, only reports
+    cfg = override(cfg, {"tracking.uri": mlflow_uri})
+    out = run_generate(cfg, store, track=True, fd_images=60)
+    run = get_run(mlflow_uri, out.mlflow_run_id)
     assert run.status == "FINISHED" and run.tags["dataset.identity"] == out.identity_hash
-    assert run.metrics["images_written"] == 120 and run.metrics["images_per_s"] > 0
-    assert run.metrics["class_count/3"] == 12 and "fd_scorer_features" in run.metrics
+    assert run.metrics["images_total"] == 120 and run.metrics["shards_present"] == 6 and "images_per_s" in run.metrics
+    assert run.metrics["class_count/3"] == 12 and run.metrics["fd_scorer_features"] >= 0
     assert run.params["generate.per_class"] == "12"
-    client = client_for(cfg.tracking.uri)
+    client = client_for(mlflow_uri)
     listed = {a.path for folder in ("samples", "plots", "dataset", "tables")
               for a in client.list_artifacts(out.mlflow_run_id, folder)}
     assert {"samples/class_000.png", "samples/class_009.png", "plots/score_hist.png", "dataset/identity.json",

@@ -7,7 +7,8 @@ import pytest
 from raylab.config import SelectConfig
 from raylab.data.shards import ShardStore, read_numpy
 from raylab.pipeline.select import (SelectError, balanced_prefix, build_view, describe, load_scores, load_view,
-                                    save_scores, scores_path, select_rows, top_fraction_per_class)
+                                    open_generated, save_scores, scores_path, select_rows,
+                                    top_fraction_per_class)
 
 K, PER_CLASS, SHARD = 3, 20, 15
 
@@ -132,3 +133,6 @@ def test_view_dataset_streams_exactly_the_selected_rows(tmp_path, ray_session):
         assert np.frombuffer(got[int(s)]["image"], np.uint8).tobytes() == cols["image"][s].tobytes()
     direct = read_numpy(store.root, ["seed"])["seed"]
     assert len(direct) == K * PER_CLASS > len(rows)
+    assert open_generated(tmp_path / "view")[1] == len(view) == 9
+    ds, n = open_generated(store.root)
+    assert n == K * PER_CLASS and ds.columns() == ["image", "label"]

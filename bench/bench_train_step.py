@@ -1,0 +1,101 @@
+"""TRADES training-step throughput, raylab vs the reference's step, side by side in one run (ratios, not seconds).
+
+Setting of the issue: WRN-16-2 SiLU, batch 128, PGD-10 (eps 8/255, step 2/255), 2 CPU threads. The "reference"
+step reproduces what DM-Improves-AT's `trades_loss` + `WATrainer` do per step (training_recipe.md §1): a separate
+frozen-BN clean forward for the KL target, the attack, clean and adversarial forwards, backward, SGD, then an EMA
+update looping over parameters in Python, in the default (NCHW-contiguous) memory format. raylab's step reuses the
+clean logits as the KL target (identical numbers in train-mode BN), updates the EMA with fused foreach ops, and can
+run channels_last.
+
+    python bench/bench_train_step.py [--batch 128] [--steps 10] [--iters 6] [--threads 2]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from raylab.attacks import frozen_bn, pgd
+from raylab.config import make_config, override
+from raylab.models import create_model
+from raylab.train.ema import WeightAverage
+from raylab.train.loop import TrainContext, train_step
+from raylab.train.losses import kl_to, smooth_ce
+from raylab.train.optim import build_optimizer
+from raylab.train.schedules import build_scheduler
+
+
+def reference_step(model, wa_model, opt, x, y, cfg, gen):
+    """One step the way the reference does it (its structure, re-expressed with raylab's primitives)."""
+    model.train()
+    with frozen_bn(model), torch.no_grad():
+        p_natural = model(x)  # the reference's extra forward for the KL target
+    with frozen_bn(model):
+        x_adv = pgd(model, x, y, norm="linf", eps=cfg.attack.eps, step=cfg.attack.step, steps=cfg.attack.steps,
+                    objective="kl", generator=gen, ref_logits=p_natural)
+    logits = model(x)
+    loss = smooth_ce(logits, y, cfg.train.label_smoothing) + cfg.train.beta * kl_to(model(x_adv), logits)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    with torch.no_grad():  # ema_update: one tensor at a time
+        for p_wa, p in zip(wa_model.parameters(), model.parameters()):
+            p_wa.mul_(0.995).add_(p, alpha=0.005)
+
+
+def time_it(fn, iters: int) -> float:
+    fn()  # warm-up
+    start = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    return (time.perf_counter() - start) / iters
+
+
+def build(cfg, channels_last: bool):
+    torch.manual_seed(0)
+    model = create_model("wrn-16-2", num_classes=10, mean=(0.5,) * 3, std=(0.25,) * 3)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    opt = build_optimizer(model, cfg.train, cfg.train.batch_size)
+    return model, opt
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--iters", type=int, default=6)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    cfg = make_config("paper", {"model.name": "wrn-16-2", "train.batch_size": args.batch, "attack.steps": args.steps,
+                                "train.augment": "none"})
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (args.batch, 32, 32, 3), dtype=np.uint8)
+    labels = rng.integers(0, 10, args.batch)
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(255).contiguous()
+    y = torch.from_numpy(labels)
+
+    model, opt = build(cfg, False)
+    wa = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(0)
+    results = {"reference step": time_it(lambda: reference_step(model, wa, opt, x, y, cfg, gen), args.iters)}
+    for cl in (False, True):
+        c = override(cfg, {"train.channels_last": cl})
+        model, opt = build(c, cl)
+        ctx = TrainContext(model, opt, build_scheduler(opt, c.train, 100), WeightAverage(model, 0.995), c.train,
+                           c.attack, 10, torch.device("cpu"), torch.Generator().manual_seed(0))
+        results[f"raylab step{' channels_last' if cl else ''}"] = time_it(
+            lambda: train_step(ctx, images, labels), args.iters)
+    base = results["reference step"]
+    print(f"WRN-16-2 SiLU, batch {args.batch}, PGD-{args.steps}, {args.threads} threads, {args.iters} iterations")
+    for name, sec in results.items():
+        print(f"{name:32s} {args.batch / sec:8.1f} img/s   x{base / sec:.2f} vs reference")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,11 @@
+"""Original-to-generated mixing ratio (000_... §4 / 001_... Figure 4: 0.3 at 1M, 0.2 above)."""
+from raylab.tune.experiment import PAPER_1M, Ablation, run_ablation
+
+ABLATION = Ablation(
+    key="train.ratio", title="mixing ratio ablation (original fraction of every batch)",
+    values={"default": [0.2, 0.5, 1.0], "smoke": [0.3, 1.0], "paper": [0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 1.0]},
+    overrides={"paper": PAPER_1M},
+)
+
+if __name__ == "__main__":
+    raise SystemExit(run_ablation(ABLATION))

@@ -1,0 +1,178 @@
+"""Sweeps on Ray Tune: any flat config keys, each trial a full run, every trial a nested MLflow run.
+
+A trial is: ensure its generated view exists (content-addressed, shared across trials and sweeps) -> adversarial
+training on Ray Train (reporting per epoch to Tune through `TuneReportCallback`) -> evaluation of the best and last
+checkpoints -> one final Tune report. Trial drivers hold the custom `trial_driver` resource, not a CPU: a 2-worker
+trial plus its driver would not fit 2 CPUs (reference/ray_mlflow.md §3). An interrupted sweep is restored with
+`Tuner.restore` and does not rerun finished trials; a restored trial resumes its Ray Train run (stable names).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from raylab.config import ExperimentConfig, fingerprint, from_flat, override, to_flat, to_json
+from raylab.io import atomic_write_text
+
+PARENT_FILE = "mlflow_parent_run_id"
+
+
+@dataclass(frozen=True)
+class SweepOutcome:
+    name: str
+    path: Path
+    parent_run_id: str
+    rows: list[dict[str, Any]]
+    table: str
+
+
+def sweep_name(cfg: ExperimentConfig, space: dict[str, Sequence[Any]]) -> str:
+    """Deterministic: rerunning the same sweep finds (and restores) it; another config or space is another sweep."""
+    text = json.dumps({"config": to_flat(cfg), "space": {k: list(v) for k, v in space.items()}}, sort_keys=True,
+                      default=str)
+    return f"{cfg.sweep.name}-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
+
+
+def check_space(cfg: ExperimentConfig, space: dict[str, Sequence[Any]]) -> None:
+    """Every value of every swept key makes a valid config: fail before any compute, naming the key."""
+    if not space:
+        raise ValueError("sweep: the search space is empty (name at least one key and its values)")
+    for key, values in space.items():
+        if not list(values):
+            raise ValueError(f"{key}: the sweep gives it no values")
+        for value in values:
+            override(cfg, {key: value})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One trial (runs inside a Tune trial actor).
+
+def run_trial(trial_config: dict[str, Any]) -> None:
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from raylab.train.job import run_training
+    from raylab.tune.artifacts import ensure_view
+
+    cfg = from_flat(trial_config["flat"] | {k: v for k, v in trial_config.items() if "." in k})
+    parent = trial_config["parent_run_id"]
+    generated, view = None, None
+    if cfg.train.ratio < 1.0:
+        view = ensure_view(cfg, parent)
+        from raylab.pipeline.select import load_view
+
+        generated = load_view(view.view_path).dataset()
+    name = f"{trial_config['sweep']}-{fingerprint(cfg, ['data', 'generate', 'select', 'model', 'attack', 'train'])}"
+    out = run_training(cfg, generated=generated, generated_rows=view.rows if view else 0, name=name,
+                       parent_run_id=parent, callbacks=[TuneReportCallback()],
+                       tags={"raylab.sweep": trial_config["sweep"]})
+    final = {**trial_summary(out), **evaluate_trial(cfg, out.run.path)}
+    if view is not None:
+        _log_lineage(cfg, out.mlflow_run_id, view)
+        final["fd"] = view.fd if view.fd is not None else math.nan
+    _log_final(cfg, out.mlflow_run_id, final)
+    tune.report(final)
+
+
+def trial_summary(out: Any) -> dict[str, float]:
+    """Best/last of the per-epoch metrics (000_... Tables 4-5: best epoch by validation PGD-40)."""
+    hist = out.history
+    clean = [h.get("test_clean_acc", math.nan) for h in hist]
+    return {"best_epoch": float(out.best.get("epoch", -1)), "epochs": float(len(hist)),
+            "clean_best": max(clean, default=math.nan), "clean_last": clean[-1] if clean else math.nan,
+            "val_robust_best": float(out.best.get("score", math.nan))}
+
+
+def evaluate_trial(cfg: ExperimentConfig, run_path: Path) -> dict[str, float]:
+    """PGD-40 + AutoAttack on the best checkpoint; clean + PGD-40 on the last (for best/last/diff)."""
+    from raylab.eval.job import run_eval
+
+    best = run_eval(run_path, {"eval.checkpoint": "best"})
+    last = run_eval(run_path, {"eval.checkpoint": "last", "eval.autoattack": "none"})
+    return {"eval_clean_acc": best.clean_acc, "eval_pgd40_acc": best.pgd_acc, "eval_aa_acc": best.aa_acc,
+            "last_clean_acc": last.clean_acc, "last_pgd40_acc": last.pgd_acc}
+
+
+def _log_lineage(cfg: ExperimentConfig, run_id: str | None, view: Any) -> None:
+    from raylab.tracking import Tracker, resolve_tracking_uri
+
+    if run_id:
+        Tracker.attach(resolve_tracking_uri(cfg.tracking), run_id).log_dataset_lineage(
+            view.identity_hash, "generated", view.view_path, view.rows)
+
+
+def _log_final(cfg: ExperimentConfig, run_id: str | None, final: dict[str, float]) -> None:
+    from raylab.tracking import Tracker, resolve_tracking_uri
+
+    if run_id:
+        Tracker.attach(resolve_tracking_uri(cfg.tracking), run_id).log_metrics(
+            {f"final_{k}": v for k, v in final.items() if isinstance(v, float) and math.isfinite(v)},
+            step=cfg.train.epochs)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The driver.
+
+def _search(cfg: ExperimentConfig, space: dict[str, Sequence[Any]]) -> tuple[dict, Any]:
+    """(param_space entries, scheduler) for sweep.search: grid (default), random, asha."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    if cfg.sweep.search == "grid":
+        return {k: tune.grid_search(list(v)) for k, v in space.items()}, None
+    entries = {k: tune.choice(list(v)) for k, v in space.items()}
+    if cfg.sweep.search == "random":
+        return entries, None
+    return entries, ASHAScheduler(time_attr="training_iteration", max_t=cfg.train.epochs, grace_period=1,
+                                  reduction_factor=2)
+
+
+def _parent_run(cfg: ExperimentConfig, path: Path, name: str, space: dict) -> str:
+    """The sweep's MLflow parent run, created once in the driver (a restored sweep keeps it)."""
+    from raylab.tracking import Tracker, ensure_experiment
+
+    ensure_experiment(cfg.tracking)  # in the driver, with an explicit artifact location (ray_mlflow.md §3)
+    id_file = path / PARENT_FILE
+    if id_file.exists():
+        return id_file.read_text().strip()
+    tracker = Tracker.start(cfg.tracking, f"sweep:{name}", params=to_flat(cfg), config_json=to_json(cfg),
+                            tags={"raylab.stage": "sweep", "raylab.sweep": name, "raylab.sweep_keys": ",".join(space)})
+    tracker.log_dict({k: list(v) for k, v in space.items()}, "sweep_space.json")
+    path.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(id_file, tracker.run_id)
+    return tracker.run_id
+
+
+def _tuner(cfg: ExperimentConfig, space: dict, name: str, storage: Path, parent: str):
+    from ray import tune
+
+    trainable = tune.with_resources(run_trial, {"CPU": 0, "trial_driver": 1})
+    if tune.Tuner.can_restore(str(storage / name)):
+        return tune.Tuner.restore(str(storage / name), trainable=trainable, resume_unfinished=True,
+                                  resume_errored=True)
+    entries, scheduler = _search(cfg, space)
+    param_space = {"flat": to_flat(cfg), "parent_run_id": parent, "sweep": name, **entries}
+    tune_config = tune.TuneConfig(metric=cfg.sweep.metric, mode=cfg.sweep.mode, scheduler=scheduler,
+                                  num_samples=cfg.sweep.num_samples, max_concurrent_trials=cfg.sweep.max_concurrent)
+    run_config = tune.RunConfig(name=name, storage_path=str(storage),
+                                failure_config=tune.FailureConfig(max_failures=cfg.resources.max_failures))
+    return tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config)
+
+
+def run_sweep(cfg: ExperimentConfig, space: dict[str, Sequence[Any]], *, layout: str | None = None) -> SweepOutcome:
+    """Run (or restore and finish) the sweep of `space` over `cfg`; print and log its table and figures."""
+    from raylab.cluster import init_ray
+    from raylab.tune.report import report_sweep
+
+    check_space(cfg, space)
+    name = sweep_name(cfg, space)
+    storage = Path(cfg.tracking.root).resolve() / "tune"
+    init_ray()
+    parent = _parent_run(cfg, storage / name, name, space)
+    _tuner(cfg, space, name, storage, parent).fit()
+    rows, table = report_sweep(cfg.tracking, parent, list(space), layout=layout)
+    return SweepOutcome(name, storage / name, parent, rows, table)

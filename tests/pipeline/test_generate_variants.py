@@ -1,0 +1,91 @@
+"""The same pipeline for the Gaussian baseline and an unconditional EDM; the CLI verbs; errors before compute."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from raylab import cli
+from raylab.config import EDMConfig
+from raylab.data.shards import load_manifest, read_numpy, verify_store
+from raylab.generate.checkpoint import save_edm
+from raylab.generate.networks import build_edm
+from raylab.pipeline import generate_job
+from raylab.pipeline.gaussian import load_gaussian
+from raylab.pipeline.generate_job import GenerateError, plan_job, run_generate, score_store
+from raylab.pipeline.select import load_scores, scores_path
+from raylab.pipeline.quality import scorer_identity
+from tests.pipeline.helpers import TINY_EDM, job_config
+
+
+@pytest.fixture()
+def no_default_scorer(monkeypatch, tmp_path):
+    """Pretend the committed digits scorer is absent (it will be committed later)."""
+    monkeypatch.setattr(generate_job, "DEFAULT_SCORER", tmp_path / "absent" / "best.pt")
+
+
+def test_gaussian_generator_runs_through_the_cli_without_a_scorer(assets, tmp_path, ray_session, no_default_scorer,
+                                                                  capsys):
+    store = tmp_path / "store"
+    sets = ["generate.generator=gaussian", "generate.checkpoint=", "select.scorer_checkpoint=",
+            "generate.per_class=10", "generate.shard_size=50", f"tracking.root={tmp_path / 'runs'}"]
+    rc = cli.main(["generate", "--out", str(store)] + [a for s in sets for a in ("--set", s)])
+    assert rc == 0
+    assert "no scorer" in capsys.readouterr().out
+    assert verify_store(store) == []
+    data = read_numpy(store)
+    assert "score" not in data and len(data["seed"]) == 100
+    np.testing.assert_array_equal(data["label"], np.arange(100) // 10)
+    fit = load_gaussian(store / "gaussian-fit.npz")
+    ident = load_manifest(store)["identity"]
+    assert ident["generator"]["kind"] == "gaussian" and ident["sampler"] is None and ident["scorer"] is None
+    # Samples sit around their class mean: closer to their own class's mean than to any other's, on average.
+    flat = data["image"].reshape(100, -1).astype(np.float64)
+    dist = ((flat[:, None, :] - fit.mean[None].astype(np.float64)) ** 2).sum(-1)
+    assert (dist.argmin(1) == data["label"]).mean() > 0.8
+
+
+def test_unconditional_edm_takes_scorer_pseudo_labels(assets, tmp_path, ray_session):
+    cfg = job_config(assets, tmp_path, {"generate.checkpoint": str(assets["edm_uncond"]), "generate.per_class": 4,
+                                        "resources.sampler_actors": 1})
+    out = run_generate(cfg, tmp_path / "store", track=False)
+    data = read_numpy(out.store)
+    assert len(data["seed"]) == 40 and set(data["class_cond"].tolist()) == {-1}
+    np.testing.assert_array_equal(data["label"], data["pred"])
+    np.testing.assert_array_equal(data["score"], data["confidence"])
+    assert load_manifest(out.store)["identity"]["generator"]["label_dim"] == 0
+
+
+def test_agreement_selection_scores_the_store_a_second_time_via_the_cli(reference_run, assets, tmp_path, capsys):
+    cfg, ref = reference_run
+    store = shutil.copytree(ref.store, tmp_path / "store")
+    view = tmp_path / "view"
+    sets = ["select.policy=agreement", f"select.scorer_checkpoint={assets['scorer']}",
+            f"select.second_checkpoint={assets['scorer2']}", "select.agreement_confidence=0.9"]
+    assert cli.main(["select", str(view), "--store", str(store)] + [a for s in sets for a in ("--set", s)]) == 0
+    described = json.loads(capsys.readouterr().out)
+    second = load_scores(scores_path(store, scorer_identity(assets["scorer2"], cfg)["sha256"]))[1]
+    first = read_numpy(store, ["seed", "pred", "confidence"])
+    np.testing.assert_array_equal(second["seed"], first["seed"])
+    drop = (first["pred"] != second["pred"]) & (first["confidence"] < 0.9) & (second["confidence"] < 0.9)
+    assert described["rows"] == int((~drop).sum()) and described["policy"] == "agreement"
+    assert cli.main(["data", "describe", str(view)]) == 0
+    assert json.loads(capsys.readouterr().out)["rows"] == described["rows"]
+    cached = scores_path(store, scorer_identity(assets["scorer2"], cfg)["sha256"])
+    stamp = cached.stat().st_mtime_ns
+    assert score_store(cfg, store, assets["scorer2"]) == cached and cached.stat().st_mtime_ns == stamp
+
+
+def test_bad_generator_settings_fail_before_any_compute(assets, tmp_path, no_default_scorer):
+    with pytest.raises(GenerateError, match="generates nothing"):
+        plan_job(job_config(assets, tmp_path, {"generate.generator": "none"}), tmp_path / "a")
+    with pytest.raises(GenerateError, match="does not exist"):
+        plan_job(job_config(assets, tmp_path, {"generate.checkpoint": str(tmp_path / "nope")}), tmp_path / "b")
+    with pytest.raises(GenerateError, match="pseudo-labels"):
+        plan_job(job_config(assets, tmp_path, {"generate.checkpoint": str(assets["edm_uncond"]),
+                                               "select.scorer_checkpoint": ""}), tmp_path / "c")
+    five = save_edm(tmp_path / "edm5", build_edm(EDMConfig(**TINY_EDM), label_dim=5))
+    with pytest.raises(GenerateError, match="5 classes"):
+        plan_job(job_config(assets, tmp_path, {"generate.checkpoint": str(five)}), tmp_path / "d")
+    assert cli.main(["select", str(tmp_path / "v"), "--store", str(tmp_path / "nostore")]) == 2
+    assert not any((tmp_path / n / "manifest.json").exists() for n in "abcd")  # no store was created

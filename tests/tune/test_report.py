@@ -1,0 +1,33 @@
+"""Sweep tables in the papers' layouts (pure: rows as MLflow returns them)."""
+from types import SimpleNamespace
+
+from raylab.tune.report import build_rows, default_layout, format_table
+
+
+def run(steps, clean, pgd, aa, fd=None, finished=True):
+    metrics = {"final_eval_clean_acc": clean, "final_eval_pgd40_acc": pgd, "final_eval_aa_acc": aa,
+               "final_best_epoch": 3.0, "final_last_clean_acc": clean - 0.01, "final_last_pgd40_acc": pgd - 0.05}
+    if fd is not None:
+        metrics["final_fd"] = fd
+    return SimpleNamespace(params={"generate.steps": str(steps)}, metrics=metrics if finished else {"lr": 0.1},
+                           run_id=f"r{steps}")
+
+
+def test_steps_table_is_sorted_numerically_and_has_table7_columns():
+    rows = build_rows([run(20, 0.9, 0.6, 0.55, 2.1), run(5, 0.8, 0.5, 0.45, 9.0), run(10, 0.85, 0.55, 0.5)],
+                      ["generate.steps"])
+    assert [r["generate.steps"] for r in rows] == ["5", "10", "20"]
+    table = format_table(rows, ["generate.steps"], default_layout(["generate.steps"]))
+    header, _, first, second, _ = table.splitlines()
+    assert [c.strip() for c in header.split("|")] == ["generate.steps", "FD (scorer feats)", "Clean", "PGD-40", "AA"]
+    assert [c.strip() for c in first.split("|")] == ["5", "9", "80.00", "50.00", "45.00"]
+    assert second.split("|")[1].strip() == "-"  # no FD measured: a dash, never a made-up number
+
+
+def test_best_last_layout_has_diffs_and_unfinished_trials_are_left_out():
+    rows = build_rows([run(1, 0.9, 0.6, 0.5), run(2, 0.9, 0.6, 0.5, finished=False)], ["generate.steps"])
+    assert len(rows) == 1
+    table = format_table(rows, ["generate.steps"], "best_last")
+    cells = [c.strip() for c in table.splitlines()[2].split("|")]
+    assert cells[1:] == ["3", "90.00", "89.00", "1.00", "60.00", "55.00", "5.00", "50.00"]
+    assert default_layout(["select.amount"]) == "best_last" and default_layout(["train.beta"]) == "plain"
