@@ -166,12 +166,9 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
 @verb("generate", "sample a generated set on Ray Data: sampler and scorer actors -> Parquet shards (resumable)",
       _generate_args)
 def _generate(ns: argparse.Namespace) -> int:
-    from raylab.cluster import init_ray
     from raylab.pipeline.generate_job import run_generate
 
-    cfg = config_from(ns)
-    init_ray()
-    run_generate(cfg, ns.out)  # prints its one-line summary
+    run_generate(config_from(ns), ns.out)  # checks everything, then starts Ray; prints a one-line summary
     return 0
 
 
@@ -197,11 +194,9 @@ def _select(ns: argparse.Namespace) -> int:
     if cfg.select.policy == "agreement":
         if not cfg.select.second_checkpoint:
             raise ConfigError("select.second_checkpoint: required by select.policy=agreement (002_... filter)")
-        from raylab.cluster import init_ray
         from raylab.pipeline.generate_job import score_store
 
-        init_ray()
-        second = score_store(cfg, ns.store, cfg.select.second_checkpoint)
+        second = score_store(cfg, ns.store, cfg.select.second_checkpoint)  # cached beside the shards
     _print_json(describe(build_view(ns.store, cfg.select, ns.view_out, second=second)))
     return 0
 

@@ -6,7 +6,6 @@ from pathlib import Path
 import pytest
 
 from raylab.config import make_config
-from raylab.tune.experiment import SMOKE
 from raylab.tracking import child_runs, find_runs, resolve_tracking_uri, TrackingConfig
 
 EXPERIMENTS = sorted((Path(__file__).resolve().parents[1] / "experiments").glob("ablate_*.py"))
@@ -26,12 +25,24 @@ def sweep_parents(root):
     return uri, find_runs(uri, "raylab", "tags.`raylab.stage` = 'sweep'")
 
 
-@pytest.mark.ray
 @pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: p.stem)
-def test_smoke_mode_runs_end_to_end(ray_session, root, path, capsys):
-    from raylab.tune.experiment import run_ablation
+def test_every_experiment_composes_valid_configs_for_every_preset(path):
+    from raylab.tune.experiment import compose
+    from raylab.tune.sweep import check_space
 
     ab = ablation(path)
+    for mode in ("default", "smoke", "paper"):
+        cfg, values = compose(ab, mode, {})
+        check_space(cfg, {ab.key: values})
+    assert compose(ab, "paper", {})[0].model.name == "wrn-28-10"
+
+
+@pytest.mark.ray
+def test_steps_smoke_runs_end_to_end(ray_session, root, capsys):
+    """The main job's smoke mode (.ci/run also runs every experiment's --smoke as its own process)."""
+    from raylab.tune.experiment import run_ablation
+
+    ab = ablation(next(p for p in EXPERIMENTS if p.stem == "ablate_steps"))
     assert run_ablation(ab, ["--smoke", "--set", f"tracking.root={root}"]) == 0
     out = capsys.readouterr().out
     assert "raylab ui" in out
@@ -58,5 +69,4 @@ def test_a_finished_sweep_restores_without_rerunning_and_generations_are_shared(
     assert {p.run_id: len(child_runs(uri, p.run_id)) for p in after} == runs_before  # no trial reran
     generations = sorted((Path(root) / "artifacts").glob("generate-*"))
     generations = [g for g in generations if g.is_dir()]
-    # one generation per distinct steps value; every other smoke sweep shares the one at SMOKE's step count
-    assert len(generations) == len(set(steps.values["smoke"]) | {SMOKE["generate.steps"]})
+    assert len(generations) == len(set(steps.values["smoke"]))  # one generation per step count

@@ -83,7 +83,7 @@ class CheckpointSource:
 @dataclass(frozen=True)
 class EvalSpec:
     """Everything an actor needs besides the images."""
-    source: Any
+    source: ModelSource
     eval: EvalConfig
     out: str
     num_classes: int
@@ -293,10 +293,10 @@ class EvalActor:
         start, stop = self.spec.chunks[chunk]
         x, y = self._tensors(start, stop)
         state = _state_path(self.spec, chunk)
-        began = time.perf_counter()
+        began, cpu = time.perf_counter(), time.process_time()
         record = evaluate_chunk(self.model, x, y, ChunkJob(chunk, self.spec.eval, self.spec.num_classes, state))
         record.update(chunk=chunk, start=start, stop=stop, labels=y.tolist(), seconds=time.perf_counter() - began,
-                      pid=os.getpid())
+                      cpu_seconds=time.process_time() - cpu, pid=os.getpid())
         atomic_write_json(chunk_path(self.spec.out, chunk), record)
         state.unlink(missing_ok=True)
         return True
@@ -536,8 +536,9 @@ def run_eval(target: str | os.PathLike, cfg_overrides: Mapping[str, Any] | None 
     print(table, flush=True)
     outcome = dataclasses.replace(outcome, table=table)
     atomic_write_json(outcome.out_dir / "summary.json",
-                      {**outcome.result.to_json(), "weights": str(tgt.weights), "weights_sha256": sha,
-                       "chunks": outcome.chunks_total, "table": table})
+                      {**outcome.result.to_json(), "eval_config": dataclasses.asdict(cfg.eval),
+                       "weights": str(tgt.weights), "weights_sha256": sha, "chunks": outcome.chunks_total,
+                       "table": table})
     if track and tgt.run is not None and (tgt.run / MLFLOW_RUN_FILE).is_file():
         run_id = (tgt.run / MLFLOW_RUN_FILE).read_text().strip()
         log_eval(_tracking_uri(cfg, tgt.run), run_id, outcome)
@@ -582,7 +583,7 @@ def log_eval(uri: str, run_id: str, outcome: EvalOutcome) -> None:
     prefix = f"eval/{header.checkpoint}-{outcome.out_dir.name}"
     tracker.log_metrics(outcome.metrics, step=header.epoch or 0)
     tracker.log_table(result.rows(), f"{prefix}/results")
-    tracker.log_dict(result.to_json(), f"{prefix}/summary.json")
+    tracker.log_artifact(outcome.out_dir / "summary.json", prefix)  # + eval config, weights path and sha256
     tracker.log_text(outcome.table, f"{prefix}/table.txt")
     tracker.set_tags({f"eval.{header.checkpoint}.dir": str(outcome.out_dir),
                       f"eval.{header.checkpoint}.warnings": len(result.warnings())})

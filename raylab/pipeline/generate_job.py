@@ -31,6 +31,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from raylab.cluster import init_ray
 from raylab.config import ExperimentConfig, GenerateConfig, ResourcesConfig, to_flat, to_json
 from raylab.data.datasets import get_dataset, load_splits
 from raylab.data.shards import ShardStore, load_manifest, read_numpy, remove_temp_files, shard_name
@@ -46,7 +47,8 @@ from raylab.runs import run_dir
 from raylab.runtime import pick_device
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
-DEFAULT_SCORER = ASSETS / "scorer-digits" / "best.pt"  # committed by the lead; used for data.dataset=digits
+DEFAULT_SCORER = ASSETS / "scorer-digits" / "best.pt"  # the committed scorer, used for data.dataset=digits
+NO_SCORER = "none"    # select.scorer_checkpoint value that turns scoring off
 SCORE_BATCH = 256     # scorer chunk: fixed, so a shard's scores do not depend on any setting
 GRID_PER_CLASS = 16   # images per class in the logged sample grids
 SCORE_COLUMNS = ("label", "score", "pred", "confidence")
@@ -135,7 +137,10 @@ class JobSpec:
 
 
 def resolve_scorer(cfg: ExperimentConfig) -> tuple[Optional[dict[str, Any]], str]:
-    """(scorer identity or None, note): select.scorer_checkpoint, else the committed digits scorer, else none."""
+    """(scorer identity or None, note): select.scorer_checkpoint ('none' = no scoring), else the committed
+    digits scorer, else none."""
+    if cfg.select.scorer_checkpoint.lower() == NO_SCORER:
+        return None, "scoring off (select.scorer_checkpoint=none): shards get no score/pred/confidence"
     if cfg.select.scorer_checkpoint:
         return scorer_identity(cfg.select.scorer_checkpoint, cfg), ""
     if cfg.data.dataset == "digits" and DEFAULT_SCORER.is_file():
@@ -332,6 +337,8 @@ def run_generate(cfg: ExperimentConfig, out_dir: str | os.PathLike | None = None
     remove_temp_files(store.root)
     todo = store.missing(spec.plan.shards())
     start = time.perf_counter()
+    if todo:
+        init_ray()  # only now: every check above runs before a Ray instance starts
     written = build_pipeline(spec, todo, cfg.resources).take_all() if todo else []
     outcome = GenerateOutcome(store.root, store.identity_hash, spec, len(written), len(spec.plan.shards()) - len(todo),
                               sum(int(r["rows"]) for r in written), time.perf_counter() - start)
@@ -459,6 +466,7 @@ def score_store(cfg: ExperimentConfig, store: str | os.PathLike, checkpoint: str
     if not entries:
         raise GenerateError(f"{store}: the store has no shards to score")
     res = cfg.resources
+    init_ray()
     ds = ray.data.from_items(entries, override_num_blocks=len(entries)).map_batches(
         ShardScorerActor, fn_constructor_kwargs={"store": str(store), "scorer": scorer,
                                                  "use_gpu": res.gpus_per_actor > 0},

@@ -51,26 +51,30 @@ def check_space(cfg: ExperimentConfig, space: dict[str, Sequence[Any]]) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 # One trial (runs inside a Tune trial actor).
 
-def run_trial(trial_config: dict[str, Any]) -> None:
+def run_trial(trial_config: dict[str, Any], *, flat: dict[str, Any], parent_run_id: str, sweep: str) -> None:
+    """One trial: `trial_config` holds only the swept keys (what Tune shows); the base config, the sweep's MLflow
+    parent run and its name come through `tune.with_parameters`."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from raylab.train.job import run_training
     from raylab.tune.artifacts import ensure_view
 
-    cfg = from_flat(trial_config["flat"] | {k: v for k, v in trial_config.items() if "." in k})
-    parent = trial_config["parent_run_id"]
+    cfg = from_flat(flat | {k: v for k, v in trial_config.items() if "." in k})
+    parent = parent_run_id
     generated, view = None, None
     if cfg.train.ratio < 1.0:
         view = ensure_view(cfg, parent)
         from raylab.pipeline.select import load_view
 
         generated = load_view(view.view_path).dataset()
-    name = f"{trial_config['sweep']}-{fingerprint(cfg, ['data', 'generate', 'select', 'model', 'attack', 'train'])}"
+    name = f"{sweep}-{fingerprint(cfg, ['data', 'generate', 'select', 'model', 'attack', 'train'])}"
     out = run_training(cfg, generated=generated, generated_rows=view.rows if view else 0, name=name,
                        parent_run_id=parent, callbacks=[TuneReportCallback()],
-                       tags={"raylab.sweep": trial_config["sweep"]})
+                       tags={"raylab.sweep": sweep})
     final = {**trial_summary(out), **evaluate_trial(cfg, out.run.path)}
+    final[cfg.sweep.metric] = out.best.get("score", math.nan) if cfg.sweep.metric == "val_robust_acc" else \
+        final.get(cfg.sweep.metric, math.nan)
     if view is not None:
         _log_lineage(cfg, out.mlflow_run_id, view)
         final["fd"] = view.fd if view.fd is not None else math.nan
@@ -93,8 +97,9 @@ def evaluate_trial(cfg: ExperimentConfig, run_path: Path) -> dict[str, float]:
 
     best = run_eval(run_path, {"eval.checkpoint": "best"})
     last = run_eval(run_path, {"eval.checkpoint": "last", "eval.autoattack": "none"})
-    return {"eval_clean_acc": best.clean_acc, "eval_pgd40_acc": best.pgd_acc, "eval_aa_acc": best.aa_acc,
-            "last_clean_acc": last.clean_acc, "last_pgd40_acc": last.pgd_acc}
+    values = {"eval_clean_acc": best.clean_acc, "eval_pgd40_acc": best.pgd_acc, "eval_aa_acc": best.aa_acc,
+              "last_clean_acc": last.clean_acc, "last_pgd40_acc": last.pgd_acc}
+    return {k: math.nan if v is None else float(v) for k, v in values.items()}
 
 
 def _log_lineage(cfg: ExperimentConfig, run_id: str | None, view: Any) -> None:
@@ -150,12 +155,13 @@ def _parent_run(cfg: ExperimentConfig, path: Path, name: str, space: dict) -> st
 def _tuner(cfg: ExperimentConfig, space: dict, name: str, storage: Path, parent: str):
     from ray import tune
 
-    trainable = tune.with_resources(run_trial, {"CPU": 0, "trial_driver": 1})
+    trainable = tune.with_resources(tune.with_parameters(run_trial, flat=to_flat(cfg), parent_run_id=parent, sweep=name),
+                                    {"CPU": 0, "trial_driver": 1})
     if tune.Tuner.can_restore(str(storage / name)):
         return tune.Tuner.restore(str(storage / name), trainable=trainable, resume_unfinished=True,
                                   resume_errored=True)
     entries, scheduler = _search(cfg, space)
-    param_space = {"flat": to_flat(cfg), "parent_run_id": parent, "sweep": name, **entries}
+    param_space = entries
     tune_config = tune.TuneConfig(metric=cfg.sweep.metric, mode=cfg.sweep.mode, scheduler=scheduler,
                                   num_samples=cfg.sweep.num_samples, max_concurrent_trials=cfg.sweep.max_concurrent)
     run_config = tune.RunConfig(name=name, storage_path=str(storage),

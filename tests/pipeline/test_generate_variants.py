@@ -24,14 +24,13 @@ def no_default_scorer(monkeypatch, tmp_path):
     monkeypatch.setattr(generate_job, "DEFAULT_SCORER", tmp_path / "absent" / "best.pt")
 
 
-def test_gaussian_generator_runs_through_the_cli_without_a_scorer(assets, tmp_path, ray_session, no_default_scorer,
-                                                                  capsys):
+def test_gaussian_generator_runs_through_the_cli_without_a_scorer(assets, tmp_path, ray_session, capsys):
     store = tmp_path / "store"
-    sets = ["generate.generator=gaussian", "generate.checkpoint=", "select.scorer_checkpoint=",
+    sets = ["generate.generator=gaussian", "generate.checkpoint=", "select.scorer_checkpoint=none",
             "generate.per_class=10", "generate.shard_size=50", f"tracking.root={tmp_path / 'runs'}"]
     rc = cli.main(["generate", "--out", str(store)] + [a for s in sets for a in ("--set", s)])
     assert rc == 0
-    assert "no scorer" in capsys.readouterr().out
+    assert "scoring off" in capsys.readouterr().out
     assert verify_store(store) == []
     data = read_numpy(store)
     assert "score" not in data and len(data["seed"]) == 100
@@ -74,6 +73,15 @@ def test_agreement_selection_scores_the_store_a_second_time_via_the_cli(referenc
     cached = scores_path(store, scorer_identity(assets["scorer2"], cfg)["sha256"])
     stamp = cached.stat().st_mtime_ns
     assert score_store(cfg, store, assets["scorer2"]) == cached and cached.stat().st_mtime_ns == stamp
+
+
+def test_empty_scorer_setting_means_the_committed_digits_scorer_if_there_is_one(assets, tmp_path, monkeypatch):
+    spec = plan_job(job_config(assets, tmp_path, {"select.scorer_checkpoint": ""}), tmp_path / "a")
+    if generate_job.DEFAULT_SCORER.is_file():
+        assert spec.scorer["file"] == str(generate_job.DEFAULT_SCORER.resolve()) and spec.note == ""
+    monkeypatch.setattr(generate_job, "DEFAULT_SCORER", tmp_path / "absent" / "best.pt")
+    spec = plan_job(job_config(assets, tmp_path, {"select.scorer_checkpoint": ""}), tmp_path / "b")
+    assert spec.scorer is None and "no scorer" in spec.note
 
 
 def test_bad_generator_settings_fail_before_any_compute(assets, tmp_path, no_default_scorer):
