@@ -254,12 +254,8 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
 @verb("eval", "clean / PGD / AutoAttack evaluation, sharded over Ray Data actors and resumable per chunk",
       _eval_args)
 def _eval(ns: argparse.Namespace) -> int:
-    from raylab.eval.job import run_eval
+    from raylab.eval.job import run_eval  # starts Ray itself (raylab.cluster.init_ray) after validating the input
 
-    if not ns.local:
-        from raylab.cluster import init_ray
-
-        init_ray()
     run_eval(ns.target, parse_assignments(ns.overrides), ns.out, preset=ns.preset, checks=ns.checks,
              engine="local" if ns.local else "ray")
     return 0

@@ -41,7 +41,6 @@ from raylab.config import (ConfigError, EvalConfig, ExperimentConfig, ResourcesC
                            override)
 from raylab.data.datasets import get_dataset
 from raylab.eval.autoattack import AAResult, aa_norm, aggregate, resolve_attacks, run_autoattack
-from raylab.eval.certify import certify
 from raylab.eval.checks import CHECKS, DEFAULT_STEPS, CheckReport
 from raylab.eval.export import load_checkpoint_model, read_state_dict
 from raylab.eval.metrics import EvalError, correct_flags, pgd_flags, require_eval_mode
@@ -53,7 +52,7 @@ CHECKS_ITEM = -1             # the work item that runs the gradient-masking chec
 STREAMS = {"pgd": 0, "certify": 1}
 # Fig. 10(a) of 001_...: eps from 0 to 8x the evaluated radius (0 ... 64/255 at 8/255).
 CHECK_EPS_MULTIPLES = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
-MLFLOW_RUN_FILE = "mlflow_run_id"
+MLFLOW_RUN_FILE = "mlflow_run_id"  # written by raylab.train.job (not imported: it pulls in Ray Train)
 # A run directory fixes what was trained; only these sections/keys may be overridden when evaluating it.
 RUN_OVERRIDABLE = ("eval.", "resources.", "tracking.", "data.root", "data.download")
 
@@ -166,6 +165,8 @@ def _certify(model: nn.Module, x: torch.Tensor, y: torch.Tensor, job: ChunkJob) 
     ev = job.eval
     if not ev.certify:
         return None
+    from raylab.eval.certify import certify  # scipy.stats: a third of an actor's import time, only when asked
+
     generator = torch.Generator().manual_seed(chunk_seed(ev.seed, job.chunk, "certify"))
     preds, radii = certify(model, x, sigma=ev.certify_sigma, n0=ev.certify_n0, n=ev.certify_n,
                            alpha=ev.certify_alpha, batch_size=ev.batch_size, generator=generator,

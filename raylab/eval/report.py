@@ -189,5 +189,6 @@ def format_table(result: EvalResult, notes: Sequence[str] = ()) -> str:
     lines = result.header.lines(result.n)
     lines.append(f"{'metric':<{width}}{'accuracy':>10}{'correct / n':>16}")
     lines += [f"{r['metric']:<{width}}{r['accuracy']:>10.2%}{r['correct']:>9} / {r['n']:<5}" for r in rows]
+    lines += [f"check {c.name}: passed ({c.message})" for c in result.checks if c.passed]
     lines += list(notes) + result.warnings()
     return "\n".join(lines)

@@ -194,10 +194,19 @@ def _unpack(table: pa.Table, column: str, dtype: Any) -> np.ndarray:
     return np.frombuffer(table.column(column)[0].as_buffer(), dtype=dtype)
 
 
-def _packed_row(first: int, last: int, arrays: dict[str, np.ndarray]) -> pa.Table:
-    cols = {"first": pa.array([first], pa.int64()), "last": pa.array([last], pa.int64())}
+def _packed_row(first: int, last: int, arrays: dict[str, np.ndarray], seconds: float) -> pa.Table:
+    """One shard row; `sample_s` is the sampler's busy time for it (throughput accounting in the driver)."""
+    cols = {"first": pa.array([first], pa.int64()), "last": pa.array([last], pa.int64()),
+            "sample_s": pa.array([seconds], pa.float64())}
     cols |= {k: pa.array([np.ascontiguousarray(v).tobytes()], pa.large_binary()) for k, v in arrays.items()}
     return pa.table(cols)
+
+
+def _append(row: pa.Table, arrays: dict[str, np.ndarray], seconds: float) -> pa.Table:
+    """The row plus packed `arrays` and `score_s`, the scorer's busy time."""
+    for k, v in arrays.items():
+        row = row.append_column(k, pa.array([np.ascontiguousarray(v).tobytes()], pa.large_binary()))
+    return row.append_column("score_s", pa.array([seconds], pa.float64()))
 
 
 def _crash_once(marker: Optional[str]) -> None:
@@ -223,10 +232,10 @@ class SamplerActor:
         return pa.concat_tables([self.sample_shard(int(a), int(b)) for a, b in zip(batch["first"], batch["last"])])
 
     def sample_shard(self, first: int, last: int) -> pa.Table:
-        rows = self.spec.plan.rows(first, last)
+        start, rows = time.perf_counter(), self.spec.plan.rows(first, last)
         kind = GENERATORS[self.spec.generator]
         images = kind.sample(self.generator, rows.rng_seeds, rows.class_cond, self.spec.generate, self.device)
-        return _packed_row(first, last, {"image": images})
+        return _packed_row(first, last, {"image": images}, time.perf_counter() - start)
 
 
 class ScorerActor:
@@ -237,15 +246,15 @@ class ScorerActor:
         self.scorer = Scorer.load(spec.scorer, pick_device(spec.use_gpu))
 
     def __call__(self, table: pa.Table) -> pa.Table:
-        parts = []
-        for i in range(table.num_rows):
-            row = table.slice(i, 1)
-            first, last = row.column("first")[0].as_py(), row.column("last")[0].as_py()
-            images = _unpack(row, "image", np.uint8).reshape(-1, 32, 32, 3)
-            class_cond = self.spec.plan.rows(first, last).class_cond
-            cols = score_columns(self.scorer.probs(images, SCORE_BATCH), class_cond)
-            parts.append(_packed_row(first, last, {"image": images} | cols))
-        return pa.concat_tables(parts)
+        return pa.concat_tables([self.score_shard(table.slice(i, 1)) for i in range(table.num_rows)])
+
+    def score_shard(self, row: pa.Table) -> pa.Table:
+        start = time.perf_counter()
+        first, last = row.column("first")[0].as_py(), row.column("last")[0].as_py()
+        images = _unpack(row, "image", np.uint8).reshape(-1, 32, 32, 3)
+        class_cond = self.spec.plan.rows(first, last).class_cond
+        cols = score_columns(self.scorer.probs(images, SCORE_BATCH), class_cond)
+        return _append(row, cols, time.perf_counter() - start)
 
 
 def shard_columns(row: pa.Table, plan: SeedPlan) -> tuple[int, int, dict[str, np.ndarray]]:
@@ -262,16 +271,21 @@ def shard_columns(row: pa.Table, plan: SeedPlan) -> tuple[int, int, dict[str, np
     return first, last, cols
 
 
+WRITTEN = pa.schema([("first", pa.int64()), ("rows", pa.int64()), ("bytes", pa.int64()),
+                     ("sample_s", pa.float64()), ("score_s", pa.float64())])
+
+
 def write_shards(table: pa.Table, store: str, plan: SeedPlan) -> pa.Table:
-    """Writer UDF: each shard row through ShardStore.write_shard; returns (first, rows, bytes) per shard."""
+    """Writer UDF: each shard row through ShardStore.write_shard; returns a `WRITTEN` row per shard (with the
+    sampler's and scorer's busy seconds for it)."""
     out = []
     for i in range(table.num_rows):
-        first, last, cols = shard_columns(table.slice(i, 1), plan)
+        row = table.slice(i, 1)
+        first, last, cols = shard_columns(row, plan)
         entry = ShardStore(store).write_shard(first, last, cols)
-        out.append((first, entry["rows"], entry["bytes"]))
-    firsts, rows, sizes = zip(*out) if out else ((), (), ())
-    return pa.table({"first": pa.array(firsts, pa.int64()), "rows": pa.array(rows, pa.int64()),
-                     "bytes": pa.array(sizes, pa.int64())})
+        busy = {k: row.column(k)[0].as_py() if k in row.column_names else 0.0 for k in ("sample_s", "score_s")}
+        out.append({"first": first, "rows": entry["rows"], "bytes": entry["bytes"]} | busy)
+    return pa.Table.from_pylist(out, schema=WRITTEN)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -292,7 +306,7 @@ def _pool(ds: Any, cls: type, spec: Any, size: int, res: ResourcesConfig, batch_
 
 
 def build_pipeline(spec: JobSpec, todo: Sequence[tuple[int, int]], res: ResourcesConfig) -> Any:
-    """The lazy Ray Dataset of the job: one output row (first, rows, bytes) per shard written."""
+    """The lazy Ray Dataset of the job: one `WRITTEN` row per shard written."""
     import ray.data
 
     ds = ray.data.from_items([{"first": a, "last": b} for a, b in todo], override_num_blocks=len(todo))
@@ -311,17 +325,26 @@ class GenerateOutcome:
     shards_written: int
     shards_present: int   # already in the store before this run (resume)
     images_written: int
-    seconds: float
+    seconds: float               # wall time of the Ray Data job (actor start-up included)
+    sample_seconds: float = 0.0  # summed busy time of the sampler actors
+    score_seconds: float = 0.0   # summed busy time of the scorer actors
+    sampler_actors: int = 1
     mlflow_run_id: Optional[str] = None
 
     @property
     def images_per_s(self) -> float:
         return self.images_written / self.seconds if self.seconds > 0 else 0.0
 
+    @property
+    def sampler_utilization(self) -> float:
+        """Fraction of the sampler pool's wall time spent sampling (1 = no pipeline overhead at all)."""
+        return self.sample_seconds / (self.seconds * self.sampler_actors) if self.seconds > 0 else 0.0
+
     def summary(self) -> str:
         return (f"generate: {self.images_written} images in {self.shards_written} shards "
                 f"({self.shards_present} already present) in {self.seconds:.1f} s = {self.images_per_s:.1f} "
-                f"images/s → {self.store} (identity {self.identity_hash[:12]})"
+                f"images/s, samplers busy {self.sampler_utilization:.0%} → {self.store} "
+                f"(identity {self.identity_hash[:12]})"
                 + (f"; {self.spec.note}" if self.spec.note else ""))
 
 
@@ -340,8 +363,11 @@ def run_generate(cfg: ExperimentConfig, out_dir: str | os.PathLike | None = None
     if todo:
         init_ray()  # only now: every check above runs before a Ray instance starts
     written = build_pipeline(spec, todo, cfg.resources).take_all() if todo else []
-    outcome = GenerateOutcome(store.root, store.identity_hash, spec, len(written), len(spec.plan.shards()) - len(todo),
-                              sum(int(r["rows"]) for r in written), time.perf_counter() - start)
+    outcome = GenerateOutcome(
+        store.root, store.identity_hash, spec, shards_written=len(written), shards_present=len(spec.plan.shards())
+        - len(todo), images_written=sum(int(r["rows"]) for r in written), seconds=time.perf_counter() - start,
+        sample_seconds=sum(r["sample_s"] for r in written), score_seconds=sum(r["score_s"] for r in written),
+        sampler_actors=cfg.resources.sampler_actors)
     if track:
         outcome = replace(outcome, mlflow_run_id=log_generation(cfg, outcome, parent_run_id, fd_images))
     print(outcome.summary(), flush=True)
@@ -352,7 +378,7 @@ def run_generate(cfg: ExperimentConfig, out_dir: str | os.PathLike | None = None
 # MLflow report (driver).
 
 def sample_images(store: Path, plan: SeedPlan, per_class: int = GRID_PER_CLASS) -> dict[int, np.ndarray]:
-    """{label: first `per_class` images of that label}, read through the manifest-verified reader."""
+    """{label: first `per_class` images of that label}."""
     idx = (np.concatenate([plan.first_of_class(c, per_class) for c in plan.classes]) if plan.conditional
            else np.arange(min(plan.size, per_class * 10), dtype=np.int64))
     first, last = plan.shard_of(idx)
@@ -360,14 +386,16 @@ def sample_images(store: Path, plan: SeedPlan, per_class: int = GRID_PER_CLASS) 
     rows: dict[str, list[int]] = {}
     for name, i, a in zip(names, idx, first):
         rows.setdefault(name, []).append(int(i - a))
-    data = read_numpy(store, columns=["image", "label"], rows={k: np.array(v) for k, v in rows.items()})
+    # verify=False: a report of the store this job just wrote (sha256 of whole shards is `raylab data verify`'s job)
+    data = read_numpy(store, columns=["image", "label"], rows={k: np.array(v) for k, v in rows.items()},
+                      verify=False)
     return {int(c): data["image"][data["label"] == c][:per_class] for c in np.unique(data["label"])}
 
 
 def generation_report(store: Path, spec: JobSpec, cfg: ExperimentConfig, fd_images: int) -> dict[str, Any]:
     """Class balance, score distribution and FD (scorer features) of a finished store (non-image columns only)."""
     columns = ["label"] + (["score"] if spec.scorer else [])
-    cols = {k: v for k, v in read_numpy(store, columns=columns, verify=False).items()}
+    cols = read_numpy(store, columns=columns, verify=False)  # statistics only; `raylab data verify` checks bytes
     classes, counts = np.unique(cols["label"], return_counts=True)
     report: dict[str, Any] = {"class_counts": {int(c): int(n) for c, n in zip(classes, counts)},
                               "scores": cols.get("score"), "fd": None}
@@ -378,17 +406,20 @@ def generation_report(store: Path, spec: JobSpec, cfg: ExperimentConfig, fd_imag
 
 def _scorer_fd(store: Path, spec: JobSpec, cfg: ExperimentConfig, n: int) -> float:
     """FD (scorer features) between about n generated images and as many random training images."""
-    generated = read_numpy(store, columns=["image"], rows=_first_rows(store, n))["image"]
+    generated = read_numpy(store, columns=["image"], rows=_first_rows(store, n), verify=False)["image"]
     train = load_splits(cfg.data).train
     real = train.images[np.sort(np.random.default_rng(0).permutation(len(train))[:len(generated)])]
     return scorer_fd(Scorer.load(spec.scorer), generated, real)
 
 
-def _first_rows(store: Path, n: int) -> dict[str, np.ndarray]:
-    """Rows spread over every shard (a prefix of each), about n in total."""
-    entries = load_manifest(store)["shards"]
-    per = max(1, -(-n // max(len(entries), 1)))
-    return {name: np.arange(min(per, e["rows"])) for name, e in entries.items()}
+def _first_rows(store: Path, n: int, max_shards: int = 10) -> dict[str, np.ndarray]:
+    """About n rows from at most `max_shards` shards spread over the plan (a prefix of each): shards are
+    class-ordered, so every class contributes without reading the whole store."""
+    names = [p.name for p in ShardStore(store).shard_paths()]
+    picked = [names[i] for i in np.unique(np.linspace(0, len(names) - 1, min(len(names), max_shards)).round()
+                                          .astype(int))]
+    entries, per = load_manifest(store)["shards"], -(-n // len(picked))
+    return {name: np.arange(min(per, entries[name]["rows"])) for name in picked}
 
 
 def log_generation(cfg: ExperimentConfig, outcome: GenerateOutcome, parent_run_id: Optional[str],
@@ -404,7 +435,9 @@ def log_generation(cfg: ExperimentConfig, outcome: GenerateOutcome, parent_run_i
                              "dataset.store": str(store), "generate.note": spec.note or "-"}) as tracker:
         tracker.log_metrics({"images_written": outcome.images_written, "shards_written": outcome.shards_written,
                              "shards_present": outcome.shards_present, "images_total": spec.plan.size,
-                             "seconds": outcome.seconds, "images_per_s": outcome.images_per_s}, step=0)
+                             "seconds": outcome.seconds, "images_per_s": outcome.images_per_s,
+                             "sampler_busy_s": outcome.sample_seconds, "scorer_busy_s": outcome.score_seconds,
+                             "sampler_utilization": outcome.sampler_utilization}, step=0)
         tracker.log_dict(spec.identity, "dataset/identity.json")
         tracker.log_artifact(store / "manifest.json", "dataset")
         tracker.log_metrics({f"class_count/{c}": n for c, n in report["class_counts"].items()}, step=0)

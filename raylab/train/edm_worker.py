@@ -39,7 +39,6 @@ from raylab.generate.checkpoint import save_edm
 from raylab.generate.loss import EDMLoss, ema_beta, lr_warmup
 from raylab.generate.networks import build_edm
 from raylab.generate.sampler import sample_kwargs
-from raylab.generate.seeds import generate_images, image_seeds
 from raylab.train.ema import unwrap
 
 NETWORK_DIR = "network"  # <run dir>/network: the EMA network, written by rank 0 at the end (save_edm format)
@@ -83,7 +82,8 @@ class EDMTraining:
 def build_training(cfg: EDMConfig, label_dim: int, device: torch.device, rank: int = 0, world: int = 1,
                    prepare: Callable[[nn.Module], nn.Module] = lambda m: m) -> EDMTraining:
     """A fresh rank: the network built from `cfg.seed` (identical on every rank), its EMA, Adam, the rank's noise
-    generator. `prepare` wraps the network for DDP (ray.train.torch.prepare_model) when world > 1."""
+    generator. `label_dim` is the dataset's class count (the net takes 0 when edm.conditional is false);
+    `prepare` wraps the network for DDP (ray.train.torch.prepare_model) when world > 1."""
     if cfg.batch_size % world:
         raise ValueError(f"edm.batch_size: {cfg.batch_size} is not divisible by {world} workers")
     net = build_edm(cfg, label_dim=label_dim).to(device).train()
@@ -91,7 +91,7 @@ def build_training(cfg: EDMConfig, label_dim: int, device: torch.device, rank: i
     net = prepare(net)
     optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr, **ADAM)
     generator = torch.Generator(device=device).manual_seed(derived_seed(cfg.seed, "noise", rank))
-    return EDMTraining(cfg, net, ema, optimizer, generator, label_dim, device, rank, world)
+    return EDMTraining(cfg, net, ema, optimizer, generator, ema.label_dim, device, rank, world)
 
 
 def batch_rows(step: int, num_rows: int, batch_size: int, seed: int, rank: int = 0, world: int = 1) -> np.ndarray:

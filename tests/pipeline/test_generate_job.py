@@ -19,6 +19,7 @@ def test_every_plan_index_once_with_scores_and_a_sound_store(reference_run):
     cfg, out = reference_run
     assert verify_store(out.store) == []
     assert out.shards_written == 6 and out.images_written == 120 and out.shards_present == 0
+    assert out.sample_seconds > 0 and out.score_seconds > 0 and 0 < out.sampler_utilization <= 1
     data = read_numpy(out.store, ["seed", "label", "class_cond", "score", "pred", "confidence"])
     np.testing.assert_array_equal(data["seed"], np.arange(120))  # each plan index exactly once, in order
     np.testing.assert_array_equal(data["class_cond"], np.arange(120) // 12)  # seed = class * per_class + j
@@ -43,7 +44,8 @@ def test_mlflow_run_has_throughput_identity_grids_balance_and_scores(reference_r
     out = run_generate(cfg, store, track=True, fd_images=60)
     run = get_run(mlflow_uri, out.mlflow_run_id)
     assert run.status == "FINISHED" and run.tags["dataset.identity"] == out.identity_hash
-    assert run.metrics["images_total"] == 120 and run.metrics["shards_present"] == 6 and "images_per_s" in run.metrics
+    assert run.metrics["images_total"] == 120 and run.metrics["shards_present"] == 6
+    assert {"images_per_s", "sampler_utilization", "sampler_busy_s"} <= set(run.metrics)
     assert run.metrics["class_count/3"] == 12 and run.metrics["fd_scorer_features"] >= 0
     assert run.params["generate.per_class"] == "12"
     client = client_for(mlflow_uri)

@@ -52,6 +52,14 @@ def test_a_tick_is_reproducible_and_leaves_the_global_rng_alone(tmp_path):
     assert all(torch.equal(runs[0][1][k], runs[1][1][k]) for k in runs[0][1])
 
 
+def test_unconditional_training_ignores_the_labels(tmp_path):
+    cfg = small_config(tmp_path, **{"edm.conditional": False, "edm.total_kimg": 0.016})
+    t = build_training(cfg.edm, 10, torch.device("cpu"))
+    assert t.label_dim == 0 and t.ema.label_dim == 0 and t.ema.model.map_label is None
+    with torch_threads(1):
+        assert np.isfinite(run_tick(t, load_splits(cfg.data).train)["loss"]) and t.n_img == 16
+
+
 @pytest.mark.ray
 def test_local_mode_lowers_the_loss_and_writes_a_loadable_network(ray_session, tmp_path):
     from raylab.tracking import get_run_metrics_history, resolve_tracking_uri
