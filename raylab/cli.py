@@ -95,13 +95,12 @@ def _train(ns: argparse.Namespace) -> int:
 
 
 def _generated_input(path: str | None):
-    """(Ray Dataset, rows) of a shard store directory; (None, 0) without one."""
+    """(Ray Dataset, rows) of a selected view or a whole shard store; (None, 0) without one."""
     if path is None:
         return None, 0
-    from raylab.data.shards import load_manifest, read_dataset
+    from raylab.pipeline.select import open_generated
 
-    rows = sum(e["rows"] for e in load_manifest(path)["shards"].values())
-    return read_dataset(path), rows
+    return open_generated(path)
 
 
 @verb("scorer train", "train the standard classifier that scores generated images", config_args)

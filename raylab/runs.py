@@ -12,12 +12,19 @@ from pathlib import Path
 from raylab.config import ExperimentConfig, fingerprint, to_json
 from raylab.io import atomic_write_text
 
+# What determines the bytes and scores of a generated set (not generate.batch_size: bytes do not depend on it).
+GENERATION_KEYS = ["data.dataset", "data.root", "edm", "generate.generator", "generate.checkpoint", "generate.steps",
+                   "generate.solver", "generate.sigma_min", "generate.sigma_max", "generate.rho", "generate.s_churn",
+                   "generate.s_min", "generate.s_max", "generate.s_noise", "generate.per_class", "generate.shard_size",
+                   "generate.seed", "generate.seed_mode", "generate.latents_on_cpu", "select.scorer_model",
+                   "select.scorer_checkpoint"]
+
 # Config keys that determine each stage's output (the rest, e.g. tracking or eval knobs, do not).
 STAGE_KEYS: dict[str, list[str]] = {
     "edm": ["data.dataset", "data.val_size", "data.max_train", "edm"],
     "scorer": ["data", "select.scorer_model", "model.activation", "train.epochs", "train.batch_size", "train.lr",
                "train.seed", "train.augment"],
-    "generate": ["data.dataset", "edm", "generate"],
+    "generate": GENERATION_KEYS,
     "train": ["data", "generate", "select", "model", "attack", "train", "resources.num_workers"],
 }
 

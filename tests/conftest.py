@@ -11,6 +11,14 @@ os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    """Torch in the test process uses one intra-op thread (see OMP_NUM_THREADS above)."""
+    torch.set_num_threads(1)
+    yield
 
 
 @pytest.fixture(scope="session")

@@ -75,17 +75,18 @@ GENERATORS: dict[str, GeneratorKind] = {}
 
 
 def _default_edm(cfg: ExperimentConfig, out_dir: Path) -> Path:
-    """The committed tiny digits EDM (raylab.train.edm_worker.default_generator_path)."""
+    """The committed tiny digits EDM (raylab.generate.sample_local.default_generator_path)."""
     hint = "pass generate.checkpoint=PATH (a raylab EDM directory or an official .pkl)"
     if cfg.data.dataset != "digits":
         raise GenerateError(f"generate.checkpoint: '' means the committed digits EDM, but data.dataset="
                             f"{cfg.data.dataset}; {hint}")
-    try:
-        from raylab.train.edm_worker import default_generator_path
-    except ImportError:
-        raise GenerateError(f"generate.checkpoint: '' means the committed digits EDM, not in this checkout; "
-                            f"{hint}") from None
-    return Path(default_generator_path())
+    from raylab.generate.sample_local import default_generator_path
+
+    path = Path(default_generator_path())
+    if not (path / "model.pt").is_file():
+        raise GenerateError(f"generate.checkpoint: '' means the committed digits EDM, not in this checkout "
+                            f"({path}); {hint}")
+    return path
 
 
 def _default_gaussian(cfg: ExperimentConfig, out_dir: Path) -> Path:

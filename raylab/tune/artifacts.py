@@ -16,8 +16,8 @@ from typing import Iterator
 
 from raylab.config import ExperimentConfig, fingerprint
 from raylab.io import atomic_write_json
+from raylab.runs import GENERATION_KEYS
 
-GENERATION_KEYS = ["data.dataset", "data.root", "edm", "generate", "select.scorer_model", "select.scorer_checkpoint"]
 VIEW_KEYS = GENERATION_KEYS + ["select"]
 
 

@@ -11,14 +11,6 @@ from raylab.eval.autoattack import AAResult, aggregate, run_autoattack
 from raylab.eval.metrics import EvalError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors gain nothing from intra-op threads; on a busy 2-core box they cost ~25x (measured)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def small_cnn() -> nn.Module:
     torch.manual_seed(0)

@@ -7,14 +7,6 @@ from raylab.eval.metrics import (EvalError, clean_accuracy, correct_flags, pgd_a
                                  require_eval_mode)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors gain nothing from intra-op threads; on a busy 2-core box they cost ~25x (measured)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def small_cnn() -> nn.Module:
     torch.manual_seed(0)

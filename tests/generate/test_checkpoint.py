@@ -13,14 +13,6 @@ from raylab.generate.networks import build_edm, edm_kwargs
 from raylab.generate.official import UnsafePickleError
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny networks gain nothing from 2 threads, and OpenMP barriers stall badly on a loaded 2-core box."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
 
 def _net(**overrides):
     cfg = dataclasses.replace(make_config("tiny").edm, model_channels=8, **overrides)

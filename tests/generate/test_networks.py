@@ -12,14 +12,6 @@ from raylab.generate.networks import (EDMPrecond, NetworkConfigError, VEPrecond,
                                       make_network)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny networks gain nothing from 2 threads, and OpenMP barriers stall badly on a loaded 2-core box."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
 
 def _meta_net(**overrides):
     """A full-size network on the meta device: parameters have shapes but no storage, so building is instant."""

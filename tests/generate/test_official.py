@@ -25,14 +25,6 @@ from raylab.generate.official import (AllowlistUnpickler, OfficialFormatError, U
                                       load_official_pickle, read_snapshot)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny networks gain nothing from 2 threads, and OpenMP barriers stall badly on a loaded 2-core box."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
 
 class Persistent:
     """Pickles as `reconstruct(meta)`, like a `@persistent_class` instance."""

@@ -17,14 +17,6 @@ SIGMAS_20 = [80, 59.6575, 43.9203, 31.8844, 22.7941, 16.0223, 11.0537, 7.46891, 
              1.19431, 0.692824, 0.383855, 0.201404, 0.0989734, 0.0448826, 0.0184008, 0.00662171, 0.002, 0]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny networks gain nothing from 2 threads, and OpenMP barriers stall badly on a loaded 2-core box."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
 
 @pytest.fixture(scope="module")
 def tiny_net():
