@@ -68,9 +68,10 @@ def build_rows(runs: Sequence[Any], knobs: Sequence[str]) -> list[dict[str, Any]
     return sorted(rows, key=lambda r: tuple(_sort_key(str(r[k])) for k in knobs))
 
 
-def format_table(rows: Sequence[dict[str, Any]], knobs: Sequence[str], layout: str) -> str:
+def format_table(rows: Sequence[dict[str, Any]], knobs: Sequence[str], layout: str, pgd_steps: int = 40) -> str:
+    """The table; "PGD-40" headers name the steps actually run (tiny presets run fewer)."""
     columns = LAYOUTS[layout]
-    header = [*knobs, *(c.header for c in columns)]
+    header = [*knobs, *(c.header.replace("PGD-40", f"PGD-{pgd_steps}") for c in columns)]
     body = [[str(r[k]) for k in knobs] + [_cell(c.value(r), c.percent) for c in columns] for r in rows]
     widths = [max(len(h), *(len(line[i]) for line in body)) if body else len(h) for i, h in enumerate(header)]
     fmt = lambda cells: " | ".join(c.rjust(w) for c, w in zip(cells, widths))  # noqa: E731
@@ -114,7 +115,8 @@ def report_sweep(tracking: TrackingConfig, parent_run_id: str, knobs: Sequence[s
     runs = [r for r in child_runs(uri, parent_run_id) if r.tags.get("raylab.stage") == "train"]
     rows = build_rows(runs, knobs)
     layout = layout or default_layout(knobs)
-    table = format_table(rows, knobs, layout)
+    steps = int(runs[0].params.get("eval.pgd_steps", 40)) if runs else 40
+    table = format_table(rows, knobs, layout, pgd_steps=steps)
     print(table, flush=True)
     tracker = Tracker.attach(uri, parent_run_id)
     tracker.log_text(table + "\n", "sweep_table.txt")
