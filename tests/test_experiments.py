@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 
 from raylab.config import make_config
-from raylab.tracking import child_runs, find_runs, resolve_tracking_uri, TrackingConfig
+from raylab.config import TrackingConfig
+from raylab.tracking import child_runs, find_runs, resolve_tracking_uri
 
 EXPERIMENTS = sorted((Path(__file__).resolve().parents[1] / "experiments").glob("ablate_*.py"))
 

@@ -55,7 +55,7 @@ def compose(ablation: Ablation, mode: str, overrides: dict[str, Any]):
 
 
 def run_ablation(ablation: Ablation, argv: Sequence[str] | None = None) -> int:
-    from raylab.tune.sweep import run_sweep
+    from raylab.tune.sweep import SweepError, run_sweep
 
     ns = parse_args(ablation, argv)
     mode = "smoke" if ns.smoke else ns.preset
@@ -67,7 +67,11 @@ def run_ablation(ablation: Ablation, argv: Sequence[str] | None = None) -> int:
         print(f"error: {err}")
         return 2
     print(f"{ablation.title}: {ablation.key} in {values} ({mode}; runs under {cfg.tracking.root})", flush=True)
-    out = run_sweep(cfg, {ablation.key: values}, layout=ablation.layout)
+    try:
+        out = run_sweep(cfg, {ablation.key: values}, layout=ablation.layout)
+    except SweepError as err:
+        print(f"error: {err}")
+        return 1
     print(f"\nsweep {out.name}: {len(out.rows)} trials; MLflow parent run {out.parent_run_id}")
     print(f"compare the runs: raylab ui --set tracking.root={cfg.tracking.root}  (then open the printed URL)")
     return 0

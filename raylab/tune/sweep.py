@@ -21,6 +21,10 @@ from raylab.io import atomic_write_text
 PARENT_FILE = "mlflow_parent_run_id"
 
 
+class SweepError(RuntimeError):
+    """A sweep finished with failed trials (their errors are in the Tune results and the trials' MLflow runs)."""
+
+
 @dataclass(frozen=True)
 class SweepOutcome:
     name: str
@@ -179,6 +183,9 @@ def run_sweep(cfg: ExperimentConfig, space: dict[str, Sequence[Any]], *, layout:
     storage = Path(cfg.tracking.root).resolve() / "tune"
     init_ray()
     parent = _parent_run(cfg, storage / name, name, space)
-    _tuner(cfg, space, name, storage, parent).fit()
+    results = _tuner(cfg, space, name, storage, parent).fit()
     rows, table = report_sweep(cfg.tracking, parent, list(space), layout=layout)
+    if results.errors:  # a failed trial fails the sweep (after the report of those that finished)
+        raise SweepError(f"sweep {name}: {len(results.errors)} of {len(results)} trials failed; first error: "
+                         f"{str(results.errors[0]).strip().splitlines()[-1]}")
     return SweepOutcome(name, storage / name, parent, rows, table)
