@@ -18,6 +18,11 @@ SMOKE: dict[str, Any] = {
     "data.max_train": 128, "data.val_size": 32, "train.epochs": 1, "train.batch_size": 32, "attack.steps": 1,
     "train.val_pgd_steps": 2, "eval.num_test": 32, "eval.pgd_steps": 2, "eval.chunk_size": 16,
 }
+# The embedded main job (`python experiments/ablate_steps.py`): the tiny preset cut to fit 10 minutes on 2 cores.
+MAIN_JOB: dict[str, Any] = {
+    "generate.per_class": 30, "data.max_train": 384, "data.val_size": 64, "train.epochs": 2, "eval.num_test": 100,
+    "eval.chunk_size": 50,
+}
 # 000_...'s standard data: 5M EDM images per class set, top 20% kept per class by the scorer = 1M.
 PAPER_1M: dict[str, Any] = {"generate.per_class": 500_000, "select.top_fraction": 0.2}
 # A GPU cluster at paper scale: 4 GPU workers per trial, GPU sampler/scorer/eval actors.

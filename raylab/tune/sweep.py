@@ -100,10 +100,18 @@ def evaluate_trial(cfg: ExperimentConfig, run_path: Path) -> dict[str, float]:
     from raylab.eval.job import run_eval
 
     best = run_eval(run_path, {"eval.checkpoint": "best"})
-    last = run_eval(run_path, {"eval.checkpoint": "last", "eval.autoattack": "none"})
+    # last.pt holds the same EMA weights as best.pt when the best epoch is the last one: no second evaluation
+    last = best if best_is_last(run_path) else run_eval(run_path, {"eval.checkpoint": "last", "eval.autoattack": "none"})
     values = {"eval_clean_acc": best.clean_acc, "eval_pgd40_acc": best.pgd_acc, "eval_aa_acc": best.aa_acc,
               "last_clean_acc": last.clean_acc, "last_pgd40_acc": last.pgd_acc}
     return {k: math.nan if v is None else float(v) for k, v in values.items()}
+
+
+def best_is_last(run_path: Path) -> bool:
+    import torch
+
+    epoch = lambda name: torch.load(run_path / name, map_location="cpu", weights_only=True)["epoch"]  # noqa: E731
+    return epoch("best.pt") == epoch("last.pt")
 
 
 def _log_lineage(cfg: ExperimentConfig, run_id: str | None, view: Any) -> None:
