@@ -30,6 +30,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from raylab.io import file_digest
 from raylab.config import DataConfig
 
 log = logging.getLogger(__name__)
@@ -160,12 +161,8 @@ REMOTES: dict[str, Remote] = {
 }
 
 
-def md5_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+def md5_file(path: str | os.PathLike) -> str:
+    return file_digest(path, "md5")  # the archives' published checksums are md5
 
 
 def download_file(url: str, dest: str | os.PathLike, md5: str) -> Path:
