@@ -211,9 +211,10 @@ def _data_describe(ns: argparse.Namespace) -> int:
 @verb("edm train", "train the EDM generator on Ray Train (edm.*, resumable: rerun the same config)", config_args)
 def _edm_train(ns: argparse.Namespace) -> int:
     from raylab.cluster import init_ray
-    from raylab.train.edm_worker import train_edm
+    from raylab.train.edm_worker import check_inputs, train_edm
 
     cfg = config_from(ns)
+    check_inputs(cfg)  # before Ray starts
     init_ray()
     out = train_edm(cfg)
     print(f"run: {out.run_dir}\nnetwork: {out.network_dir}\nfinal loss: {out.final_loss:.4f} "

@@ -48,17 +48,24 @@ def _positive(what: str, value: Any) -> int:
     return int(value)
 
 
+def _chosen_classes(label_dim: int, classes: Optional[Sequence[int]]) -> list[int]:
+    """The classes to draw: all of them by default; −1 is the one "class" of an unconditional network."""
+    allowed = list(range(label_dim)) or [-1]
+    if classes is None:
+        return allowed
+    chosen = [int(c) for c in classes]
+    bad = [c for c in chosen if c not in allowed]
+    if not chosen or bad:
+        what = f"0..{label_dim - 1}" if label_dim else "-1 (unconditional network)"
+        raise SampleError(f"class_labels: {bad or 'empty'} not allowed; this network takes {what}")
+    return chosen
+
+
 def class_plan(num: int, label_dim: int, classes: Optional[Sequence[int]] = None, seed: int = 0
                ) -> tuple[list[int], np.ndarray]:
-    """(seeds, labels) of `num` images, class-major; `classes` None = all classes (−1 for an unconditional net)."""
+    """(seeds, labels) of `num` images, class-major, spread evenly over `classes` (None = all classes)."""
+    chosen = _chosen_classes(label_dim, classes)
     _positive("num", num)
-    chosen = list(range(label_dim)) if classes is None else [int(c) for c in classes]
-    if not label_dim:
-        chosen = [-1] if classes is None or set(chosen) <= {-1} else chosen
-    bad = [c for c in chosen if not (0 <= c < label_dim or (c == -1 and not label_dim))]
-    if not chosen or bad:
-        allowed = f"0..{label_dim - 1}" if label_dim else "-1 (unconditional network)"
-        raise SampleError(f"class_labels: {bad or 'empty'} not allowed; this network takes {allowed}")
     counts = [num // len(chosen) + (i < num % len(chosen)) for i in range(len(chosen))]
     seeds, labels = [], []
     for cls, count in zip(chosen, counts):
@@ -114,7 +121,8 @@ def sample_to_dir(generator_path: str | os.PathLike, num: int, steps: int, out_d
                   device: str | torch.device = "cpu") -> SampleFiles:
     """Sample `num` images with `steps` EDM steps from a checkpoint ("" = the committed digits EDM) and write
     `<out_dir>/samples.png` (one class per row) and/or `<out_dir>/samples.npz` (image uint8 NHWC, label, seed)."""
-    _positive("num", num), _positive("steps", steps)
+    _positive("num", num)
+    _positive("steps", steps)
     if solver not in SOLVERS:
         raise SampleError(f"solver: {solver!r} is not one of {', '.join(SOLVERS)}")
     if not (grid or npz):

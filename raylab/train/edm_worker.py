@@ -294,7 +294,8 @@ class EDMTrainOutcome:
         return self.history[-1]["loss"] if self.history else math.nan
 
 
-def _check_inputs(cfg: ExperimentConfig) -> None:
+def check_inputs(cfg: ExperimentConfig) -> None:
+    """What can be checked before Ray starts: the data set name and the batch split over the workers."""
     get_dataset(cfg.data.dataset)
     workers = max(cfg.resources.num_workers, 1)
     if cfg.edm.batch_size % workers:
@@ -307,7 +308,7 @@ def train_edm(cfg: ExperimentConfig, *, name: Optional[str] = None, parent_run_i
               samples_per_class: int = 10) -> EDMTrainOutcome:
     """Train the EDM of `cfg.edm` on `cfg.data` with Ray Train (`cfg.resources`); rerunning the same config resumes
     its run (deterministic run name). `crash`: the fault drill of `_crash_drill` (tests)."""
-    _check_inputs(cfg)
+    check_inputs(cfg)
     if samples_per_class < 1:
         raise ValueError(f"samples_per_class: {samples_per_class} must be >= 1")
     from raylab.raytrain import make_trainer

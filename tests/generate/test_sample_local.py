@@ -92,3 +92,17 @@ def test_tile_layout_and_png_round_trip(tmp_path):
     assert np.asarray(Image.open(path)).ndim == 2  # equal channels are stored as gray
     with pytest.raises(SampleError, match="grid"):
         write_grid_png(tmp_path / "bad.png", images.astype(np.float32), per_row=2)
+
+
+def test_cli_samples_to_files_and_rejects_bad_classes_in_one_line(tmp_path, capsys):
+    from raylab.cli import main
+
+    assert main(["edm", "sample", "--num", "4", "--steps", "2", "--out", str(tmp_path), "--classes", "1,2"]) == 0
+    saved = np.load(tmp_path / "samples.npz")
+    assert saved["label"].tolist() == [1, 1, 2, 2] and (tmp_path / "samples.png").exists()
+    assert main(["edm", "sample", "--out", str(tmp_path / "bad"), "--classes", "12"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "class_labels" in err[0]
+    assert main(["edm", "train", "--set", "edm.batch_size=15", "--set", "resources.num_workers=2",
+                 "--set", f"tracking.root={tmp_path / 'runs'}"]) == 2
+    assert "edm.batch_size: 15" in capsys.readouterr().err and not (tmp_path / "runs").exists()

@@ -21,6 +21,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+PORT_FLAGS = ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
+              "runtime-env-agent-port", "ray-client-server-port", "node-manager-port", "object-manager-port")
+
+
 def ray_cli() -> str:
     return str(Path(sys.executable).with_name("ray"))
 
@@ -31,10 +35,13 @@ def local_cluster():
     temp = Path(tempfile.mkdtemp(prefix="rl-", dir="/tmp"))
     gcs, dash = free_port(), free_port()
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    # Every port of its own: the test session's Ray already holds the defaults (agent 52365 among them), and a
+    # head whose job agent cannot bind answers "No available agent to submit job" forever (CI, session 1).
+    ports = [f"--{flag}={free_port()}" for flag in PORT_FLAGS]
     head = subprocess.Popen(
         [ray_cli(), "start", "--head", "--block", f"--port={gcs}", "--node-ip-address=127.0.0.1", "--num-cpus=4",
          "--resources={\"trial_driver\": 4}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-         f"--dashboard-port={dash}", f"--temp-dir={temp}", "--disable-usage-stats"],
+         f"--dashboard-port={dash}", f"--temp-dir={temp}", "--disable-usage-stats", *ports],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     address = f"http://127.0.0.1:{dash}"
     deadline = time.time() + 120
@@ -46,15 +53,21 @@ def local_cluster():
     else:
         os.killpg(head.pid, signal.SIGTERM)
         pytest.fail("the local Ray head did not answer on its dashboard port within 120 s")
-    yield address, env
+    yield address, env, temp
     os.killpg(head.pid, signal.SIGTERM)
     head.wait(timeout=60)
     shutil.rmtree(temp, ignore_errors=True)
 
 
+def agent_log(cluster) -> str:
+    """The tail of the head's dashboard-agent log, for a failure message."""
+    logs = sorted(Path(cluster[2]).glob("session_*/logs/dashboard_agent.log"))
+    return "\n--- dashboard_agent.log ---\n" + logs[-1].read_text()[-2000:] if logs else ""
+
+
 @pytest.mark.slow
 def test_smoke_sweep_runs_through_ray_job_submit(local_cluster, tmp_path):
-    address, env = local_cluster
+    address, env, _ = local_cluster
     root = tmp_path / "runs"
     command = [ray_cli(), "job", "submit", "--address", address, "--", sys.executable,
                str(REPO / "experiments" / "ablate_ratio.py"), "--smoke", "--set", f"tracking.root={root}"]
@@ -64,6 +77,6 @@ def test_smoke_sweep_runs_through_ray_job_submit(local_cluster, tmp_path):
         if "No available agent to submit job" not in proc.stderr:
             break
         time.sleep(2)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:] + agent_log(local_cluster)
     assert "succeeded" in proc.stdout and "sweep ratio-" in proc.stdout
     assert (root / "mlflow.db").exists()
