@@ -1,8 +1,10 @@
 """Process-level helpers with single-process defaults: device choice, seeding, rank-0 printing."""
 from __future__ import annotations
 
+import contextlib
 import os
 import random
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -31,3 +33,16 @@ def world_rank() -> int:
 def print0(*args, **kwargs) -> None:
     if world_rank() == 0:
         print(*args, **kwargs, flush=True)
+
+
+@contextlib.contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """Run with `count` intra-op threads, then restore the previous count. Ray gives each worker as many threads as
+    CPUs (OMP_NUM_THREADS); local mode (num_workers=0) trains inside the driver, so it gets the same here. It
+    matters: on a loaded 2-core machine, 2 threads trained 6x slower than 1 (OpenMP spin-waits when oversubscribed)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(max(int(count), 1))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)

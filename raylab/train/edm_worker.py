@@ -19,7 +19,6 @@ reference/ray_mlflow.md §1), each with a checkpoint.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import hashlib
 import math
@@ -27,7 +26,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -39,6 +38,7 @@ from raylab.generate.checkpoint import save_edm
 from raylab.generate.loss import EDMLoss, ema_beta, lr_warmup
 from raylab.generate.networks import build_edm
 from raylab.generate.sampler import sample_kwargs
+from raylab.runtime import torch_threads  # noqa: F401  (re-exported: tests, callers)
 from raylab.train.ema import unwrap
 
 NETWORK_DIR = "network"  # <run dir>/network: the EMA network, written by rank 0 at the end (save_edm format)
@@ -201,19 +201,6 @@ def load_state(t: EDMTraining, state: dict[str, Any]) -> None:
 
 # ---------------------------------------------------------------------------------------------------------------
 # The Ray Train worker (every rank runs it).
-
-@contextlib.contextmanager
-def torch_threads(count: int) -> Iterator[None]:
-    """Run with `count` intra-op threads, then restore the previous count. Ray gives each worker as many threads as
-    CPUs (OMP_NUM_THREADS); local mode (num_workers=0) trains inside the driver, so it gets the same here. It
-    matters: on a loaded 2-core machine, 2 threads trained 6x slower than 1 (OpenMP spin-waits when oversubscribed)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(max(int(count), 1))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
 
 def _crash_drill(crash: Optional[dict], rank: int) -> Callable[[int], None]:
     """Fault-injection drill (tests, chaos runs): `crash = {"kimg", "marker"}` kills rank 0's process before the

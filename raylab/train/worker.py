@@ -23,7 +23,7 @@ from raylab.eval.metrics import clean_accuracy, pgd_accuracy
 from raylab.io import atomic_write
 from raylab.models import create_model
 from raylab.raytrain import load_latest_state, rank_and_world, report
-from raylab.runtime import seed_everything
+from raylab.runtime import seed_everything, torch_threads
 from raylab.tracking import rank_zero_tracker
 from raylab.train.ema import WeightAverage
 from raylab.train.loop import TrainContext, mixed_batches, run_epoch, to_input
@@ -145,6 +145,11 @@ def _fault_drill(batches, loop_config: dict, epoch: int):
 
 def train_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     cfg = from_flat(loop_config["flat"])
+    with torch_threads(cfg.resources.cpus_per_worker):  # as many intra-op threads as the worker holds CPUs
+        return _train(cfg, loop_config)
+
+
+def _train(cfg: ExperimentConfig, loop_config: dict[str, Any]) -> dict[str, Any]:
     rank, world = rank_and_world()
     seed_everything(cfg.train.seed)  # identical initial weights on every rank; per-rank noise: ctx.generator
     splits = load_splits(cfg.data)

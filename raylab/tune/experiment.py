@@ -19,9 +19,11 @@ SMOKE: dict[str, Any] = {
     "train.val_pgd_steps": 2, "eval.num_test": 32, "eval.pgd_steps": 2, "eval.chunk_size": 16,
 }
 # The embedded main job (`python experiments/ablate_steps.py`): the tiny preset cut to fit 10 minutes on 2 cores.
+# Trials run one after another, so each stage may use both cores: 2 torch threads in the train worker, 2 eval
+# actors (one chunk each: APGD-CE on one 50-image chunk took 50 s of one core, session 2).
 MAIN_JOB: dict[str, Any] = {
     "generate.per_class": 30, "data.max_train": 384, "data.val_size": 64, "train.epochs": 2, "eval.num_test": 100,
-    "eval.chunk_size": 50,
+    "eval.chunk_size": 50, "resources.cpus_per_worker": 2, "resources.eval_actors": 2,
 }
 # 000_...'s standard data: 5M EDM images per class set, top 20% kept per class by the scorer = 1M.
 PAPER_1M: dict[str, Any] = {"generate.per_class": 500_000, "select.top_fraction": 0.2}

@@ -68,14 +68,26 @@ def build_rows(runs: Sequence[Any], knobs: Sequence[str]) -> list[dict[str, Any]
     return sorted(rows, key=lambda r: tuple(_sort_key(str(r[k])) for k in knobs))
 
 
-def format_table(rows: Sequence[dict[str, Any]], knobs: Sequence[str], layout: str, pgd_steps: int = 40) -> str:
-    """The table; "PGD-40" headers name the steps actually run (tiny presets run fewer)."""
+def format_table(rows: Sequence[dict[str, Any]], knobs: Sequence[str], layout: str, pgd_steps: int = 40,
+                 aa_label: str = "AA") -> str:
+    """The table; headers name what actually ran: "PGD-40" the steps (tiny presets run fewer), "AA" the version
+    when it is not the standard one (e.g. "AA (apgd-ce)")."""
     columns = LAYOUTS[layout]
-    header = [*knobs, *(c.header.replace("PGD-40", f"PGD-{pgd_steps}") for c in columns)]
+    names = {"AA": aa_label}
+    header = [*knobs, *(names.get(c.header, c.header).replace("PGD-40", f"PGD-{pgd_steps}") for c in columns)]
     body = [[str(r[k]) for k in knobs] + [_cell(c.value(r), c.percent) for c in columns] for r in rows]
     widths = [max(len(h), *(len(line[i]) for line in body)) if body else len(h) for i, h in enumerate(header)]
     fmt = lambda cells: " | ".join(c.rjust(w) for c, w in zip(cells, widths))  # noqa: E731
     return "\n".join([fmt(header), "-+-".join("-" * w for w in widths), *map(fmt, body)])
+
+
+def aa_label(params: dict[str, str]) -> str:
+    """"AA" for standard AutoAttack; otherwise the version and, for custom, its attacks: a cheaper AA never passes
+    for the papers' number."""
+    version = params.get("eval.autoattack", "standard")
+    if version == "standard":
+        return "AA"
+    return f"AA ({params.get('eval.aa_attacks', 'custom')})" if version == "custom" else f"AA ({version})"
 
 
 def default_layout(knobs: Sequence[str]) -> str:
@@ -115,8 +127,9 @@ def report_sweep(tracking: TrackingConfig, parent_run_id: str, knobs: Sequence[s
     runs = [r for r in child_runs(uri, parent_run_id) if r.tags.get("raylab.stage") == "train"]
     rows = build_rows(runs, knobs)
     layout = layout or default_layout(knobs)
-    steps = int(runs[0].params.get("eval.pgd_steps", 40)) if runs else 40
-    table = format_table(rows, knobs, layout, pgd_steps=steps)
+    params = runs[0].params if runs else {}
+    table = format_table(rows, knobs, layout, pgd_steps=int(params.get("eval.pgd_steps", 40)),
+                         aa_label=aa_label(params))
     print(table, flush=True)
     tracker = Tracker.attach(uri, parent_run_id)
     tracker.log_text(table + "\n", "sweep_table.txt")

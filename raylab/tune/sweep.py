@@ -58,12 +58,16 @@ def check_space(cfg: ExperimentConfig, space: dict[str, Sequence[Any]]) -> None:
 def run_trial(trial_config: dict[str, Any], *, flat: dict[str, Any], parent_run_id: str, sweep: str) -> None:
     """One trial: `trial_config` holds only the swept keys (what Tune shows); the base config, the sweep's MLflow
     parent run and its name come through `tune.with_parameters`."""
+    import ray.data
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from raylab.train.job import run_training
     from raylab.tune.artifacts import ensure_view
 
+    # Tune's status table is the sweep's progress; Ray Data's bars from inside trials (generation, ingest, eval)
+    # flooded the main job's log with 3,000+ lines. Datasets carry this context to their executions.
+    ray.data.DataContext.get_current().enable_progress_bars = False
     cfg = from_flat(flat | {k: v for k, v in trial_config.items() if "." in k})
     parent = parent_run_id
     generated, view = None, None

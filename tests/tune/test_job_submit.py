@@ -70,7 +70,8 @@ def test_smoke_sweep_runs_through_ray_job_submit(local_cluster, tmp_path):
     address, env, _ = local_cluster
     root = tmp_path / "runs"
     command = [ray_cli(), "job", "submit", "--address", address, "--", sys.executable,
-               str(REPO / "experiments" / "ablate_ratio.py"), "--smoke", "--set", f"tracking.root={root}"]
+               str(REPO / "experiments" / "ablate_ratio.py"), "--smoke", "--values", "1.0",
+               "--set", f"tracking.root={root}"]  # ratio 1: a whole trial (train, eval, MLflow), no generation
     for _ in range(30):  # the job agent comes up a little after the dashboard answers
         proc = subprocess.run(command, env={**env, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}, cwd=REPO,
                               capture_output=True, text=True, timeout=900)

@@ -31,3 +31,14 @@ def test_best_last_layout_has_diffs_and_unfinished_trials_are_left_out():
     cells = [c.strip() for c in table.splitlines()[2].split("|")]
     assert cells[1:] == ["3", "90.00", "89.00", "1.00", "60.00", "55.00", "5.00", "50.00"]
     assert default_layout(["select.amount"]) == "best_last" and default_layout(["train.beta"]) == "plain"
+
+
+def test_headers_name_the_attacks_that_actually_ran():
+    from raylab.tune.report import aa_label
+
+    assert aa_label({}) == "AA" and aa_label({"eval.autoattack": "plus"}) == "AA (plus)"
+    label = aa_label({"eval.autoattack": "custom", "eval.aa_attacks": "apgd-ce"})
+    table = format_table(build_rows([run(2, 0.9, 0.6, 0.5)], ["generate.steps"]), ["generate.steps"], "plain",
+                         pgd_steps=10, aa_label=label)
+    header = [c.strip() for c in table.splitlines()[0].split("|")]
+    assert header[-2:] == ["PGD-10", "AA (apgd-ce)"] and "AA" not in header and "PGD-40" not in header
