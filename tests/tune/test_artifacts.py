@@ -1,0 +1,23 @@
+"""Artifact addressing (pure): which sweeps share a generation and which build their own."""
+from raylab.config import fingerprint, make_config
+from raylab.runs import GENERATION_KEYS
+from raylab.tune.artifacts import VIEW_KEYS
+
+
+def keys(overrides):
+    cfg = make_config("tiny", overrides)
+    return fingerprint(cfg, GENERATION_KEYS), fingerprint(cfg, VIEW_KEYS)
+
+
+def test_training_knobs_share_one_generation_and_one_view():
+    base = keys({})
+    for knob in ({"train.beta": 3.0}, {"train.epochs": 7}, {"train.ratio": 0.5}, {"train.label_smoothing": 0.0},
+                 {"train.augment": "cutout"}, {"eval.pgd_steps": 3}):
+        assert keys(knob) == base, knob
+
+
+def test_steps_build_their_own_generation_and_amounts_share_one():
+    base_gen, base_view = keys({})
+    assert keys({"generate.steps": 4})[0] != base_gen and keys({"generate.steps": 4}) != keys({"generate.steps": 8})
+    gen, view = keys({"select.amount": 100})
+    assert gen == base_gen and view != base_view  # 000_... Table 5: amounts are prefixes of one generation
