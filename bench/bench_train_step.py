@@ -48,7 +48,8 @@ def reference_step(model, wa_model, opt, x, y, cfg, gen):
 
 
 def time_it(fn, iters: int) -> float:
-    fn()  # warm-up
+    fn()  # warm-up (and, compiled, the first compilation)
+    fn()  # torch.compile compiles a second graph on the step after (BN modes switch inside the step)
     start = time.perf_counter()
     for _ in range(iters):
         fn()
@@ -82,6 +83,7 @@ VARIANTS = {
     "raylab step channels_last": {"train.channels_last": True},
     "raylab step bf16+channels_last": {"train.channels_last": True, "train.bf16": True},
 }
+COMPILED = {"train.channels_last": True, "compile": True}  # bench only: fp32, fused BN/SiLU/add kernels
 
 
 def main() -> None:
@@ -90,6 +92,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--iters", type=int, default=6)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--compile", action="store_true",
+                    help="add fp32 channels_last under torch.compile (inductor; ~90 s of compiling on 2 cores)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     cfg = make_config("paper", {"model.name": "wrn-16-2", "train.batch_size": args.batch, "attack.steps": args.steps,
@@ -104,16 +108,18 @@ def main() -> None:
     wa = copy.deepcopy(model)
     gen = torch.Generator().manual_seed(0)
     results = {"reference step": time_it(lambda: reference_step(model, wa, opt, x, y, cfg, gen), args.iters)}
-    for name, switches in VARIANTS.items():
-        c = override(cfg, switches)
+    variants = {**VARIANTS, **({"raylab step channels_last compiled": COMPILED} if args.compile else {})}
+    for name, switches in variants.items():
+        c = override(cfg, {k: v for k, v in switches.items() if k != "compile"})
         model, opt = build(c, c.train.channels_last)
-        ctx = TrainContext(model, opt, build_scheduler(opt, c.train, 100), WeightAverage(model, 0.995), c.train,
+        stepped = torch.compile(model) if switches.get("compile") else model
+        ctx = TrainContext(stepped, opt, build_scheduler(opt, c.train, 100), WeightAverage(model, 0.995), c.train,
                            c.attack, 10, torch.device("cpu"), torch.Generator().manual_seed(0))
         results[name] = time_it(lambda: train_step(ctx, images, labels), args.iters)
     base = results["reference step"]
     print(f"WRN-16-2 SiLU, batch {args.batch}, PGD-{args.steps}, {args.threads} threads, {args.iters} iterations")
     for name, sec in results.items():
-        print(f"{name:32s} {args.batch / sec:8.1f} img/s   x{base / sec:.2f} vs reference")
+        print(f"{name:36s} {args.batch / sec:8.1f} img/s   x{base / sec:.2f} vs reference")
 
 
 if __name__ == "__main__":
