@@ -300,10 +300,10 @@ def train_edm(cfg: ExperimentConfig, *, name: Optional[str] = None, parent_run_i
         raise ValueError(f"samples_per_class: {samples_per_class} must be >= 1")
     from raylab.raytrain import make_trainer
     from raylab.runs import run_dir
-    from raylab.train.job import _open_tracker  # the adversarial driver's: reopens the run dir's MLflow run
+    from raylab.train.job import open_tracker  # the adversarial driver's: reopens the run dir's MLflow run
 
     run = run_dir(cfg, "edm", name)
-    tracker = _open_tracker(cfg, run, parent_run_id, tags)
+    tracker = open_tracker(cfg, run, parent_run_id, tags)
     loop_config = {"flat": to_flat(cfg), "run_dir": str(run.path), "mlflow_uri": tracker.uri,
                    "mlflow_run_id": tracker.run_id, "crash": crash, "samples_per_class": samples_per_class}
     trainer = make_trainer(edm_worker, loop_config, cfg, run, callbacks=callbacks)

@@ -38,7 +38,7 @@ def _check_inputs(cfg: ExperimentConfig, generated: Any) -> None:
                          "was given (generate one, or set train.ratio=1 to train on original images only)")
 
 
-def _open_tracker(cfg: ExperimentConfig, run: RunDir, parent_run_id: str | None, tags: dict | None):
+def open_tracker(cfg: ExperimentConfig, run: RunDir, parent_run_id: str | None, tags: dict | None):
     """The run's MLflow run: reopened when this run directory already has one (a resumed run keeps its history)."""
     from raylab.tracking import Tracker, resolve_tracking_uri
 
@@ -58,7 +58,7 @@ def run_training(cfg: ExperimentConfig, *, generated: Any = None, generated_rows
     `crash`: the worker's fault-injection drill (raylab.train.worker._fault_drill)."""
     _check_inputs(cfg, generated)
     run = run_dir(cfg, stage, name)
-    tracker = _open_tracker(cfg, run, parent_run_id, tags)
+    tracker = open_tracker(cfg, run, parent_run_id, tags)
     loop_config = {"flat": to_flat(cfg), "run_dir": str(run.path), "generated_rows": generated_rows,
                    "mlflow_uri": tracker.uri, "mlflow_run_id": tracker.run_id, "crash": crash}
     trainer = make_trainer(train_worker, loop_config, cfg, run,
