@@ -24,7 +24,7 @@ BN_MOMENTUM = 0.01
 BN_EPS = 1e-5
 
 # TensorFlow "SAME" padding of conv_0: symmetric at stride 1, which the conv does itself (padding=1; an explicit
-# F.pad copy per block cost ~9% of a TRADES step on CPU, session 2 profile), bottom/right only at stride 2, which
+# F.pad copy per block cost ~9% of a TRADES step on CPU under torch.profiler), bottom/right only at stride 2, which
 # needs the explicit pad. Padding is not in the state dict: checkpoints are unaffected.
 _SAME_PAD = {1: None, 2: (0, 1, 0, 1)}
 

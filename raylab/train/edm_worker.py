@@ -38,7 +38,7 @@ from raylab.generate.checkpoint import save_edm
 from raylab.generate.loss import EDMLoss, ema_beta, lr_warmup
 from raylab.generate.networks import build_edm
 from raylab.generate.sampler import sample_kwargs
-from raylab.runtime import torch_threads  # noqa: F401  (re-exported: tests, callers)
+from raylab.runtime import torch_threads
 from raylab.train.ema import unwrap
 
 NETWORK_DIR = "network"  # <run dir>/network: the EMA network, written by rank 0 at the end (save_edm format)

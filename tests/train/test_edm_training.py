@@ -7,8 +7,8 @@ import torch
 from raylab.config import make_config
 from raylab.data.datasets import load_splits
 from raylab.generate.checkpoint import load_edm
-from raylab.train.edm_worker import (EDMTrainOutcome, batch_rows, build_training, run_tick, tick_bounds,
-                                     torch_threads)
+from raylab.runtime import torch_threads
+from raylab.train.edm_worker import EDMTrainOutcome, batch_rows, build_training, run_tick, tick_bounds
 
 # A very small net (8 channels, two levels) on digits, every edm value pinned so preset changes cannot move the
 # test; a high learning rate so a few hundred images show a clear drop of the loss.
