@@ -5,7 +5,7 @@ step reproduces what DM-Improves-AT's `trades_loss` + `WATrainer` do per step (t
 frozen-BN clean forward for the KL target, the attack, clean and adversarial forwards, backward, SGD, then an EMA
 update looping over parameters in Python, in the default (NCHW-contiguous) memory format. raylab's step reuses the
 clean logits as the KL target (identical numbers in train-mode BN), updates the EMA with fused foreach ops, and can
-run channels_last.
+run channels_last. Both use raylab's WRN, the reference's with its explicit pads and inplace SiLUs.
 
     python bench/bench_train_step.py [--batch 128] [--steps 10] [--iters 6] [--threads 2]
 """
@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import copy
 import time
+from typing import Callable
 
 import numpy as np
 import torch
@@ -47,21 +48,30 @@ def reference_step(model, wa_model, opt, x, y, cfg, gen):
             p_wa.mul_(0.995).add_(p, alpha=0.005)
 
 
-def time_it(fn, iters: int) -> float:
-    fn()  # warm-up (and, compiled, the first compilation)
-    fn()  # torch.compile compiles a second graph on the step after (BN modes switch inside the step)
-    start = time.perf_counter()
+def time_interleaved(steps: dict[str, Callable[[], object]], iters: int) -> dict[str, float]:
+    """Seconds per step of each variant, round-robin (one step of each in turn), so the VM's noise spreads evenly
+    over the variants instead of landing on whichever ran during a slow minute."""
+    for fn in steps.values():
+        fn()  # warm-up (and, compiled, the first compilation)
+        fn()  # torch.compile compiles a second graph on the step after (BN modes switch inside the step)
+    total = dict.fromkeys(steps, 0.0)
     for _ in range(iters):
-        fn()
-    return (time.perf_counter() - start) / iters
+        for name, fn in steps.items():
+            start = time.perf_counter()
+            fn()
+            total[name] += time.perf_counter() - start
+    return {name: sec / iters for name, sec in total.items()}
 
 
 def pad_like_reference(model):
-    """The reference's WRN pads every conv_0 input with an explicit F.pad copy; raylab lets the stride-1 convs pad
-    themselves (same numbers). Put the copies back for the reference step."""
+    """The reference's WRN pads every conv_0 input with an explicit F.pad copy and runs its SiLUs inplace (which
+    under autograd clones each input); raylab lets the stride-1 convs pad themselves and runs SiLU out of place
+    (same numbers). Put the reference's choices back for the reference step."""
     for m in model.modules():
         if getattr(m, "_pad", "absent") is None:
             m.conv_0.padding, m._pad = (0, 0), (1, 1, 1, 1)
+        if isinstance(m, torch.nn.SiLU):
+            m.inplace = True
     return model
 
 
@@ -86,6 +96,15 @@ VARIANTS = {
 COMPILED = {"train.channels_last": True, "compile": True}  # bench only: fp32, fused BN/SiLU/add kernels
 
 
+def raylab_step(cfg, switches: dict, images: np.ndarray, labels: np.ndarray) -> Callable[[], object]:
+    c = override(cfg, {k: v for k, v in switches.items() if k != "compile"})
+    model, opt = build(c, c.train.channels_last)
+    stepped = torch.compile(model) if switches.get("compile") else model
+    ctx = TrainContext(stepped, opt, build_scheduler(opt, c.train, 100), WeightAverage(model, 0.995), c.train,
+                       c.attack, 10, torch.device("cpu"), torch.Generator().manual_seed(0))
+    return lambda: train_step(ctx, images, labels)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, default=128)
@@ -107,15 +126,11 @@ def main() -> None:
     model, opt = build(cfg, False, reference=True)
     wa = copy.deepcopy(model)
     gen = torch.Generator().manual_seed(0)
-    results = {"reference step": time_it(lambda: reference_step(model, wa, opt, x, y, cfg, gen), args.iters)}
+    steps = {"reference step": lambda: reference_step(model, wa, opt, x, y, cfg, gen)}
     variants = {**VARIANTS, **({"raylab step channels_last compiled": COMPILED} if args.compile else {})}
     for name, switches in variants.items():
-        c = override(cfg, {k: v for k, v in switches.items() if k != "compile"})
-        model, opt = build(c, c.train.channels_last)
-        stepped = torch.compile(model) if switches.get("compile") else model
-        ctx = TrainContext(stepped, opt, build_scheduler(opt, c.train, 100), WeightAverage(model, 0.995), c.train,
-                           c.attack, 10, torch.device("cpu"), torch.Generator().manual_seed(0))
-        results[name] = time_it(lambda: train_step(ctx, images, labels), args.iters)
+        steps[name] = raylab_step(cfg, switches, images, labels)
+    results = time_interleaved(steps, args.iters)
     base = results["reference step"]
     print(f"WRN-16-2 SiLU, batch {args.batch}, PGD-{args.steps}, {args.threads} threads, {args.iters} iterations")
     for name, sec in results.items():

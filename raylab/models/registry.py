@@ -19,7 +19,10 @@ class ModelError(ValueError):
 ModelFactory = Callable[..., nn.Module]
 _MODELS: dict[str, ModelFactory] = {}
 
-# Reference `_ACTIVATION` (wideresnetwithswish.py): "swish" is nn.SiLU; inplace as in the reference (saves memory).
+# Reference `_ACTIVATION` (wideresnetwithswish.py): "swish" is nn.SiLU. The reference builds them inplace; raylab
+# does not: under autograd an in-place SiLU clones its input for the backward (SiLU' needs the pre-activation), so
+# inplace saves no memory and costs a copy per activation: 2-10% of a TRADES-10 step on CPU (bench_train_step.py),
+# bitwise-identical numbers.
 ACTIVATIONS: dict[str, type[nn.Module]] = {"silu": nn.SiLU, "relu": nn.ReLU}
 
 

@@ -25,7 +25,7 @@ class BasicBlock(nn.Module):
         self.bn1 = batchnorm(planes)
         self.conv2 = nn.Conv2d(planes, planes, kernel_size=3, stride=1, padding=1, bias=False)
         self.bn2 = batchnorm(planes)
-        self.act = activation(inplace=True)
+        self.act = activation()
         self.shortcut = nn.Sequential()
         if stride != 1 or in_planes != planes:
             self.shortcut = nn.Sequential(
@@ -46,7 +46,7 @@ class ResNet(nn.Module):
         register_normalization(self, mean, std)
         self.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
         self.bn1 = batchnorm(64)
-        self.act = activation(inplace=True)
+        self.act = activation()
         in_planes = 64
         for stage, (planes, stride, blocks) in enumerate(zip((64, 128, 256, 512), (1, 2, 2, 2), num_blocks)):
             strides = [stride] + [1] * (blocks - 1)

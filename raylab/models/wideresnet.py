@@ -45,11 +45,11 @@ class _Block(nn.Module):
         if stride not in _SAME_PAD:
             raise ValueError(f"WideResNet block stride: {stride} is not one of 1, 2")
         self.batchnorm_0 = batchnorm(in_planes)
-        self.relu_0 = activation(inplace=True)
+        self.relu_0 = activation()
         self.conv_0 = nn.Conv2d(in_planes, out_planes, kernel_size=3, stride=stride, padding=int(stride == 1),
                                 bias=False)
         self.batchnorm_1 = batchnorm(out_planes)
-        self.relu_1 = activation(inplace=True)
+        self.relu_1 = activation()
         self.conv_1 = nn.Conv2d(out_planes, out_planes, kernel_size=3, stride=1, padding=1, bias=False)
         self.has_shortcut = in_planes != out_planes
         self.shortcut = (nn.Conv2d(in_planes, out_planes, kernel_size=1, stride=stride, bias=False)
@@ -93,7 +93,7 @@ class WideResNet(nn.Module):
             _BlockGroup(num_blocks, widths[g], widths[g + 1], stride, activation)
             for g, stride in enumerate((1, 2, 2))])
         self.batchnorm = batchnorm(widths[3])
-        self.relu = activation(inplace=True)
+        self.relu = activation()
         self.logits = nn.Linear(widths[3], num_classes)
         init_weights(self)
 

@@ -31,7 +31,7 @@ PAPER_1M: dict[str, Any] = {"generate.per_class": 500_000, "select.top_fraction"
 CLUSTER: dict[str, Any] = {
     "resources.use_gpu": True, "resources.num_workers": 4, "resources.gpus_per_actor": 1.0,
     "resources.sampler_actors": 4, "resources.scorer_actors": 1, "resources.eval_actors": 4,
-    "train.bf16": True, "train.channels_last": True,
+    "train.bf16": True,
 }
 
 
