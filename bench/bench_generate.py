@@ -46,8 +46,8 @@ from raylab.data.shards import ShardStore  # noqa: E402
 from raylab.generate.checkpoint import save_edm  # noqa: E402
 from raylab.generate.networks import build_edm  # noqa: E402
 from raylab.io import sha256_file  # noqa: E402
-from raylab.pipeline.generate_job import (SamplerActor, ScorerActor, plan_job, run_generate,  # noqa: E402
-                                          shard_columns)
+from raylab.pipeline.actors import SamplerActor, ScorerActor, shard_columns  # noqa: E402
+from raylab.pipeline.generate_job import plan_job, run_generate  # noqa: E402
 
 
 def bench_config(args: argparse.Namespace, root: Path, actors: int) -> ExperimentConfig:

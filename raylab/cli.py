@@ -45,7 +45,7 @@ def _config(ns: argparse.Namespace) -> int:
 @verb("data verify", "check every shard of a generated set against its manifest",
       lambda p: p.add_argument("dir"))
 def _data_verify(ns: argparse.Namespace) -> int:
-    from raylab.data.shards import verify_store
+    from raylab.data.shard_verify import verify_store
 
     problems = verify_store(ns.dir)
     for line in problems:

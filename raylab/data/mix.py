@@ -21,7 +21,7 @@ from typing import Any, Iterator, Protocol
 
 import numpy as np
 
-from raylab.data.shards import decode_images
+from raylab.data.shard_format import decode_images
 
 
 def split_batch(batch_size: int, ratio: float) -> tuple[int, int]:

@@ -2,6 +2,8 @@
 
 - `plan`: the seed plan and identity of a generated set (pure).
 - `generate_job`: `run_generate(cfg)`, the Ray Data job (the only Ray code here), and `score_store`.
+- `actors` / `generators`: the job's sampler/scorer/writer actors (plain classes Ray Data runs) and the generator
+  registry (split from `generate_job`, which re-exports them).
 - `select`: selection policies and views (`build_view`, `load_view`, `describe`).
 - `gaussian`: the class-conditional Gaussian generator (001_... App. D).
 - `quality`: scorer outputs and Fréchet distances ("FD (scorer features)"; Inception FID from a user file).

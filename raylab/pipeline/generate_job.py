@@ -18,6 +18,11 @@ identity (raylab.pipeline.plan), not on actor count, batch size or retries; acto
 in-flight shard retried by Ray (`max_restarts` / `max_task_retries` = resources.max_failures). GPU by
 configuration alone (resources.gpus_per_actor). All paths (checkpoints, the store) must be on a filesystem every
 node sees. One generate job per store at a time: leftover temp files of a crashed run are removed at start.
+
+Split by concern: `raylab.pipeline.generators` holds the generator registry and `GenerateError`,
+`raylab.pipeline.actors` the `JobSpec` and every stage UDF / actor class; this module plans the job, builds and
+runs the pipeline, writes the MLflow report and runs `score_store`. It re-exports the moved names, so
+`from raylab.pipeline.generate_job import ...` still reaches all of them.
 """
 from __future__ import annotations
 
@@ -25,117 +30,43 @@ import os
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
-import pyarrow as pa
 import torch
 
 from raylab.cluster import init_ray
-from raylab.config import ExperimentConfig, GenerateConfig, ResourcesConfig, to_flat, to_json
+from raylab.config import ExperimentConfig, ResourcesConfig, to_flat, to_json
 from raylab.data.datasets import get_dataset, load_splits
 from raylab.data.shards import ShardStore, load_manifest, read_numpy, remove_temp_files, shard_name
-from raylab.generate.checkpoint import MODEL_FILE, load_generator
-from raylab.generate.sampler import sample_kwargs
-from raylab.generate.seeds import generate_images
-from raylab.io import sha256_file
-from raylab.pipeline.gaussian import fit_gaussian, load_gaussian, sample_gaussian, save_gaussian
-from raylab.pipeline.plan import SeedPlan, sampler_identity, set_identity
-from raylab.pipeline.quality import Scorer, score_columns, scorer_fd, scorer_identity
+from raylab.pipeline.actors import (_DTYPES, SCORE_BATCH, SCORE_COLUMNS, WRITTEN, JobSpec, SamplerActor, ScorerActor,
+                                    ShardScorerActor, shard_columns, write_shards)
+from raylab.pipeline.generators import GENERATORS, GenerateError, GeneratorKind, checkpoint_sha256
+from raylab.pipeline.plan import SeedPlan, set_identity
+from raylab.pipeline.quality import Scorer, scorer_fd, scorer_identity
 from raylab.pipeline.select import load_scores, save_scores, scores_path
 from raylab.runs import run_dir
-from raylab.runtime import pick_device
+
+__all__ = [
+    # generators
+    "GENERATORS", "GenerateError", "GeneratorKind", "checkpoint_sha256",
+    # actors
+    "SCORE_BATCH", "SCORE_COLUMNS", "WRITTEN", "JobSpec", "SamplerActor", "ScorerActor", "ShardScorerActor",
+    "shard_columns", "write_shards",
+    # here
+    "ASSETS", "DEFAULT_SCORER", "GRID_PER_CLASS", "NO_SCORER", "GenerateOutcome", "build_pipeline",
+    "generation_report", "log_generation", "plan_job", "resolve_scorer", "run_generate", "sample_images",
+    "score_store",
+]
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 DEFAULT_SCORER = ASSETS / "scorer-digits" / "best.pt"  # the committed scorer, used for data.dataset=digits
 NO_SCORER = "none"    # select.scorer_checkpoint value that turns scoring off
-SCORE_BATCH = 256     # scorer chunk: fixed, so a shard's scores do not depend on any setting
 GRID_PER_CLASS = 16   # images per class in the logged sample grids
-SCORE_COLUMNS = ("label", "score", "pred", "confidence")
-_DTYPES = {"label": np.int16, "score": np.float32, "pred": np.int16, "confidence": np.float32, "seed": np.int64}
-
-
-class GenerateError(ValueError):
-    """A one-line message naming the generate setting or file at fault and what is allowed."""
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Generators: registry keyed like `generate.generator`.
-
-@dataclass(frozen=True)
-class GeneratorKind:
-    default: Callable[[ExperimentConfig, Path], Path]              # the checkpoint when generate.checkpoint == ''
-    load: Callable[[Path, GenerateConfig, torch.device], Any]      # in each sampler actor
-    label_dim: Callable[[Any], int]                                # 0 = unconditional
-    sample: Callable[[Any, list[int], np.ndarray, GenerateConfig, torch.device], np.ndarray]
-    sampler_identity: Callable[[GenerateConfig], Optional[dict]]
-
-
-GENERATORS: dict[str, GeneratorKind] = {}
-
-
-def _default_edm(cfg: ExperimentConfig, out_dir: Path) -> Path:
-    """The committed tiny digits EDM (raylab.generate.sample_local.default_generator_path)."""
-    hint = "pass generate.checkpoint=PATH (a raylab EDM directory or an official .pkl)"
-    if cfg.data.dataset != "digits":
-        raise GenerateError(f"generate.checkpoint: '' means the committed digits EDM, but data.dataset="
-                            f"{cfg.data.dataset}; {hint}")
-    from raylab.generate.sample_local import default_generator_path
-
-    path = Path(default_generator_path())
-    if not (path / "model.pt").is_file():
-        raise GenerateError(f"generate.checkpoint: '' means the committed digits EDM, not in this checkout "
-                            f"({path}); {hint}")
-    return path
-
-
-def _default_gaussian(cfg: ExperimentConfig, out_dir: Path) -> Path:
-    """Fit the class-conditional Gaussian on data.dataset's training split once; reuse the file afterwards."""
-    path = out_dir / "gaussian-fit.npz"
-    if not path.exists():
-        train = load_splits(cfg.data).train
-        save_gaussian(fit_gaussian(train.images, train.labels, train.num_classes), path)
-    return path
-
-
-def _sample_edm(net: Any, seeds: list[int], labels: np.ndarray, gen: GenerateConfig,
-                device: torch.device) -> np.ndarray:
-    cond = labels if net.label_dim else None
-    return generate_images(net, seeds, cond, sample_kwargs(gen), device=device, latents_on_cpu=gen.latents_on_cpu,
-                           batch_size=gen.batch_size)[0]
-
-
-GENERATORS["edm"] = GeneratorKind(
-    default=_default_edm, load=lambda path, gen, device: load_generator(path).to(device).eval(),
-    label_dim=lambda net: int(net.label_dim), sample=_sample_edm, sampler_identity=sampler_identity)
-GENERATORS["gaussian"] = GeneratorKind(
-    default=_default_gaussian, load=lambda path, gen, device: load_gaussian(path),
-    label_dim=lambda fit: fit.num_classes,
-    sample=lambda fit, seeds, labels, gen, device: sample_gaussian(fit, seeds, labels),
-    sampler_identity=lambda gen: None)
-
-
-def checkpoint_sha256(path: Path) -> str:
-    """Content hash of a generator checkpoint: model.pt of a raylab EDM directory, else the file itself."""
-    return sha256_file(path / MODEL_FILE if path.is_dir() else path)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The job spec: everything an actor needs, checked in the driver before any compute.
-
-@dataclass(frozen=True)
-class JobSpec:
-    generator: str
-    checkpoint: str
-    generate: GenerateConfig
-    plan: SeedPlan
-    scorer: Optional[dict[str, Any]]
-    store: str
-    use_gpu: bool
-    identity: dict[str, Any]
-    note: str = ""
-    crash_marker: Optional[str] = None  # fault drill (tests): the first sampler call to claim it kills its actor
-
+# Planning: everything an actor needs (`JobSpec`), checked in the driver before any compute.
 
 def resolve_scorer(cfg: ExperimentConfig) -> tuple[Optional[dict[str, Any]], str]:
     """(scorer identity or None, note): select.scorer_checkpoint ('none' = no scoring), else the committed
@@ -185,108 +116,6 @@ def plan_job(cfg: ExperimentConfig, out_dir: str | os.PathLike | None = None,
     ShardStore(store_dir).create_or_open(identity)
     return JobSpec(kind, str(path), cfg.generate, plan, scorer, str(store_dir.resolve()),
                    cfg.resources.gpus_per_actor > 0, identity, note, crash_marker)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Stage UDFs. A row = one whole shard: first, last, image (its images' bytes), and after scoring the score
-# columns, each packed as the bytes of a numpy array.
-
-def _unpack(table: pa.Table, column: str, dtype: Any) -> np.ndarray:
-    return np.frombuffer(table.column(column)[0].as_buffer(), dtype=dtype)
-
-
-def _packed_row(first: int, last: int, arrays: dict[str, np.ndarray], seconds: float) -> pa.Table:
-    """One shard row; `sample_s` is the sampler's busy time for it (throughput accounting in the driver)."""
-    cols = {"first": pa.array([first], pa.int64()), "last": pa.array([last], pa.int64()),
-            "sample_s": pa.array([seconds], pa.float64())}
-    cols |= {k: pa.array([np.ascontiguousarray(v).tobytes()], pa.large_binary()) for k, v in arrays.items()}
-    return pa.table(cols)
-
-
-def _append(row: pa.Table, arrays: dict[str, np.ndarray], seconds: float) -> pa.Table:
-    """The row plus packed `arrays` and `score_s`, the scorer's busy time."""
-    for k, v in arrays.items():
-        row = row.append_column(k, pa.array([np.ascontiguousarray(v).tobytes()], pa.large_binary()))
-    return row.append_column("score_s", pa.array([seconds], pa.float64()))
-
-
-def _crash_once(marker: Optional[str]) -> None:
-    """Fault drill: the first call anywhere to create `marker` kills its own process (a lost actor)."""
-    if not marker:
-        return
-    try:
-        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-    except FileExistsError:
-        return
-    os._exit(1)
-
-
-class SamplerActor:
-    """Holds the generator; each call samples the shards in its batch (batch_size=1: one shard)."""
-
-    def __init__(self, spec: JobSpec):
-        self.spec, self.device = spec, pick_device(spec.use_gpu)
-        self.generator = GENERATORS[spec.generator].load(Path(spec.checkpoint), spec.generate, self.device)
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        _crash_once(self.spec.crash_marker)
-        return pa.concat_tables([self.sample_shard(int(a), int(b)) for a, b in zip(batch["first"], batch["last"])])
-
-    def sample_shard(self, first: int, last: int) -> pa.Table:
-        start, rows = time.perf_counter(), self.spec.plan.rows(first, last)
-        kind = GENERATORS[self.spec.generator]
-        images = kind.sample(self.generator, rows.rng_seeds, rows.class_cond, self.spec.generate, self.device)
-        return _packed_row(first, last, {"image": images}, time.perf_counter() - start)
-
-
-class ScorerActor:
-    """Holds the scorer; adds label / score / pred / confidence to each shard row."""
-
-    def __init__(self, spec: JobSpec):
-        self.spec = spec
-        self.scorer = Scorer.load(spec.scorer, pick_device(spec.use_gpu))
-
-    def __call__(self, table: pa.Table) -> pa.Table:
-        return pa.concat_tables([self.score_shard(table.slice(i, 1)) for i in range(table.num_rows)])
-
-    def score_shard(self, row: pa.Table) -> pa.Table:
-        start = time.perf_counter()
-        first, last = row.column("first")[0].as_py(), row.column("last")[0].as_py()
-        images = _unpack(row, "image", np.uint8).reshape(-1, 32, 32, 3)
-        class_cond = self.spec.plan.rows(first, last).class_cond
-        cols = score_columns(self.scorer.probs(images, SCORE_BATCH), class_cond)
-        return _append(row, cols, time.perf_counter() - start)
-
-
-def shard_columns(row: pa.Table, plan: SeedPlan) -> tuple[int, int, dict[str, np.ndarray]]:
-    """A packed shard row → (first, last, shard columns) in the shard schema."""
-    first, last = row.column("first")[0].as_py(), row.column("last")[0].as_py()
-    seed = np.arange(first, last + 1, dtype=np.int64)
-    class_cond = plan.locate(seed)[0].astype(np.int16)
-    cols = {"image": _unpack(row, "image", np.uint8).reshape(-1, 32, 32, 3), "seed": seed, "class_cond": class_cond,
-            "label": class_cond}
-    cols |= {k: _unpack(row, k, _DTYPES[k]) for k in SCORE_COLUMNS if k in row.column_names}
-    if len(cols["image"]) != len(seed) or (class_cond.min() < 0 and "pred" not in cols):
-        raise GenerateError(f"shard {first}-{last}: {len(cols['image'])} images for {len(seed)} seeds, or an "
-                            "unconditional shard without scorer pseudo-labels")
-    return first, last, cols
-
-
-WRITTEN = pa.schema([("first", pa.int64()), ("rows", pa.int64()), ("bytes", pa.int64()),
-                     ("sample_s", pa.float64()), ("score_s", pa.float64())])
-
-
-def write_shards(table: pa.Table, store: str, plan: SeedPlan) -> pa.Table:
-    """Writer UDF: each shard row through ShardStore.write_shard; returns a `WRITTEN` row per shard (with the
-    sampler's and scorer's busy seconds for it)."""
-    out = []
-    for i in range(table.num_rows):
-        row = table.slice(i, 1)
-        first, last, cols = shard_columns(row, plan)
-        entry = ShardStore(store).write_shard(first, last, cols)
-        busy = {k: row.column(k)[0].as_py() if k in row.column_names else 0.0 for k in ("sample_s", "score_s")}
-        out.append({"first": first, "rows": entry["rows"], "bytes": entry["bytes"]} | busy)
-    return pa.Table.from_pylist(out, schema=WRITTEN)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -355,7 +184,7 @@ def run_generate(cfg: ExperimentConfig, out_dir: str | os.PathLike | None = None
     """Generate the missing shards of `cfg`'s set into `out_dir` (default run_dir(cfg, "generate")/shards).
 
     `fd_images`: generated and training images compared by "FD (scorer features)" in the MLflow report (0 = off);
-    `crash_marker`: the fault drill of the tests (see `_crash_once`)."""
+    `crash_marker`: the fault drill of the tests (see `actors._crash_once`)."""
     spec = plan_job(cfg, out_dir, crash_marker)
     store = ShardStore(spec.store)
     remove_temp_files(store.root)
@@ -459,22 +288,6 @@ def log_generation(cfg: ExperimentConfig, outcome: GenerateOutcome, parent_run_i
 
 # ---------------------------------------------------------------------------------------------------------------
 # A scoring pass over an existing store (the second scorer of select.policy=agreement).
-
-class ShardScorerActor:
-    """Reads one verified shard per call and scores its images against their stored labels."""
-
-    def __init__(self, store: str, scorer: dict[str, Any], use_gpu: bool):
-        self.store, self.scorer = store, Scorer.load(scorer, pick_device(use_gpu))
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        out: dict[str, list[np.ndarray]] = {k: [] for k in ("seed", "score", "pred", "confidence")}
-        for name, rows in zip(batch["name"], batch["rows"]):
-            data = read_numpy(self.store, columns=["image", "label", "seed"], rows={str(name): np.arange(rows)})
-            cols = score_columns(self.scorer.probs(data["image"], SCORE_BATCH), data["label"]) | {"seed": data["seed"]}
-            for k in out:
-                out[k].append(cols[k])
-        return {k: np.concatenate(v) for k, v in out.items()}
-
 
 def _scores_current(path: Path, manifest: dict) -> bool:
     """A cached scores file made for this store identity and covering all of its rows (a resumed store grows)."""
