@@ -9,7 +9,9 @@ Three measurements, printed side by side as figures and ratios:
    `GeneratedStream` (ratio 0.3 of batch 128) for one full pass over a generated Ray Dataset, decoded to uint8
    NHWC and converted by `to_input`; headroom = ingest img/s / step img/s (should be >> 1).
 3. The worker's memory over that pass for N and 10×N generated rows (RSS growth during the pass, and the
-   process's peak RSS): the stream never holds the generated set, so 10×N / N should stay ≈ 1.
+   process's peak RSS): the stream never holds the generated set, so 10×N / N should stay ≈ 1. The object-store
+   pages the worker reads count in its RSS too; `resources.ingest_object_store_mb` bounds them, and a last row
+   shows 10×N without that budget.
 
     python bench/bench_train_ray.py [--batch 128] [--steps 10] [--iters 6] [--threads 2] [--rows 5000] [--quick]
 """
@@ -34,7 +36,7 @@ import psutil  # noqa: E402
 import torch  # noqa: E402
 
 from raylab.cluster import init_ray  # noqa: E402
-from raylab.config import ExperimentConfig, from_flat, make_config, to_flat  # noqa: E402
+from raylab.config import ExperimentConfig, from_flat, make_config, override, to_flat  # noqa: E402
 from raylab.data.mix import GeneratedStream, OriginalStream, split_batch  # noqa: E402
 from raylab.data.shards import ShardStore, read_dataset  # noqa: E402
 from raylab.models import create_model  # noqa: E402
@@ -166,11 +168,10 @@ def ingest_worker(loop_config: dict[str, Any]) -> dict[str, float]:
     return drain(mixed_batches(original, generated, images, labels, steps))
 
 
-def ingest(cfg: ExperimentConfig, root: Path, rows: int, threads: int, original_rows: int,
-           shard_rows: int) -> dict[str, float]:
-    store = write_store(root / f"gen-{rows}", rows, shard_rows)
+def ingest(cfg: ExperimentConfig, store: Path, rows: int, threads: int, original_rows: int) -> dict[str, float]:
+    budget = cfg.resources.ingest_object_store_mb
     return fit(ingest_worker, {"rows": rows, "threads": threads, "original_rows": original_rows}, cfg,
-               f"ingest-{rows}", datasets={GENERATED: read_dataset(store)})
+               f"ingest-{rows}-{budget}", datasets={GENERATED: read_dataset(store)})
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -205,14 +206,17 @@ MEMORY_COLUMNS = {"rss_before": "RSS before", "rss_growth": "RSS growth", "priva
                   "late_growth": "private, 2nd half", "maxrss": "peak RSS"}
 
 
-def print_memory(runs: dict[int, dict]) -> None:
-    print("3. Train worker memory over the ingest pass (growth = max sampled after each batch - before the pass)")
+def print_memory(runs: dict[int, dict], budget_mb: int, no_budget: dict) -> None:
+    print("3. Train worker memory over the ingest pass (growth = max sampled after each batch - before the pass), "
+          f"resources.ingest_object_store_mb={budget_mb}")
     print(f"   {'rows':>9s}" + "".join(f"  {name:>14s}" for name in MEMORY_COLUMNS.values()))
     for rows, r in runs.items():
         print(f"   {rows:>9,}" + "".join(f"  {mib(r[key]):>14s}" for key in MEMORY_COLUMNS))
     small, large = runs.values()
     print(f"   {'10×N / N':>9s}" + "".join(f"  {'x%.2f' % (large[k] / max(small[k], 2**20)):>14s}"
                                           for k in MEMORY_COLUMNS) + "   (target ≈ 1: flat in the generated rows)")
+    print(f"   {max(runs):>9,}" + "".join(f"  {mib(no_budget[key]):>14s}" for key in MEMORY_COLUMNS)
+          + f"   no budget (=0): {no_budget['rate']:.0f} img/s vs {large['rate']:.0f} with it")
     print("   note: Ray Data holds blocks in its object store (shared memory, outside this process); the pages the "
           "worker reads zero-copy count in its RSS as shared, not in 'private' (RSS - shared); ratios floor at 1 MiB")
     if min(runs) < SHUFFLE_BUFFER:
@@ -244,15 +248,21 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench_train_ray-") as tmp:
         cfg = bench_config(args, tmp)
         init_ray()
-        pure_s = time_steps(make_context(cfg, CPU), args.iters)
+        # the pure step before and after the Train run, averaged: slow drift of the machine lands on both sides
+        before = time_steps(make_context(cfg, CPU), args.iters)
         under = fit(step_worker, {"iters": args.iters, "threads": args.threads}, cfg, "step")
+        pure_s = (before + time_steps(make_context(cfg, CPU), args.iters)) / 2
         # the same shard size for N and 10×N: Ray Data's blocks (hence its buffers) scale with the shard, not the store
         shard_rows = min(SHARD_ROWS, args.rows)
-        runs = {rows: ingest(cfg, Path(tmp), rows, args.threads, original_rows, shard_rows)
-                for rows in (args.rows, 10 * args.rows)}
+        stores = {rows: write_store(Path(tmp) / f"gen-{rows}", rows, shard_rows)
+                  for rows in (args.rows, 10 * args.rows)}
+        runs = {rows: ingest(cfg, store, rows, args.threads, original_rows) for rows, store in stores.items()}
+        unbudgeted = override(cfg, {"resources.ingest_object_store_mb": 0})
+        large = 10 * args.rows
+        no_budget = ingest(unbudgeted, stores[large], large, args.threads, original_rows)
     print_step(args, pure_s, under)
     print_ingest(runs, args.batch / under["step_s"])
-    print_memory(runs)
+    print_memory(runs, cfg.resources.ingest_object_store_mb, no_budget)
 
 
 if __name__ == "__main__":

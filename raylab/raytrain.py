@@ -32,17 +32,22 @@ def make_trainer(train_fn: Callable[[dict], Any], loop_config: dict, cfg: Experi
     run_config = RunConfig(name=run.name, storage_path=str(Path(cfg.tracking.root).resolve() / "ray_results"),
                            failure_config=FailureConfig(max_failures=res.max_failures),
                            checkpoint_config=CheckpointConfig(num_to_keep=2), callbacks=callbacks)
+    data_config = _data_config(res.ingest_object_store_mb) if datasets else None
     return TorchTrainer(train_fn, train_loop_config=loop_config, scaling_config=scaling, run_config=run_config,
                         torch_config=TorchConfig(backend="nccl" if res.use_gpu else "gloo"),
-                        datasets=datasets, dataset_config=_data_config() if datasets else None)
+                        datasets=datasets, dataset_config=data_config)
 
 
-def _data_config():
-    """Split every dataset over the workers, in a deterministic order: an exact resume replays the same stream."""
-    from ray.data import ExecutionOptions
+def _data_config(object_store_mb: int):
+    """Split every dataset over the workers, in a deterministic order (an exact resume replays the same stream),
+    within an object-store budget so a worker's memory stays flat in the number of generated rows."""
+    from ray.data import ExecutionOptions, ExecutionResources
     from ray.train import DataConfig
 
-    return DataConfig(datasets_to_split="all", execution_options=ExecutionOptions(preserve_order=True))
+    options = ExecutionOptions(preserve_order=True)
+    if object_store_mb:
+        options.resource_limits = ExecutionResources(object_store_memory=object_store_mb * 2**20)
+    return DataConfig(datasets_to_split="all", execution_options=options)
 
 
 def rank_and_world() -> tuple[int, int]:
