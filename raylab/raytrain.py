@@ -32,22 +32,28 @@ def make_trainer(train_fn: Callable[[dict], Any], loop_config: dict, cfg: Experi
     run_config = RunConfig(name=run.name, storage_path=str(Path(cfg.tracking.root).resolve() / "ray_results"),
                            failure_config=FailureConfig(max_failures=res.max_failures),
                            checkpoint_config=CheckpointConfig(num_to_keep=2), callbacks=callbacks)
-    data_config = _data_config(res.ingest_object_store_mb) if datasets else None
+    data_config = data_config(res.ingest_object_store_mb) if datasets else None
     return TorchTrainer(train_fn, train_loop_config=loop_config, scaling_config=scaling, run_config=run_config,
                         torch_config=TorchConfig(backend="nccl" if res.use_gpu else "gloo"),
                         datasets=datasets, dataset_config=data_config)
 
 
-def _data_config(object_store_mb: int):
-    """Split every dataset over the workers, in a deterministic order (an exact resume replays the same stream),
+def ingest_options(object_store_mb: int):
+    """Ray Data options of the training ingest: a deterministic order (an exact resume replays the same stream),
     within an object-store budget so a worker's memory stays flat in the number of generated rows."""
     from ray.data import ExecutionOptions, ExecutionResources
-    from ray.train import DataConfig
 
     options = ExecutionOptions(preserve_order=True)
     if object_store_mb:
         options.resource_limits = ExecutionResources(object_store_memory=object_store_mb * 2**20)
-    return DataConfig(datasets_to_split="all", execution_options=options)
+    return options
+
+
+def data_config(object_store_mb: int):
+    """Split every dataset over the workers with `ingest_options`."""
+    from ray.train import DataConfig
+
+    return DataConfig(datasets_to_split="all", execution_options=ingest_options(object_store_mb))
 
 
 def rank_and_world() -> tuple[int, int]:

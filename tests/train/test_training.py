@@ -79,6 +79,17 @@ def test_every_batch_has_the_exact_ratio_and_a_pass_has_no_duplicates(tmp_path):
     assert len(gen_rows) == 10 * n_gen  # 280 of 300 rows in the first pass, none twice
 
 
+
+@pytest.mark.parametrize("budget_mb", [256, 0])
+def test_ingest_object_store_budget_reaches_ray_data(budget_mb):
+    """resources.ingest_object_store_mb bounds the ingest's object store (bench_train_ray.py: flat worker RSS);
+    0 leaves Ray Data's own limit."""
+    from raylab.raytrain import ingest_options
+
+    options = ingest_options(budget_mb)
+    assert (options.resource_limits.object_store_memory == budget_mb * 2**20) == bool(budget_mb)
+    assert options.preserve_order
+
 @pytest.mark.ray
 def test_local_mode_training_with_generated_mix_logs_to_mlflow(ray_session, tmp_path):
     from raylab.train.job import run_training
