@@ -17,7 +17,7 @@ import math
 import typing
 from dataclasses import dataclass, field, fields
 from fractions import Fraction
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 
 class ConfigError(ValueError):
@@ -405,10 +405,23 @@ def from_json(text: str) -> ExperimentConfig:
     return from_flat({f"{s}.{k}": v for s, kv in nested.items() for k, v in kv.items()})
 
 
+def _under(key: str, prefixes: Sequence[str]) -> bool:
+    return any(key == p or key.startswith(p + ".") for p in prefixes)
+
+
+# Where inputs and outputs live, not what a run computes: kept out of content addresses, so a run or a sweep is
+# found again from another working directory (sweep drivers pin them to absolute paths for their trials).
+LOCATION_KEYS = ("data.root", "data.download", "tracking")
+
+
+def identity_flat(cfg: ExperimentConfig) -> dict[str, Any]:
+    """The flat config without LOCATION_KEYS."""
+    return {k: v for k, v in to_flat(cfg).items() if not _under(k, LOCATION_KEYS)}
+
+
 def fingerprint(cfg: ExperimentConfig, keys: list[str]) -> str:
     """Content address of the part of a config that produces an artifact (keys may be sections or full keys)."""
-    flat = to_flat(cfg)
-    chosen = {k: v for k, v in flat.items() if any(k == p or k.startswith(p + ".") for p in keys)}
+    chosen = {k: v for k, v in identity_flat(cfg).items() if _under(k, keys)}
     return hashlib.sha256(json.dumps(chosen, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

@@ -32,10 +32,10 @@ def make_trainer(train_fn: Callable[[dict], Any], loop_config: dict, cfg: Experi
     run_config = RunConfig(name=run.name, storage_path=str(Path(cfg.tracking.root).resolve() / "ray_results"),
                            failure_config=FailureConfig(max_failures=res.max_failures),
                            checkpoint_config=CheckpointConfig(num_to_keep=2), callbacks=callbacks)
-    data_config = data_config(res.ingest_object_store_mb) if datasets else None
+    ingest = data_config(res.ingest_object_store_mb) if datasets else None
     return TorchTrainer(train_fn, train_loop_config=loop_config, scaling_config=scaling, run_config=run_config,
                         torch_config=TorchConfig(backend="nccl" if res.use_gpu else "gloo"),
-                        datasets=datasets, dataset_config=data_config)
+                        datasets=datasets, dataset_config=ingest)
 
 
 def ingest_options(object_store_mb: int):

@@ -67,6 +67,13 @@ def test_override_leaves_the_original_untouched_and_fingerprint_tracks_only_chos
     assert fingerprint(base, ["generate"]) != fingerprint(override(base, {"generate.steps": 5}), ["generate"])
 
 
+def test_where_files_live_is_not_part_of_a_content_address():
+    base = make_config("tiny")
+    moved = override(base, {"data.root": "/elsewhere/data", "data.download": True, "tracking.root": "/elsewhere"})
+    assert fingerprint(base, ["data", "tracking"]) == fingerprint(moved, ["data", "tracking"])
+    assert fingerprint(base, ["data"]) != fingerprint(override(base, {"data.val_size": 64}), ["data"])
+
+
 def test_every_stage_is_in_the_experiment():
     assert set(STAGES) == {f for f in ExperimentConfig.__dataclass_fields__}
     with pytest.raises(ConfigError, match="preset"):

@@ -40,13 +40,15 @@ def test_every_experiment_composes_valid_configs_for_every_preset(path):
 
 
 @pytest.mark.ray
-def test_steps_smoke_runs_end_to_end(ray_session, root, capsys):
+def test_steps_smoke_runs_end_to_end(ray_session, root, capsys, monkeypatch):
     """The main job's smoke mode, one step count of its two (.ci/run runs every experiment's full --smoke as its
-    own process; one trial here keeps the suite short)."""
+    own process; one trial here keeps the suite short). The run root is relative, as the README's default `runs`:
+    trials run in Tune's trial directories, so the driver must pin it."""
     from raylab.tune.experiment import run_ablation
 
     ab = ablation(next(p for p in EXPERIMENTS if p.stem == "ablate_steps"))
-    assert run_ablation(ab, ["--smoke", "--values", SMOKE_STEPS, "--set", f"tracking.root={root}"]) == 0
+    monkeypatch.chdir(root.parent)
+    assert run_ablation(ab, ["--smoke", "--values", SMOKE_STEPS, "--set", f"tracking.root={root.name}"]) == 0
     out = capsys.readouterr().out
     assert "raylab ui" in out
     uri, parents = sweep_parents(root)

@@ -21,3 +21,19 @@ def test_steps_build_their_own_generation_and_amounts_share_one():
     assert keys({"generate.steps": 4})[0] != base_gen and keys({"generate.steps": 4}) != keys({"generate.steps": 8})
     gen, view = keys({"select.amount": 100})
     assert gen == base_gen and view != base_view  # 000_... Table 5: amounts are prefixes of one generation
+
+
+def test_the_sweep_driver_pins_relative_roots_and_the_sweep_name_ignores_them(tmp_path, monkeypatch):
+    """Tune runs trials in their own directories: a relative root must reach them absolute (the README's default
+    `tracking.root=runs` once sent every trial to an empty MLflow store)."""
+    from raylab.tune.sweep import pin_paths, sweep_name
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    cfg = make_config("tiny", {"tracking.root": "runs"})
+    pinned = pin_paths(cfg)
+    assert pinned.tracking.root == str(tmp_path / "runs")
+    assert pinned.tracking.uri == f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
+    assert pinned.data.root == str(tmp_path / cfg.data.root)
+    space = {"generate.steps": [2, 4]}
+    assert sweep_name(pinned, space) == sweep_name(cfg, space)
