@@ -27,7 +27,8 @@ import torch  # noqa: E402
 
 from raylab.config import EvalConfig, ResourcesConfig  # noqa: E402
 from raylab.data.datasets import get_dataset  # noqa: E402
-from raylab.eval.job import CheckpointSource, chunk_path, evaluate, to_float  # noqa: E402
+from raylab.eval.chunk import to_float  # noqa: E402
+from raylab.eval.job import CheckpointSource, chunk_path, evaluate  # noqa: E402
 from raylab.models import create_model  # noqa: E402
 
 

@@ -9,7 +9,8 @@ import torch
 from raylab.config import make_config, to_json
 from raylab.data.datasets import get_dataset
 from raylab.eval.export import ExportError, export_robustbench, load_robustbench_checkpoint, read_state_dict
-from raylab.eval.job import run_eval, to_float
+from raylab.eval.chunk import to_float
+from raylab.eval.job import run_eval
 from raylab.models import create_model
 
 BN = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")

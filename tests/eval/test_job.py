@@ -16,7 +16,8 @@ from torch import nn
 
 from raylab.config import ConfigError, EvalConfig, ResourcesConfig, make_config, to_flat, to_json
 from raylab.data.datasets import get_dataset
-from raylab.eval.job import ChunkJob, chunk_path, evaluate, evaluate_chunk, plan_chunks, run_eval, to_float
+from raylab.eval.chunk import ChunkJob, evaluate_chunk, plan_chunks, to_float
+from raylab.eval.job import chunk_path, evaluate, run_eval
 from raylab.eval.metrics import EvalError
 from raylab.eval.report import format_table
 from raylab.models import create_model
