@@ -10,7 +10,7 @@ import argparse
 import sys
 from typing import Callable
 
-from raylab.config import ConfigError, ExperimentConfig, make_config, parse_assignments, to_flat
+from raylab.config import ConfigError, ExperimentConfig, make_config, parse_assignments, pin_paths, to_flat
 
 VERBS: dict[str, tuple[Callable[[argparse.Namespace], int], Callable[[argparse.ArgumentParser], None], str]] = {}
 
@@ -30,7 +30,7 @@ def config_args(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from(ns: argparse.Namespace) -> ExperimentConfig:
-    return make_config(ns.preset, parse_assignments(ns.overrides))
+    return pin_paths(make_config(ns.preset, parse_assignments(ns.overrides)))  # Ray workers have their own cwd
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -73,7 +73,7 @@ def _print_training(out) -> None:
     best, last = out.best, out.last
     print(f"run dir: {out.run.path}")
     print(f"checkpoints: {out.run.path / 'best.pt'} (epoch {best.get('epoch')}), {out.run.path / 'last.pt'}")
-    print(f"last epoch: " + ", ".join(f"{k}={v:.4g}" for k, v in last.items() if isinstance(v, float)))
+    print("last epoch: " + ", ".join(f"{k}={v:.4g}" for k, v in last.items() if isinstance(v, float)))
     print(f"MLflow run: {out.mlflow_run_id} (see `raylab ui`)")
 
 

@@ -14,6 +14,7 @@ import difflib
 import hashlib
 import json
 import math
+import os
 import typing
 from dataclasses import dataclass, field, fields
 from fractions import Fraction
@@ -412,6 +413,12 @@ def _under(key: str, prefixes: Sequence[str]) -> bool:
 # Where inputs and outputs live, not what a run computes: kept out of content addresses, so a run or a sweep is
 # found again from another working directory (sweep drivers pin them to absolute paths for their trials).
 LOCATION_KEYS = ("data.root", "data.download", "tracking")
+
+
+def pin_paths(cfg: ExperimentConfig) -> ExperimentConfig:
+    """Absolute data and run roots. Tune trials and Ray Train workers run in their own working directories: the
+    default relative `tracking.root=runs` read there once sent every sweep trial to an empty MLflow store."""
+    return override(cfg, {key: os.path.abspath(to_flat(cfg)[key]) for key in ("data.root", "tracking.root")})
 
 
 def identity_flat(cfg: ExperimentConfig) -> dict[str, Any]:

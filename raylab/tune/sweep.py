@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from raylab.config import ExperimentConfig, fingerprint, from_flat, identity_flat, override, to_flat, to_json
+from raylab.config import (ExperimentConfig, fingerprint, from_flat, identity_flat, override, pin_paths, to_flat,
+                           to_json)
 from raylab.io import atomic_write_text
 
 PARENT_FILE = "mlflow_parent_run_id"
@@ -39,15 +40,6 @@ def sweep_name(cfg: ExperimentConfig, space: dict[str, Sequence[Any]]) -> str:
     text = json.dumps({"config": identity_flat(cfg), "space": {k: list(v) for k, v in space.items()}}, sort_keys=True,
                       default=str)
     return f"{cfg.sweep.name}-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
-
-
-def pin_paths(cfg: ExperimentConfig) -> ExperimentConfig:
-    """Absolute data/run roots and an explicit MLflow URI. Tune runs each trial in its own working directory, so
-    the default relative `tracking.root=runs` read there pointed at an empty store (the parent run "not found")."""
-    from raylab.tracking import pin_tracking
-
-    return override(cfg, {**{f"tracking.{k}": v for k, v in vars(pin_tracking(cfg.tracking)).items()},
-                          "data.root": str(Path(cfg.data.root).resolve())})
 
 
 def check_space(cfg: ExperimentConfig, space: dict[str, Sequence[Any]]) -> None:
@@ -200,7 +192,7 @@ def run_sweep(cfg: ExperimentConfig, space: dict[str, Sequence[Any]], *, layout:
     from raylab.tune.report import report_sweep
 
     check_space(cfg, space)
-    cfg = pin_paths(cfg)
+    cfg = pin_paths(cfg)  # trials run in Tune's trial directories, not in this cwd
     name = sweep_name(cfg, space)
     storage = Path(cfg.tracking.root).resolve() / "tune"
     init_ray()

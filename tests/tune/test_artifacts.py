@@ -26,14 +26,16 @@ def test_steps_build_their_own_generation_and_amounts_share_one():
 def test_the_sweep_driver_pins_relative_roots_and_the_sweep_name_ignores_them(tmp_path, monkeypatch):
     """Tune runs trials in their own directories: a relative root must reach them absolute (the README's default
     `tracking.root=runs` once sent every trial to an empty MLflow store)."""
-    from raylab.tune.sweep import pin_paths, sweep_name
+    from raylab.config import pin_paths
+    from raylab.tracking import resolve_tracking_uri
+    from raylab.tune.sweep import sweep_name
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.chdir(tmp_path)
     cfg = make_config("tiny", {"tracking.root": "runs"})
     pinned = pin_paths(cfg)
-    assert pinned.tracking.root == str(tmp_path / "runs")
-    assert pinned.tracking.uri == f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
-    assert pinned.data.root == str(tmp_path / cfg.data.root)
+    assert pinned.tracking.root == str(tmp_path / "runs") and pinned.data.root == str(tmp_path / cfg.data.root)
+    monkeypatch.chdir(tmp_path.parent)  # where a trial would read it
+    assert resolve_tracking_uri(pinned.tracking) == f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
     space = {"generate.steps": [2, 4]}
     assert sweep_name(pinned, space) == sweep_name(cfg, space)
