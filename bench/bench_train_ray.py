@@ -48,7 +48,7 @@ from raylab.train.optim import build_optimizer  # noqa: E402
 from raylab.train.schedules import build_scheduler  # noqa: E402
 from raylab.train.worker import GENERATED  # noqa: E402
 
-INGEST_BATCH, INGEST_RATIO = 128, 0.3  # the paper's mix (000_...: 0.3 original)
+INGEST_BATCH, INGEST_RATIO = 128, 0.3  # the paper's mix (Wang et al. 2023: 0.3 original)
 SHARD_ROWS = 5_000
 ORIGINAL_ROWS = 50_000  # CIFAR-10's training set size; the same array for N and 10×N, so it cancels out
 QUICK = {"batch": 32, "steps": 2, "iters": 2, "rows": 1_000}

@@ -18,7 +18,6 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from raylab.attacks import frozen_bn, pgd
 from raylab.config import make_config, override

@@ -1,8 +1,8 @@
-"""Data augmentation with generated data (000_... Table 9; 001_... Cutout/CutMix/MixUp comparison)."""
+"""Data augmentation with generated data (Wang et al. 2023 Table 9; Rebuffi et al. 2021 Cutout/CutMix/MixUp)."""
 from raylab.tune.experiment import PAPER_1M, Ablation, run_ablation
 
 ABLATION = Ablation(
-    key="train.augment", title="augmentation ablation (000_... Table 9, 001_...)",
+    key="train.augment", title="augmentation ablation (Wang et al. 2023 Table 9, Rebuffi et al. 2021)",
     values={"default": ["none", "crop_flip", "cutmix"], "smoke": ["none"],
             "paper": ["none", "crop_flip", "cutout", "cutmix", "mixup"]},
     overrides={"paper": PAPER_1M},

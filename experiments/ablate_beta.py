@@ -1,8 +1,8 @@
-"""TRADES beta (000_... Table 8, right)."""
+"""TRADES beta (Wang et al. 2023 Table 8, right)."""
 from raylab.tune.experiment import PAPER_1M, Ablation, run_ablation
 
 ABLATION = Ablation(
-    key="train.beta", title="TRADES beta ablation (000_... Table 8 right)",
+    key="train.beta", title="TRADES beta ablation (Wang et al. 2023 Table 8 right)",
     values={"default": [2.0, 5.0, 8.0], "smoke": [2.0], "paper": [2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0]},
     overrides={"paper": PAPER_1M},
 )

@@ -1,4 +1,4 @@
-"""Original-to-generated mixing ratio (000_... §4 / 001_... Figure 4: 0.3 at 1M, 0.2 above)."""
+"""Original-to-generated mixing ratio (Wang et al. 2023 §4 / Rebuffi et al. 2021 Figure 4: 0.3 at 1M, 0.2 above)."""
 from raylab.tune.experiment import PAPER_1M, Ablation, run_ablation
 
 ABLATION = Ablation(

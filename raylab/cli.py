@@ -24,7 +24,7 @@ def verb(name: str, help: str, args: Callable[[argparse.ArgumentParser], None] =
 
 
 def config_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--preset", default="tiny", help="tiny (2 CPU cores) or paper (000_... recipe)")
+    parser.add_argument("--preset", default="tiny", help="tiny (2 CPU cores) or paper (Wang et al. 2023 recipe)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a flat config key, e.g. --set train.lr=0.2 --set attack.eps=8/255")
 
@@ -192,7 +192,8 @@ def _select(ns: argparse.Namespace) -> int:
     second = None
     if cfg.select.policy == "agreement":
         if not cfg.select.second_checkpoint:
-            raise ConfigError("select.second_checkpoint: required by select.policy=agreement (002_... filter)")
+            raise ConfigError("select.second_checkpoint: required by select.policy=agreement "
+                              "(Sehwag et al. 2022 filter)")
         from raylab.pipeline.generate_job import score_store
 
         second = score_store(cfg, ns.store, cfg.select.second_checkpoint)  # cached beside the shards
@@ -247,7 +248,8 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
                                   "file (RobustBench format: --set model.name=... --set data.dataset=...)")
     p.add_argument("--out", default=None, help="parent of the <fingerprint>/ result directory "
                                                "(default: <run or checkpoint dir>/eval)")
-    p.add_argument("--checks", action="store_true", help="gradient-masking checks (001_... App. C) on chunk 0")
+    p.add_argument("--checks", action="store_true",
+                   help="gradient-masking checks (Rebuffi et al. 2021 App. C) on chunk 0")
     p.add_argument("--local", action="store_true", help="evaluate in this process instead of Ray Data actors")
 
 

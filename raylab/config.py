@@ -4,7 +4,7 @@ The same flat dotted keys (``"train.lr"``, ``"attack.eps"``) are the CLI overrid
 the Ray Tune search space and the MLflow params. Every value is checked when a config is built, so an invalid
 config cannot exist and no compute starts on one. Errors are one line: the key, the value, what is allowed.
 
-Defaults are the 000_... paper's recipe (Wang et al. 2023, WRN-28-10, see `reference/training_recipe.md`);
+Defaults are the Wang et al. 2023 paper's recipe (Wang et al. 2023, WRN-28-10, see `reference/training_recipe.md`);
 the `tiny` preset shrinks every stage to run on 2 CPU cores.
 """
 from __future__ import annotations
@@ -132,7 +132,8 @@ class DataConfig(_Stage):
     dataset: str = knob("cifar10", choices=DATASETS, doc="original (real) dataset")
     root: str = knob("data", doc="directory holding the dataset archives")
     download: bool = knob(False, doc="download missing archives (checksummed); never in tests")
-    val_size: int = knob(1024, lo=0, doc="first N training images held out for validation (papers: 1024)")
+    val_size: Optional[int] = knob(None, lo=0, doc="first N training images held out for validation; None = the "
+                                   "dataset's default (CIFAR/SVHN: 1024 as in the papers, digits: 128)")
     max_train: int = knob(0, lo=0, doc="cap on original training images, 0 = all (tiny runs)")
 
 
@@ -169,7 +170,7 @@ class EDMConfig(_Stage):
 
 @dataclass(frozen=True)
 class GenerateConfig(_Stage):
-    """Sampling a generated set (EDM Algorithm 2; 000_... uses 20 Heun steps)."""
+    """Sampling a generated set (EDM Algorithm 2; Wang et al. 2023 uses 20 Heun steps)."""
     SECTION = "generate"
     generator: str = knob("edm", choices=("edm", "gaussian", "none"))
     checkpoint: str = knob("", doc="generator weights; '' = the committed tiny digits EDM")
@@ -182,13 +183,17 @@ class GenerateConfig(_Stage):
     s_min: float = knob(0.0, lo=0.0)
     s_max: float = knob(math.inf, lo=0.0)
     s_noise: float = knob(1.0, lo=0.0)
-    per_class: int = knob(500_000, lo=1, doc="images generated per class (000_...: 500K, top 20% kept)")
+    per_class: int = knob(500_000, lo=1, doc="images generated per class (Wang et al. 2023: 500K, top 20% kept)")
     shard_size: int = knob(10_000, lo=1, doc="seeds per Parquet shard")
     seed: int = knob(0, lo=0, doc="dataset seed; image i of class c is seeded by (seed, c, i)")
     seed_mode: str = knob("disjoint", choices=("disjoint", "shared"),
                           doc="shared = the reference's reuse of the same seeds for every class")
     batch_size: int = knob(512, lo=1, doc="images per sampler call")
     latents_on_cpu: bool = knob(True, doc="draw latents on CPU so bytes do not depend on the accelerator")
+    gaussian_rank: int = knob(256, lo=0, doc="gaussian generator: covariance = top-k eigenvectors + diagonal "
+                              "residual (0 = the full 3072x3072 matrix; digits is exact either way)")
+    inception_weights: str = knob("", doc="TorchScript Inception-v3 feature file (e.g. StyleGAN2-ADA's "
+                                  "inception-2015-12-05.pt) for Inception FID of the set; '' = off")
 
     def check(self) -> None:
         if self.sigma_min >= self.sigma_max:
@@ -197,7 +202,7 @@ class GenerateConfig(_Stage):
 
 @dataclass(frozen=True)
 class SelectConfig(_Stage):
-    """Scoring and selection of generated images (000_... App. A; 002_... two-classifier filter)."""
+    """Scoring and selection of generated images (Wang et al. 2023 App. A; Sehwag et al. 2022 two-classifier filter)."""
     SECTION = "select"
     policy: str = knob("topk", choices=("topk", "none", "agreement", "pseudo"))
     top_fraction: float = knob(0.2, lo=0.0, hi=1.0, lo_open=True, doc="per-class fraction kept by topk")
@@ -217,7 +222,7 @@ class ModelConfig(_Stage):
 
 @dataclass(frozen=True)
 class AttackConfig(_Stage):
-    """The training attack (000_...: PGD-10, eps 8/255, step 2/255)."""
+    """The training attack (Wang et al. 2023: PGD-10, eps 8/255, step 2/255)."""
     SECTION = "attack"
     norm: str = knob("linf", choices=("linf", "l2"))
     eps: float = knob(8 / 255, lo=0.0)
@@ -247,9 +252,10 @@ class TrainConfig(_Stage):
     ema_bn: str = knob("copy", choices=("copy", "average", "recompute"))
     ratio: float = knob(0.3, lo=0.0, hi=1.0, doc="original fraction of every batch")
     epoch_length: str = knob("original", choices=("original", "generated"))
-    augment: str = knob("crop_flip", choices=("none", "crop_flip", "cutout", "cutmix", "mixup"))
+    augment: str = knob("crop_flip", choices=("none", "crop", "crop_flip", "cutout", "cutmix", "mixup"),
+                        doc="crop = no flips, for digits (a mirrored 2 or 7 is not a digit)")
     attack_bn: str = knob("train_frozen", choices=("train_frozen", "eval"))
-    noise_sigma: float = knob(0.25, lo=0.0, doc="Gaussian sigma of the stability loss (002_...)")
+    noise_sigma: float = knob(0.25, lo=0.0, doc="Gaussian sigma of the stability loss (Sehwag et al. 2022)")
     grad_clip: float = knob(0.0, lo=0.0, doc="0 = off")
     bf16: bool = knob(False, doc="bf16 autocast (GPU speed switch)")
     channels_last: bool = knob(True, doc="channels_last memory format: on by default, faster with oneDNN on CPU "
@@ -314,8 +320,10 @@ class ResourcesConfig(_Stage):
     sampler_actors: int = knob(1, lo=1)
     scorer_actors: int = knob(1, lo=1)
     eval_actors: int = knob(1, lo=1)
-    cpus_per_actor: float = knob(1.0, lo=0.0)
-    gpus_per_actor: float = knob(0.0, lo=0.0)
+    cpus_per_actor: float = knob(1.0, lo=0.0, doc="per sampler / eval actor")
+    gpus_per_actor: float = knob(0.0, lo=0.0, doc="per sampler / eval actor")
+    scorer_cpus_per_actor: float = knob(1.0, lo=0.0, doc="per scorer actor (own pool, own resources)")
+    scorer_gpus_per_actor: float = knob(0.0, lo=0.0, doc="per scorer actor; a fraction shares a GPU")
     max_failures: int = knob(1, lo=0)
     # Without a budget Ray Data streams through most of the object store and every page a worker reads stays in its
     # RSS (shared): +1.26 GiB over one pass of 500k rows, +0.24 GiB with 200 MiB (bench/bench_train_ray.py).
@@ -346,6 +354,9 @@ class ExperimentConfig:
         workers = max(self.resources.num_workers, 1)
         if self.train.batch_size % workers:
             raise ConfigError(f"train.batch_size: {self.train.batch_size} is not divisible by "
+                              f"resources.num_workers={self.resources.num_workers}")
+        if self.edm.batch_size % workers:
+            raise ConfigError(f"edm.batch_size: {self.edm.batch_size} is not divisible by "
                               f"resources.num_workers={self.resources.num_workers}")
         if self.attack.step > 0 and self.attack.eps == 0 and self.train.loss in ("trades", "pgd_at"):
             raise ConfigError("attack.eps: 0 makes adversarial training a no-op; use train.loss=ce")
@@ -397,8 +408,14 @@ def parse_assignments(items: list[str]) -> dict[str, str]:
     return out
 
 
+def _strict(value: Any) -> Any:
+    """inf as the string "inf" (parsed back by `from_json`): `Infinity` is not JSON, and jq or JS readers reject it."""
+    return str(value) if isinstance(value, float) and not math.isfinite(value) else value
+
+
 def to_json(cfg: ExperimentConfig) -> str:
-    return json.dumps({s: dataclasses.asdict(getattr(cfg, s)) for s in STAGES}, indent=2, sort_keys=True)
+    nested = {s: {k: _strict(v) for k, v in dataclasses.asdict(getattr(cfg, s)).items()} for s in STAGES}
+    return json.dumps(nested, indent=2, sort_keys=True, allow_nan=False)
 
 
 def from_json(text: str) -> ExperimentConfig:

@@ -2,7 +2,7 @@
 
 Every dataset becomes uint8 NHWC 32×32×3 images with int64 labels (`ImageSet`). `load_splits` turns a
 `DataConfig` into train / validation / test, holding out the *first* `val_size` training images for validation
-as Gowal et al. 2020 and Wang et al. 2023 (000_...) do (1024 images), and carries the per-dataset normalization
+as Gowal et al. 2020 and Wang et al. 2023 (Wang et al. 2023) do (1024 images), and carries the per-dataset normalization
 that the models apply inside themselves.
 
 CIFAR-10/100 and SVHN are read from their standard archives in `data.root`: the extracted form, or the original
@@ -106,17 +106,19 @@ class DatasetSpec:
     num_classes: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    val_size: int = 1024  # the papers hold out the first 1024 CIFAR-10 training images
 
 
 DATASET_LOADERS: dict[str, DatasetSpec] = {}
 
 
-def register_dataset(name: str, *, num_classes: int, mean: Sequence[float], std: Sequence[float]):
-    """Decorator: record `load(root, download) -> (train, test)` under `name`."""
+def register_dataset(name: str, *, num_classes: int, mean: Sequence[float], std: Sequence[float],
+                     val_size: int = 1024):
+    """Decorator: record `load(root, download) -> (train, test)` under `name`; `val_size` is the default holdout."""
     def wrap(load: Loader) -> Loader:
         if name in DATASET_LOADERS:
             raise DatasetError(f"dataset {name!r} is registered twice")
-        DATASET_LOADERS[name] = DatasetSpec(name, load, num_classes, tuple(mean), tuple(std))
+        DATASET_LOADERS[name] = DatasetSpec(name, load, num_classes, tuple(mean), tuple(std), val_size)
         return load
     return wrap
 
@@ -128,13 +130,15 @@ def get_dataset(name: str) -> DatasetSpec:
 
 
 def load_splits(cfg: DataConfig) -> Splits:
-    """Train (minus the first `val_size` images, capped at `max_train`), validation and test of `cfg.dataset`."""
+    """Train (minus the first `val_size` images, the dataset's default when None, capped at `max_train`),
+    validation and test of `cfg.dataset`."""
     spec = get_dataset(cfg.dataset)
     train, test = spec.load(Path(cfg.root), cfg.download)
-    if cfg.val_size >= len(train):
-        raise DatasetError(f"data.val_size: {cfg.val_size} must be < the {len(train)} training images of "
+    val_size = spec.val_size if cfg.val_size is None else cfg.val_size
+    if val_size >= len(train):
+        raise DatasetError(f"data.val_size: {val_size} must be < the {len(train)} training images of "
                            f"{cfg.dataset}")
-    val, rest = train.take(slice(0, cfg.val_size)), train.take(slice(cfg.val_size, None))
+    val, rest = train.take(slice(0, val_size)), train.take(slice(val_size, None))
     if cfg.max_train:
         rest = rest.take(slice(0, cfg.max_train))
     return Splits(rest, val, test, train.class_names, spec.mean, spec.std)
@@ -280,7 +284,7 @@ def _load_cifar(folder: Path, train: list[str], test: str, meta: str, label_key:
 
 
 # Normalization constants: per-channel mean/std of the training images in [0, 1] (the values used across the
-# robustness literature, e.g. Rebuffi et al. 2021 and the 000_... code).
+# robustness literature, e.g. Rebuffi et al. 2021 and the Wang et al. 2023 code).
 @register_dataset("cifar10", num_classes=10, mean=(0.4914, 0.4822, 0.4465), std=(0.2471, 0.2435, 0.2616))
 def load_cifar10(root: Path, download: bool) -> tuple[ImageSet, ImageSet]:
     folder = ensure_extracted(root, "cifar-10-batches-py", "cifar-10-python.tar.gz", download)
@@ -357,7 +361,9 @@ def digits_split(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 # mean/std: `digits_statistics()` over all 1497 training images, validation prefix included, rounded to 4
 # decimals (gray, so the three channels agree); a test recomputes them.
-@register_dataset("digits", num_classes=10, mean=(0.2339, 0.2339, 0.2339), std=(0.3124, 0.3124, 0.3124))
+# val_size 128: 1024 would leave 473 of the 1497 training images (the tiny preset's value).
+@register_dataset("digits", num_classes=10, mean=(0.2339, 0.2339, 0.2339), std=(0.3124, 0.3124, 0.3124),
+                  val_size=128)
 def load_digits(root: Path, download: bool) -> tuple[ImageSet, ImageSet]:
     from sklearn.datasets import load_digits as sklearn_digits  # ships inside scikit-learn: no file, no network
 

@@ -1,4 +1,4 @@
-"""Exact-ratio batches of original and generated images (000_...: ratio 0.3 original, 0.2 above 1M).
+"""Exact-ratio batches of original and generated images (Wang et al. 2023: ratio 0.3 original, 0.2 above 1M).
 
 Every batch holds round(ratio * B) original and B - round(ratio * B) generated images. Ray's `Dataset.mix`
 interleaves whole blocks (one worker got 0% original, another 60%: reference/ray_mlflow.md §2), so two per-worker

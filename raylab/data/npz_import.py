@@ -1,6 +1,6 @@
 """Import the reference's published generated data (`np.savez` files) into a shard store, in bounded memory.
 
-The 000_... authors publish their EDM samples as an uncompressed `np.savez` zip with `image` uint8 (N,32,32,3)
+The Wang et al. 2023 authors publish their EDM samples as an uncompressed `np.savez` zip with `image` uint8 (N,32,32,3)
 and `label` int64 (N,), where label is the class the image was generated for. Such a file can be tens of GB, so
 nothing here loads a whole member: a stored (uncompressed) zip member is the raw `.npy` file, so we find where
 its bytes start (local zip header, then the `.npy` header) and `np.memmap` the array in place, then copy

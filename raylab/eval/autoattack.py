@@ -1,6 +1,6 @@
 """AutoAttack (Croce & Hein 2020, the `pyautoattack` distribution) with its per-attack cascade and exact sharding.
 
-`pyautoattack` computes the cascade of 001_... Table 6 (robust accuracy after APGD-CE, +APGD-T, +FAB-T,
+`pyautoattack` computes the cascade of Rebuffi et al. 2021 Table 6 (robust accuracy after APGD-CE, +APGD-T, +FAB-T,
 +Square) but only logs it, rounded to 0.01 %. raylab therefore drives the cascade one attack at a time through
 the library's own `run_standard_evaluation`, each call on the points still robust. That is the library's own
 loop unrolled: it attacks the robust points, in order, in batches of `batch_size`, each attack re-seeded with
@@ -86,7 +86,7 @@ class AAResult:
 
     @property
     def cascade(self) -> list[tuple[str, float]]:
-        """[(attack, robust accuracy after it and all before it), ...] in run order (001_... Table 6)."""
+        """[(attack, robust accuracy after it and all before it), ...] in run order (Rebuffi et al. 2021 Table 6)."""
         survived = [(self.fell_at == ROBUST) | (self.fell_at > code) for code in range(1, len(self.attacks) + 1)]
         return [(name, float(alive.mean())) for name, alive in zip(self.attacks, survived)]
 
@@ -277,7 +277,7 @@ def _run_cascade(model: nn.Module, x: torch.Tensor, y: torch.Tensor, result: AAR
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# A single APGD-CE run (001_... App. C, Fig. 10: 1 restart, K steps), for the gradient-masking checks.
+# A single APGD-CE run (Rebuffi et al. 2021 App. C, Fig. 10: 1 restart, K steps), for the gradient-masking checks.
 
 def apgd_ce_flags(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm: str, eps: float, steps: int = 100,
                   seed: int, batch_size: int) -> torch.Tensor:

@@ -1,11 +1,11 @@
-"""Randomized-smoothing certification: CERTIFY of Cohen, Rosenfeld & Kolter 2019, as used by 002_... (§3.3).
+"""Randomized-smoothing certification: CERTIFY of Cohen, Rosenfeld & Kolter 2019, as used by Sehwag et al. 2022 (§3.3).
 
 The smoothed classifier g(x) = argmax_c P(f(x + N(0, sigma^2 I)) = c) is certified at x with L2 radius
 sigma * Phi^-1(pA_lower) when a one-sided (1 - alpha) lower confidence bound pA_lower on the top-class
 probability exceeds 1/2 (Cohen et al. Thm. 1). The class is *selected* from n0 noisy samples and its
 probability *estimated* from n fresh ones, so the selection cannot bias the bound. Noise is added in [0, 1]
 pixel space (normalization lives inside the model); the noisy images are not clipped, as in Cohen et al.
-002_... uses sigma = 0.25, n0 = 100, n = 10,000, alpha = 0.001 (config `eval.certify_*`).
+Sehwag et al. 2022 uses sigma = 0.25, n0 = 100, n = 10,000, alpha = 0.001 (config `eval.certify_*`).
 """
 from __future__ import annotations
 
@@ -91,7 +91,7 @@ def certify(model: nn.Module, x: torch.Tensor, *, sigma: float, n0: int = 100, n
 
 def certified_accuracy_curve(preds: np.ndarray, radii: np.ndarray, labels: np.ndarray | torch.Tensor,
                              radii_grid: Sequence[float]) -> list[tuple[float, float]]:
-    """[(r, fraction of images predicted correctly with certified radius >= r), ...] (002_... Fig. 2)."""
+    """[(r, fraction of images predicted correctly with certified radius >= r), ...] (Sehwag et al. 2022 Fig. 2)."""
     preds, radii, labels = np.asarray(preds), np.asarray(radii), np.asarray(labels)
     if not (preds.shape == radii.shape == labels.shape and preds.ndim == 1 and preds.size):
         raise EvalError(f"certified_accuracy_curve: preds, radii, labels must be equal non-empty 1-D arrays "

@@ -1,4 +1,4 @@
-"""Gradient-masking checks of 001_... App. C (Fig. 10), as pure functions returning data and a verdict.
+"""Gradient-masking checks of Rebuffi et al. 2021 App. C (Fig. 10), as pure functions returning data and a verdict.
 
 * `accuracy_vs_eps`: robust accuracy under a gradient attack as the radius grows from 0 to 64/255. A model whose
   gradients are informative is broken almost everywhere at large radii; accuracy that stays high, or that rises

@@ -1,5 +1,5 @@
 """One evaluation chunk, in any process: the fixed chunking, per-chunk random streams, the registry of measures
-(clean, PGD-k, AutoAttack, certification) and the gradient-masking checks' settings (001_... App. C).
+(clean, PGD-k, AutoAttack, certification) and the gradient-masking checks' settings (Rebuffi et al. 2021 App. C).
 
 Pure torch plus pyautoattack: no Ray, no files beyond AutoAttack's per-chunk state. `raylab.eval.job` runs these
 on Ray Data actors (or in this process) and persists what they return.
@@ -20,7 +20,7 @@ from raylab.eval.checks import CHECKS, DEFAULT_STEPS, CheckReport
 from raylab.eval.metrics import EvalError, correct_flags, pgd_flags, require_eval_mode
 
 STREAMS = {"pgd": 0, "certify": 1}
-# Fig. 10(a) of 001_...: eps from 0 to 8x the evaluated radius (0 ... 64/255 at 8/255).
+# Fig. 10(a) of Rebuffi et al. 2021: eps from 0 to 8x the evaluated radius (0 ... 64/255 at 8/255).
 CHECK_EPS_MULTIPLES = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 
 
@@ -114,7 +114,7 @@ def evaluate_chunk(model: nn.Module, x: torch.Tensor, y: torch.Tensor, job: Chun
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Gradient-masking checks (001_... App. C) on the first chunk, settings derived from the eval config.
+# Gradient-masking checks (Rebuffi et al. 2021 App. C) on the first chunk, settings derived from the eval config.
 
 def _check_steps(pgd_steps: int) -> tuple[int, ...]:
     """Fig. 10(b)'s step counts up to the evaluated PGD-k (the paper goes on to 1000)."""

@@ -5,8 +5,8 @@ labels `y` (int64), an explicit batch size and, where randomness is involved, a 
 global or touches the global RNG. Per-example flags are returned on the CPU so shards can be concatenated exactly
 (`*_flags`); the accuracies are their means.
 
-PGD-40 follows 001_... App. A / Rice et al. 2020 as used for early stopping in 000_... and 001_...: 40 steps of
-the margin (CW) loss, one uniform random start, step eps/4 (= 2/255 at L-inf 8/255).
+PGD-40 follows Rebuffi et al. 2021 App. A / Rice et al. 2020 as used for early stopping in Wang et al. 2023 and
+Rebuffi et al. 2021: 40 steps of the margin (CW) loss, one uniform random start, step eps/4 (= 2/255 at L-inf 8/255).
 """
 from __future__ import annotations
 

@@ -28,7 +28,7 @@ def pgd_metric_name(steps: int, prefix: str = "eval_") -> str:
 
 def metric_prefix(checkpoint: str) -> str:
     """`eval_` for the best checkpoint (or a file), `eval_last_` for last.pt: both land in the training run, often
-    at the same step (the epoch), and must not overwrite each other (000_... Tables 4-5 report both)."""
+    at the same step (the epoch), and must not overwrite each other (Wang et al. 2023 Tables 4-5 report both)."""
     return "eval_last_" if checkpoint == "last" else "eval_"
 
 
@@ -105,7 +105,8 @@ class EvalResult:
         return None if self.aa is None else self.aa.robust_acc
 
     def certified_curve(self, radii: Sequence[float] | None = None) -> list[tuple[float, float]]:
-        """[(r, fraction certified correct with radius >= r)], or [] without certification (002_... Fig. 2)."""
+        """[(r, fraction certified correct with radius >= r)], or [] without certification
+        (Sehwag et al. 2022 Fig. 2)."""
         if self.cert_preds is None or self.header.certify_sigma is None:
             return []
         grid = radius_grid(self.header.certify_sigma) if radii is None else radii

@@ -1,4 +1,4 @@
-"""ResNet-18, CIFAR variant (He et al. 2016 as used by the 002_... paper, Sehwag et al.; 11.17M parameters).
+"""ResNet-18, CIFAR variant (He et al. 2016 as used by the Sehwag et al. 2022 paper, Sehwag et al.; 11.17M parameters).
 
 CIFAR stem: one 3x3 conv, no max-pool; post-activation BasicBlocks; 4x4 average pool. Module names follow the
 common CIFAR ResNet layout (`conv1`, `bn1`, `layer1..4`, `linear`; reference `core/models/resnet.py`) so those

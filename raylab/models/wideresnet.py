@@ -1,5 +1,5 @@
 """WideResNet-D-W in the DeepMind style (Gowal et al. 2020; reference `wideresnetwithswish.py`, RobustBench
-`DMWideResNet`), the architecture of the 000_... paper.
+`DMWideResNet`), the architecture of the Wang et al. 2023 paper.
 
 Module and buffer names equal RobustBench's, so a raylab state_dict loads into `DMWideResNet` with strict=True
 and back (the RobustBench version that registers `mean`/`std` as (3, 1, 1) buffers; checkpoints without them,
@@ -127,6 +127,6 @@ def _wrn_factory(depth: int, width: int):
     return build
 
 
-# 000_...: WRN-28-10 and WRN-70-16; 002_...: WRN-34-10/34-20; WRN-16-2 is the tiny CPU stand-in.
+# Wang et al. 2023: WRN-28-10 and WRN-70-16; Sehwag et al. 2022: WRN-34-10/34-20; WRN-16-2 is the tiny CPU stand-in.
 for _depth, _width in ((16, 2), (28, 10), (34, 10), (34, 20), (70, 16)):
     register_model(f"wrn-{_depth}-{_width}")(_wrn_factory(_depth, _width))

@@ -5,7 +5,7 @@
 - `actors` / `generators`: the job's sampler/scorer/writer actors (plain classes Ray Data runs) and the generator
   registry (split from `generate_job`, which re-exports them).
 - `select`: selection policies and views (`build_view`, `load_view`, `describe`).
-- `gaussian`: the class-conditional Gaussian generator (001_... App. D).
+- `gaussian`: the class-conditional Gaussian generator (Rebuffi et al. 2021 App. D).
 - `quality`: scorer outputs and Fréchet distances ("FD (scorer features)"; Inception FID from a user file).
 
 Submodules are imported on demand: `generate_job` pulls in Ray, the rest does not.

@@ -1,8 +1,9 @@
-"""Class-conditional Gaussian generator: the simplest generative baseline (001_... App. D, 003_...).
+"""Class-conditional Gaussian generator: the simplest generative baseline (Rebuffi et al. 2021 App. D;
+Gowal et al. 2021).
 
 Rebuffi et al. fit "a class-conditional multivariate Gaussian" to the training images and found that mixing its
-samples in still improves robust accuracy (+0.93% on CIFAR-10, 001_... App. D, Fig. 12); Gowal et al. (003_...)
-explain why. Here each class c gets the mean μ_c and covariance Σ_c of its flattened 3072-dim HWC images in
+samples in still improves robust accuracy (+0.93% on CIFAR-10, Rebuffi et al. 2021 App. D, Fig. 12);
+Gowal et al. 2021 explain why. Here each class c gets the mean μ_c and covariance Σ_c of its flattened 3072-dim HWC images in
 [0, 255], stored as a low-rank factor plus a diagonal:
 
     Σ_c ≈ F_c F_cᵀ + diag(r_c²),   F_c = top-`rank` principal directions scaled by √eigenvalue,

@@ -62,7 +62,8 @@ class SeedPlan:
     @classmethod
     def from_config(cls, gen: GenerateConfig, num_classes: int, conditional: bool = True) -> "SeedPlan":
         """The plan of `gen` for a dataset of `num_classes` classes. An unconditional set gets the same total
-        budget, K * per_class images (000_... App. A: 5M unconditional images for CIFAR-10 = 500K per class)."""
+        budget, K * per_class images (Wang et al. 2023 App. A: 5M unconditional images for CIFAR-10 = 500K per
+        class)."""
         if num_classes < 1:
             raise PlanError(f"num_classes: {num_classes} must be >= 1")
         classes = tuple(range(num_classes)) if conditional else (-1,)

@@ -1,7 +1,7 @@
 """What a classifier says about generated images: per-image scores, and the Fréchet distance between two sets.
 
-Scores (000_... App. A, after Carmon et al. 2019): a standard (non-robust) classifier, the *scorer*, gives every
-generated image `score` = softmax probability of its label, `pred` = argmax class and `confidence` = max
+Scores (Wang et al. 2023 App. A, after Carmon et al. 2019): a standard (non-robust) classifier, the *scorer*,
+gives every generated image `score` = softmax probability of its label, `pred` = argmax class and `confidence` = max
 probability; unconditional images take `pred` as their pseudo-label. Per-class top-k selection reads `score`.
 
 Fréchet distance (Heusel et al. 2017): fit a Gaussian to each set's features and compute

@@ -1,16 +1,16 @@
 """Selecting generated images: policies over per-row scores, and *views* that name the kept rows without copying.
 
 Policies (registry keyed like `select.policy`; each maps the store's non-image columns to kept rows + labels):
-- "topk": per class, the `select.top_fraction` highest-`score` rows (000_... App. A: the top 20% of 500K images
+- "topk": per class, the `select.top_fraction` highest-`score` rows (Wang et al. 2023 App. A: the top 20% of 500K images
   per class by a standard WRN-28-10, i.e. 100K kept per class). Ties go to the lower plan index.
-- "none": every row (000_... uses all images once more than 1M are needed).
-- "agreement": Sehwag et al.'s two-classifier filter (002_... §3.3.1): drop an image when the two scorers'
+- "none": every row (Wang et al. 2023 uses all images once more than 1M are needed).
+- "agreement": Sehwag et al.'s two-classifier filter (Sehwag et al. 2022 §3.3.1): drop an image when the two scorers'
   predictions differ AND both are less than `select.agreement_confidence` (0.9 there) confident. The second
   scorer's outputs come from a scoring pass over the store (`generate_job.score_store`) saved beside the shards
   as `scores/<scorer sha256[:16]>.npz` and joined on the `seed` column.
 - "pseudo": labels := the scorer's `pred`, then per pseudo-class the top `top_fraction` by `confidence`
-  (000_... App. A for unconditional EDM: pseudo-label = most confident class, top 100K of 5M per class).
-Then `select.amount` keeps a balanced per-class prefix in plan order, so every amount of the 000_... Table 5
+  (Wang et al. 2023 App. A for unconditional EDM: pseudo-label = most confident class, top 100K of 5M per class).
+Then `select.amount` keeps a balanced per-class prefix in plan order, so every amount of the Wang et al. 2023 Table 5
 ablation is a nested subset of one generated set (plan order is random with respect to image content).
 
 A view is a directory: `rows.npz` (seed, label, shard, row, score of each kept row, sorted by seed) written first,

@@ -6,7 +6,7 @@ Everything is vectorised over the batch: random offsets/boxes are drawn as tenso
 one mask, never a Python loop per image. Random numbers are drawn on the generator's device and moved to the
 images' device, so a CPU generator gives the same augmentation on any accelerator.
 
-Settings (Rebuffi et al. 2021, papers/001_..., App. B):
+Settings (Rebuffi et al. 2021, papers/Rebuffi et al. 2021, App. B):
 - ``crop_flip`` ("Pad & Crop", the reference's ``base``): zero-pad 4, random crop back to H x W, flip p=0.5.
 - ``cutout``: crop_flip, then one zeroed square per image with window length 18 (their optimum, Fig. 9b; DeVries &
   Taylor use 16), centre uniform over the image, clipped at the border.

@@ -80,7 +80,7 @@ def checkpoint_path(run_path: str | Path, which: str = "best") -> Path:
 
 
 def scorer_config(cfg: ExperimentConfig) -> ExperimentConfig:
-    """The standard (non-robust) classifier that scores and pseudo-labels generated images (000_... App. A:
+    """The standard (non-robust) classifier that scores and pseudo-labels generated images (Wang et al. 2023 App. A:
     a standard WRN-28-10; tiny WRN on digits): plain CE on original images only."""
     from raylab.config import override
 

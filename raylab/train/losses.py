@@ -167,7 +167,7 @@ def ce_loss(model: nn.Module, x: Tensor, y: Tensor, *, cfg: TrainConfig, attack:
 @register_loss("stability")
 def stability_loss(model: nn.Module, x: Tensor, y: Tensor, *, cfg: TrainConfig, attack: AttackConfig,
                    generator: Optional[torch.Generator] = None) -> tuple[Tensor, Stats]:
-    """Stability training for randomized smoothing (002_... §3.2, Zheng et al. 2016):
+    """Stability training for randomized smoothing (Sehwag et al. 2022 §3.2, Zheng et al. 2016):
     smooth_ce(f(x), y) + beta * KL(softmax(f(x)) || softmax(f(x + delta))), delta ~ N(0, sigma^2 I) with
     sigma = train.noise_sigma, drawn from `generator`; not clamped to [0, 1] (Cohen et al. smooth unclamped)."""
     beta = _require_beta(cfg, "stability")

@@ -183,7 +183,8 @@ def _train(cfg: ExperimentConfig, loop_config: dict[str, Any]) -> dict[str, Any]
 
 
 def selection_metric(cfg: ExperimentConfig) -> str:
-    """What picks `best.pt`: validation PGD-40 accuracy (000_... Tables 4-5); clean accuracy for the CE scorer."""
+    """What picks `best.pt`: validation PGD-40 accuracy (Wang et al. 2023 Tables 4-5); clean accuracy for the CE
+    scorer."""
     return "val_clean_acc" if cfg.train.loss == "ce" else "val_robust_acc"
 
 

@@ -2,8 +2,8 @@
 
 An artifact's directory is named by the hash of exactly the config keys that produce it, so a beta or epochs
 sweep generates once, a steps sweep once per step count, and an amount sweep draws every amount as a balanced
-per-class prefix of one generation (000_... Table 5). Two trials that need the same artifact at the same moment do
-not both build it: the builder holds an exclusive file lock, and the second finds the finished artifact.
+per-class prefix of one generation (Wang et al. 2023 Table 5). Two trials that need the same artifact at the same
+moment do not both build it: the builder holds an exclusive file lock, and the second finds the finished artifact.
 """
 from __future__ import annotations
 

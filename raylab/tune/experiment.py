@@ -25,7 +25,7 @@ MAIN_JOB: dict[str, Any] = {
     "generate.per_class": 30, "data.max_train": 384, "data.val_size": 64, "train.epochs": 2, "eval.num_test": 100,
     "eval.chunk_size": 50, "resources.cpus_per_worker": 2, "resources.eval_actors": 2,
 }
-# 000_...'s standard data: 5M EDM images per class set, top 20% kept per class by the scorer = 1M.
+# Wang et al. 2023's standard data: 5M EDM images per class set, top 20% kept per class by the scorer = 1M.
 PAPER_1M: dict[str, Any] = {"generate.per_class": 500_000, "select.top_fraction": 0.2}
 # A GPU cluster at paper scale: 4 GPU workers per trial, GPU sampler/scorer/eval actors.
 CLUSTER: dict[str, Any] = {

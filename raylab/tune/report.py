@@ -38,7 +38,7 @@ BEST_LAST = [
 ]
 PLAIN = [Column("Clean", _m("eval_clean_acc")), Column("PGD-40", _m("eval_pgd40_acc")), Column("AA", _m("eval_aa_acc"))]
 
-# 000_... Table 7 (steps: FD + accuracies), Tables 4-5 (epochs, amount: best/last/diff), the rest plain.
+# Wang et al. 2023 Table 7 (steps: FD + accuracies), Tables 4-5 (epochs, amount: best/last/diff), the rest plain.
 LAYOUTS: dict[str, list[Column]] = {
     "steps": [Column("FD (scorer feats)", _m("fd"), percent=False), *PLAIN],
     "best_last": BEST_LAST,
@@ -99,7 +99,7 @@ def default_layout(knobs: Sequence[str]) -> str:
 
 
 def _figures(tracker: Any, uri: str, rows: list[dict[str, Any]], knobs: Sequence[str]) -> None:
-    """Metric vs knob, and per-epoch train/validation robust accuracy per trial (000_... Figure 2)."""
+    """Metric vs knob, and per-epoch train/validation robust accuracy per trial (Wang et al. 2023 Figure 2)."""
     from raylab.tracking import get_run_metrics_history, line_plot
 
     xs = [str(r[knobs[0]]) for r in rows]

@@ -92,7 +92,7 @@ def run_trial(trial_config: dict[str, Any], *, flat: dict[str, Any], parent_run_
 
 
 def trial_summary(out: Any) -> dict[str, float]:
-    """Best/last of the per-epoch metrics (000_... Tables 4-5: best epoch by validation PGD-40)."""
+    """Best/last of the per-epoch metrics (Wang et al. 2023 Tables 4-5: best epoch by validation PGD-40)."""
     hist = out.history
     clean = [h.get("test_clean_acc", math.nan) for h in hist]
     return {"best_epoch": float(out.best.get("epoch", -1)), "epochs": float(len(hist)),

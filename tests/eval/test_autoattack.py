@@ -99,7 +99,7 @@ def test_non_robust_cnn_is_broken_at_large_eps():
 
 
 def test_standard_cascade_lists_table6_attacks_in_order():
-    """001_... Table 6 columns; the CNN falls to APGD-CE, so the later attacks have nothing left (fast)."""
+    """Rebuffi et al. 2021 Table 6 columns; the CNN falls to APGD-CE, so the later attacks have nothing left (fast)."""
     model, x = small_cnn(), data(4)
     y = own_labels(model, x, wrong=0)
     r = run_autoattack(model, x, y, norm="linf", eps=64 / 255, version="standard", seed=0, batch_size=4)

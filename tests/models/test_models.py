@@ -20,7 +20,7 @@ def test_registry_names_equal_config_choices():
 
 
 # Exact counts for 10 classes, measured here; they agree with the reference's 0.69M / 36.48M / 266.80M
-# (training_recipe.md §1) and the 002_... paper's 11.2M for ResNet-18.
+# (training_recipe.md §1) and the Sehwag et al. 2022 paper's 11.2M for ResNet-18.
 PARAMS = {"wrn-16-2": 691_674, "wrn-28-10": 36_479_194, "wrn-34-10": 46_160_474, "wrn-34-20": 184_531_674,
           "wrn-70-16": 266_796_506, "resnet18": 11_173_962}
 

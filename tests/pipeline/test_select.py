@@ -35,7 +35,7 @@ def make_store(root, scored=True, identity="set-a"):
 def test_topk_keeps_the_top_fraction_of_every_class():
     label = np.repeat(np.arange(K), PER_CLASS).astype(np.int16)
     score = np.random.default_rng(1).random(len(label)).astype(np.float32)
-    keep = top_fraction_per_class(label, score, np.arange(len(label)), 0.2)  # 000_...: 100K of 500K per class
+    keep = top_fraction_per_class(label, score, np.arange(len(label)), 0.2)  # Wang et al. 2023: 100K of 500K per class
     assert np.bincount(label[keep]).tolist() == [4] * K
     for c in range(K):
         mine = label == c
@@ -49,7 +49,7 @@ def test_agreement_drops_only_confident_disagreements_below_threshold():
             "pred2": np.array([0, 1, 0, 2]), "confidence": np.array([0.5, 0.5, 0.95, 0.5]),
             "confidence2": np.array([0.5, 0.5, 0.5, 0.5])}
     chosen = select_rows(cols, SelectConfig(policy="agreement", agreement_confidence=0.9))
-    # agree → kept; disagree + both unsure → dropped; disagree but one ≥ 0.9 → kept (002_... §3.3.1)
+    # agree → kept; disagree + both unsure → dropped; disagree but one ≥ 0.9 → kept (Sehwag et al. 2022 §3.3.1)
     assert chosen.keep.tolist() == [True, False, True, False]
 
 

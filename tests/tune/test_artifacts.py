@@ -20,7 +20,7 @@ def test_steps_build_their_own_generation_and_amounts_share_one():
     base_gen, base_view = keys({})
     assert keys({"generate.steps": 4})[0] != base_gen and keys({"generate.steps": 4}) != keys({"generate.steps": 8})
     gen, view = keys({"select.amount": 100})
-    assert gen == base_gen and view != base_view  # 000_... Table 5: amounts are prefixes of one generation
+    assert gen == base_gen and view != base_view  # Wang et al. 2023 Table 5: amounts are prefixes of one generation
 
 
 def test_the_sweep_driver_pins_relative_roots_and_the_sweep_name_ignores_them(tmp_path, monkeypatch):
