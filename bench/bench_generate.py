@@ -133,6 +133,9 @@ def main() -> None:
                   f"{busy[a] / (times[a] * a):12.0%}")
         print(f"2 actors / 1 actor throughput: {times[1] / times[2]:.2f}x")
         print(f"pipeline overhead (1 actor vs loop): {times[1] / loop_s - 1:+.0%} ({times[1] - loop_s:.1f} s)")
+        print(f"  of which outside the sampler calls (actor start-up, scheduling, writing): "
+              f"{times[1] - busy[1]:.1f} s; the 1-actor sampler's busy time is {busy[1] / loop_s:.2f}x the loop's "
+              "whole time")
 
 
 if __name__ == "__main__":

@@ -145,7 +145,7 @@ def _report(ns: argparse.Namespace) -> int:
 
 def _ui_args(p: argparse.ArgumentParser) -> None:
     config_args(p)
-    p.add_argument("--port", type=int, default=None)
+    p.add_argument("--port", type=int, default=None, help="default tracking.ui_port; 0 = any free port")
 
 
 @verb("ui", "serve the MLflow UI on 127.0.0.1 for the run root's store", _ui_args)
@@ -153,7 +153,7 @@ def _ui(ns: argparse.Namespace) -> int:
     from raylab.tracking.ui import serve_ui
 
     cfg = config_from(ns)
-    serve_ui(cfg.tracking, port=ns.port or cfg.tracking.ui_port, block=True)
+    serve_ui(cfg.tracking, port=ns.port, block=True)  # None = tracking.ui_port; 0 (falsy) = any free port
     return 0
 
 
@@ -186,17 +186,10 @@ def _print_json(data: dict) -> None:
 @verb("select", "select rows of a generated set into a view (select.policy, select.amount); copies no image",
       _select_args)
 def _select(ns: argparse.Namespace) -> int:
-    from raylab.pipeline.select import build_view, describe
+    from raylab.pipeline.select import build_view, describe, second_scores
 
     cfg = config_from(ns)
-    second = None
-    if cfg.select.policy == "agreement":
-        if not cfg.select.second_checkpoint:
-            raise ConfigError("select.second_checkpoint: required by select.policy=agreement "
-                              "(Sehwag et al. 2022 filter)")
-        from raylab.pipeline.generate_job import score_store
-
-        second = score_store(cfg, ns.store, cfg.select.second_checkpoint)  # cached beside the shards
+    second = second_scores(cfg, ns.store)  # the agreement policy's second scorer, cached beside the shards
     _print_json(describe(build_view(ns.store, cfg.select, ns.view_out, second=second)))
     return 0
 

@@ -208,7 +208,8 @@ class SelectConfig(_Stage):
     top_fraction: float = knob(0.2, lo=0.0, hi=1.0, lo_open=True, doc="per-class fraction kept by topk")
     amount: int = knob(0, lo=0, doc="balanced per-class prefix of the view, 0 = all")
     scorer_model: str = knob("wrn-28-10", choices=MODELS)
-    scorer_checkpoint: str = knob("", doc="'' = the committed tiny digits scorer")
+    scorer_checkpoint: str = knob("", doc="scorer of `raylab generate` ('' = the committed tiny digits scorer, "
+                                  "'none' = no scores); `raylab select` uses the scores stored with the set")
     second_checkpoint: str = knob("", doc="second scorer for the agreement policy")
     agreement_confidence: float = knob(0.9, lo=0.0, hi=1.0)
 
@@ -463,12 +464,13 @@ PRESETS: dict[str, dict[str, Any]] = {
         "edm.dropout": 0.0, "edm.augment_dim": 0, "edm.batch_size": 32, "edm.lr": 0.004, "edm.total_kimg": 40.0,
         "edm.warmup_kimg": 0.5, "edm.ema_halflife_kimg": 0.5, "edm.checkpoint_every_kimg": 2.0, "edm.p_mean": 0.0,
         "generate.steps": 10, "generate.per_class": 60, "generate.shard_size": 200, "generate.batch_size": 64,
+        # Half, not the paper's 20%: 60 per class leaves 30 selected images per class for a 3-epoch run.
         "select.scorer_model": "wrn-16-2", "select.top_fraction": 0.5,
         "model.name": "wrn-16-2",
         "train.epochs": 3, "train.batch_size": 64, "train.lr": 0.1, "train.schedule_per": "step",
         # BN running stats with momentum 0.01 lag far behind in a few hundred steps: re-estimate them for the
         # EMA model before each evaluation instead (paper scale keeps the reference's copy).
-        "train.ema_bn": "recompute", "train.val_pgd_steps": 5,
+        "train.ema_bn": "recompute", "train.val_pgd_steps": 5, "train.augment": "crop",  # digits: no mirror images
         "train.checkpoint_every": 1, "attack.steps": 3,
         "eval.num_test": 200, "eval.pgd_steps": 10, "eval.autoattack": "custom", "eval.aa_attacks": "apgd-ce",
         "eval.chunk_size": 100, "eval.batch_size": 100, "eval.certify_n": 200,

@@ -1,12 +1,14 @@
 """Atomic file writes and content hashes: partial outputs are never visible as complete."""
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator, Optional
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
@@ -49,3 +51,19 @@ def file_digest(path: str | os.PathLike, algorithm: str = "sha256", chunk: int =
 
 def sha256_file(path: str | os.PathLike) -> str:
     return file_digest(path, "sha256")
+
+
+@contextlib.contextmanager
+def exclusive(path: Path, busy: Optional[Exception] = None) -> Iterator[None]:
+    """An exclusive lock on `path` (a small lock file) for the duration of the block: waits for it, or, given
+    `busy`, raises that at once when another holder has it (flock: also a second open in the same process)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | (fcntl.LOCK_NB if busy is not None else 0))
+        except BlockingIOError:
+            raise busy from None
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

@@ -6,24 +6,28 @@ Nothing here ever deletes a run directory (the reference `rmtree`d its log dir a
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from raylab.config import ExperimentConfig, fingerprint, to_json
 from raylab.io import atomic_write_text
 
+CONFIG_NAME = "config.json"
+
 # What determines the bytes and scores of a generated set (not generate.batch_size: bytes do not depend on it).
 GENERATION_KEYS = ["data.dataset", "data.root", "edm", "generate.generator", "generate.checkpoint", "generate.steps",
                    "generate.solver", "generate.sigma_min", "generate.sigma_max", "generate.rho", "generate.s_churn",
                    "generate.s_min", "generate.s_max", "generate.s_noise", "generate.per_class", "generate.shard_size",
-                   "generate.seed", "generate.seed_mode", "generate.latents_on_cpu", "select.scorer_model",
-                   "select.scorer_checkpoint"]
+                   "generate.seed", "generate.seed_mode", "generate.latents_on_cpu", "generate.gaussian_rank",
+                   "select.scorer_model", "select.scorer_checkpoint"]
 
 # Config keys that determine each stage's output (the rest, e.g. tracking or eval knobs, do not).
 STAGE_KEYS: dict[str, list[str]] = {
     "edm": ["data.dataset", "data.val_size", "data.max_train", "edm"],
-    "scorer": ["data", "select.scorer_model", "model.activation", "train.epochs", "train.batch_size", "train.lr",
-               "train.seed", "train.augment"],
+    # Of the scorer's derived config (`train.job.scorer_config`: model = select.scorer_model, CE, no smoothing), so
+    # every training knob that changes the classifier names a new run.
+    "scorer": ["data", "model", "train", "resources.num_workers"],
     "generate": GENERATION_KEYS,
     "train": ["data", "generate", "select", "model", "attack", "train", "resources.num_workers"],
 }
@@ -37,7 +41,18 @@ class RunDir:
 
     @property
     def config_path(self) -> Path:
-        return self.path / "config.json"
+        return self.path / CONFIG_NAME
+
+
+def write_config(directory: str | os.PathLike, cfg: ExperimentConfig, keep: bool = False) -> Path:
+    """`<directory>/config.json` = the resolved config (strict JSON, `raylab.config.to_json`), written atomically
+    and only when absent or different: a resumed run leaves the file (and its mtime) as it was. `keep` leaves any
+    existing file: a shared artifact keeps the config of the first trial that asked for it."""
+    path = Path(directory) / CONFIG_NAME
+    text = to_json(cfg) + "\n"
+    if not (path.is_file() and (keep or path.read_text() == text)):
+        atomic_write_text(path, text)
+    return path
 
 
 def run_dir(cfg: ExperimentConfig, stage: str, name: str | None = None) -> RunDir:
@@ -46,5 +61,5 @@ def run_dir(cfg: ExperimentConfig, stage: str, name: str | None = None) -> RunDi
     path = Path(cfg.tracking.root).resolve() / stage / name
     path.mkdir(parents=True, exist_ok=True)
     run = RunDir(stage, name, path)
-    atomic_write_text(run.config_path, to_json(cfg) + "\n")
+    write_config(path, cfg)
     return run

@@ -1,8 +1,7 @@
-"""Process-level helpers with single-process defaults: device choice, seeding, rank-0 printing."""
+"""Process-level helpers with single-process defaults: device choice, seeding, torch thread count."""
 from __future__ import annotations
 
 import contextlib
-import os
 import random
 from typing import Iterator
 
@@ -21,18 +20,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def world_rank() -> int:
-    """Rank of this process under torch.distributed, 0 when not distributed."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank()
-    return int(os.environ.get("RANK", 0))
-
-
-def print0(*args, **kwargs) -> None:
-    if world_rank() == 0:
-        print(*args, **kwargs, flush=True)
 
 
 @contextlib.contextmanager

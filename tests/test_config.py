@@ -1,10 +1,13 @@
 """Config round trips and every class of validation error."""
+import dataclasses
+import json
 import math
 
 import pytest
 
 from raylab.config import (PRESETS, STAGES, ConfigError, ExperimentConfig, all_keys, fingerprint, from_flat,
                            from_json, make_config, override, parse_assignments, to_flat, to_json)
+from raylab.data.datasets import get_dataset
 
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))
@@ -22,6 +25,35 @@ def test_paper_preset_is_the_papers_recipe():
     assert (c.train.beta, c.train.label_smoothing, c.train.ema_tau, c.train.ratio) == (5.0, 0.1, 0.995, 0.3)
     assert (c.attack.steps, c.attack.eps, c.attack.step) == (10, 8 / 255, 2 / 255)
     assert (c.generate.steps, c.select.top_fraction, c.select.policy) == (20, 0.2, "topk")
+    assert c.generate.per_class == 500_000  # 5M generated CIFAR-10 images before the top-20% filter
+    assert (c.train.scheduler, c.train.warmup_frac) == ("onecycle", 0.025)
+    # Validation holdout: the dataset's own default, resolved when the data is loaded (1024 CIFAR-10 images).
+    assert c.data.val_size is None and get_dataset(c.data.dataset).val_size == 1024
+
+
+@pytest.mark.parametrize("section", sorted(STAGES))
+def test_every_stage_is_frozen(section):
+    stage = getattr(make_config("tiny"), section)
+    name = dataclasses.fields(stage)[0].name
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        setattr(stage, name, getattr(stage, name))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        make_config("tiny").train = stage
+
+
+def _no_constants(name):
+    raise ValueError(f"non-JSON constant {name}")
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_json_is_strict_and_round_trips_inf(preset):
+    cfg = override(make_config(preset), {"generate.s_churn": 40.0})  # s_max stays inf, the default
+    text = to_json(cfg)
+    assert "Infinity" not in text and "NaN" not in text
+    nested = json.loads(text, parse_constant=_no_constants)
+    assert nested["generate"]["s_max"] == "inf"
+    again = from_json(text)
+    assert again == cfg and math.isinf(again.generate.s_max) and isinstance(again.generate.s_max, float)
 
 
 def test_strings_are_parsed_like_the_cli():
@@ -47,6 +79,7 @@ def test_strings_are_parsed_like_the_cli():
     ({"model.name": "vit"}, "is not one of"),
     ({"train.beta": None}, "required by train.loss=trades"),
     ({"train.batch_size": 65, "resources.num_workers": 2}, "not divisible by resources.num_workers=2"),
+    ({"edm.batch_size": 33, "resources.num_workers": 2}, "edm.batch_size: 33 is not divisible by resources.num"),
     ({"generate.sigma_min": 100.0}, "must be < generate.sigma_max"),
     ({"train.lr": float("nan")}, "NaN"),
 ])

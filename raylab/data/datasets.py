@@ -2,13 +2,14 @@
 
 Every dataset becomes uint8 NHWC 32×32×3 images with int64 labels (`ImageSet`). `load_splits` turns a
 `DataConfig` into train / validation / test, holding out the *first* `val_size` training images for validation
-as Gowal et al. 2020 and Wang et al. 2023 (Wang et al. 2023) do (1024 images), and carries the per-dataset normalization
-that the models apply inside themselves.
+as Gowal et al. 2020 and Wang et al. 2023 do (1024 images; `data.val_size=None` = the dataset's registered
+default), and carries the per-dataset normalization that the models apply inside themselves.
 
 CIFAR-10/100 and SVHN are read from their standard archives in `data.root`: the extracted form, or the original
-archive (extracted into place atomically), or — with `data.download=true` — fetched from the official URL and
-checked against its published md5. The embedded default, `digits`, is scikit-learn's handwritten digits (real
-scans that ship inside the installed package) rendered to 32×32×3, so everything runs offline.
+archive (checked against its published md5, then extracted into place atomically), or — with `data.download=true`
+— fetched from the official URL and checked the same way; a failed download says where to place the file by hand.
+The embedded default, `digits`, is scikit-learn's handwritten digits (real scans that ship inside the installed
+package) rendered to 32×32×3, so everything runs offline.
 
 Add a dataset with `@register_dataset(name, num_classes=..., mean=..., std=...)` on a function
 `(root: Path, download: bool) -> (train, test)`; the names must match `raylab.config.DATASETS`.
@@ -26,7 +27,7 @@ import tempfile
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, BinaryIO, Callable, Sequence
 
 import numpy as np
 
@@ -35,7 +36,7 @@ from raylab.config import DataConfig
 
 log = logging.getLogger(__name__)
 
-IMAGE_SHAPE = (32, 32, 3)  # H, W, C
+IMAGE_SHAPE = (32, 32, 3)  # H, W, C of every image in raylab (datasets, shards, generated sets)
 
 
 class DatasetError(ValueError):
@@ -165,8 +166,20 @@ REMOTES: dict[str, Remote] = {
 }
 
 
-def md5_file(path: str | os.PathLike) -> str:
-    return file_digest(path, "md5")  # the archives' published checksums are md5
+def _fetch(url: str, out: BinaryIO, dest: Path) -> str:
+    """Copy `url` into `out`; its md5. A failed transfer (no network, HTTP error, missing file) is one line that
+    names the URL and says where to put the file by hand: clusters without internet are common."""
+    h = hashlib.md5()
+    try:
+        with urllib.request.urlopen(url, timeout=60) as src:
+            while block := src.read(1 << 20):
+                h.update(block)
+                out.write(block)
+    except OSError as err:  # urllib.error.URLError and HTTPError are OSErrors, as are socket timeouts
+        reason = " ".join(str(getattr(err, "reason", None) or err).split())
+        raise DatasetError(f"{url}: download failed ({reason}); fetch it yourself and place {dest.name} in "
+                           f"{dest.parent} (data.root)") from None
+    return h.hexdigest()
 
 
 def download_file(url: str, dest: str | os.PathLike, md5: str) -> Path:
@@ -175,14 +188,10 @@ def download_file(url: str, dest: str | os.PathLike, md5: str) -> Path:
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
     try:
-        h = hashlib.md5()
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as src:
-            while block := src.read(1 << 20):
-                h.update(block)
-                out.write(block)
-        if h.hexdigest() != md5:
-            raise DatasetError(f"{dest.name}: checksum mismatch downloading {url} (expected md5 {md5}, "
-                               f"got {h.hexdigest()})")
+        with os.fdopen(fd, "wb") as out:
+            got = _fetch(url, out, dest)
+        if got != md5:
+            raise DatasetError(f"{dest.name}: checksum mismatch downloading {url} (expected md5 {md5}, got {got})")
         os.replace(tmp, dest)
     finally:
         Path(tmp).unlink(missing_ok=True)
@@ -201,6 +210,18 @@ def ensure_file(root: Path, filename: str, download: bool) -> Path:
     return download_file(remote.url, path, remote.md5)
 
 
+def check_placed_archive(path: Path) -> None:
+    """An archive the user put in data.root matches its published md5 (when known): a truncated copy or another
+    release would otherwise fail deep inside extraction or unpickling, or load silently different images."""
+    remote = REMOTES.get(path.name)
+    if remote is None:
+        return
+    got = file_digest(path, "md5")
+    if got != remote.md5:
+        raise DatasetError(f"{path}: md5 {got} != the published {remote.md5} (truncated or another file); replace "
+                           f"it with the original from {remote.url} or delete it and set data.download=true")
+
+
 def _safe_members(tar: tarfile.TarFile, folder: str) -> list[tarfile.TarInfo]:
     """Only plain files and folders under `folder/`: an archive cannot write outside root or plant links."""
     members = tar.getmembers()
@@ -216,7 +237,10 @@ def ensure_extracted(root: Path, folder: str, archive: str, download: bool) -> P
     target = root / folder
     if target.is_dir():
         return target
+    placed = (root / archive).is_file()
     path = ensure_file(root, archive, download)
+    if placed:  # a downloaded archive was just checked; a placed one is checked here, once, before extracting
+        check_placed_archive(path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder}.", dir=root))
     try:
         with tarfile.open(path, "r:gz") as tar:

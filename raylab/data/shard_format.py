@@ -7,10 +7,13 @@ contracts"). Pure pyarrow/numpy: no files, no manifest (those are `raylab.data.s
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Iterable, Mapping
 
 import numpy as np
 import pyarrow as pa
+
+from raylab.data.datasets import IMAGE_SHAPE
 
 
 class ShardError(ValueError):
@@ -20,8 +23,7 @@ class ShardError(ValueError):
 # ---------------------------------------------------------------------------------------------------------------
 # Schema.
 
-IMAGE_SHAPE = (32, 32, 3)
-IMAGE_BYTES = 32 * 32 * 3
+IMAGE_BYTES = math.prod(IMAGE_SHAPE)  # 3072
 # Image column type: fixed_size_binary(3072) (= DESIGN.md's `binary(3072)`), chosen by bench/bench_shard_read.py
 # (50k random images, 5 shards, interleaved rounds, 2-core box shared with other jobs): pyarrow read_table +
 # decode 454k vs 267k img/s for variable `binary` (fixed 1.7–1.9× faster in all 4 runs); Ray Data read →

@@ -49,6 +49,7 @@ from raylab.eval.export import load_checkpoint_model, read_state_dict
 from raylab.eval.metrics import EvalError, require_eval_mode
 from raylab.eval.report import EvalHeader, EvalResult, format_table, metric_prefix
 from raylab.io import atomic_write_json, sha256_file
+from raylab.runs import write_config
 
 FORMAT = "raylab-eval/1"     # part of the fingerprint: bump when a chunk's meaning changes
 CHECKS_ITEM = -1             # the work item that runs the gradient-masking checks
@@ -385,6 +386,14 @@ def eval_fingerprint(cfg: ExperimentConfig, weights_sha256: str) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def result_dir(tgt: Target, weights_sha256: str, out_dir: str | os.PathLike | None = None) -> Path:
+    """`<out_dir or the run dir / checkpoint dir>/eval/<fingerprint>/`, created holding the resolved config it
+    evaluates with (`config.json`: run config plus the eval overrides; rewritten only when it changed)."""
+    out = Path(out_dir or (tgt.run or tgt.weights.parent) / "eval") / eval_fingerprint(tgt.cfg, weights_sha256)
+    write_config(out, tgt.cfg)
+    return out
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The front door.
 
@@ -405,7 +414,7 @@ def run_eval(target: str | os.PathLike, cfg_overrides: Mapping[str, Any] | None 
     source = CheckpointSource(str(tgt.weights.resolve()), cfg.model.name, cfg.model.activation, spec.num_classes,
                               tuple(spec.mean), tuple(spec.std))
     sha = sha256_file(tgt.weights)
-    out = Path(out_dir or (tgt.run or tgt.weights.parent) / "eval") / eval_fingerprint(cfg, sha)
+    out = result_dir(tgt, sha, out_dir)
     header = default_header(cfg.eval, model=cfg.model.name, dataset=cfg.data.dataset, checkpoint=tgt.checkpoint,
                             epoch=read_state_dict(tgt.weights)[1].get("epoch"))
     outcome = evaluate(source, images, labels, cfg.eval, out, resources=cfg.resources, checks=checks,

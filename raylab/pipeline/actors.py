@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 
 from raylab.config import GenerateConfig
-from raylab.data.shards import ShardStore, read_numpy
+from raylab.data.shards import ShardStore, load_manifest, read_numpy, shard_name
 from raylab.pipeline.generators import GENERATORS, GenerateError
 from raylab.pipeline.plan import SeedPlan
 from raylab.pipeline.quality import Scorer, score_columns
@@ -44,7 +44,7 @@ class JobSpec:
     use_gpu: bool
     identity: dict[str, Any]
     note: str = ""
-    crash_marker: Optional[str] = None  # fault drill (tests): the first sampler call to claim it kills its actor
+    fault_after_shards: Optional[tuple[str, int]] = None  # fault drill (tests): (marker, k), see _fault_drill
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -70,14 +70,24 @@ def _append(row: pa.Table, arrays: dict[str, np.ndarray], seconds: float) -> pa.
     return row.append_column("score_s", pa.array([seconds], pa.float64()))
 
 
-def _crash_once(marker: Optional[str]) -> None:
-    """Fault drill: the first call anywhere to create `marker` kills its own process (a lost actor)."""
-    if not marker:
+def _fault_drill(fault: Optional[tuple[str, int]], store: str, sampled: list[str]) -> None:
+    """Fault injection for the tests' kill drill; `fault` = (marker file, k), off when None.
+
+    An actor that has sampled k shards (`sampled`, their file names) claims `marker` as it starts its next one,
+    waits until those k are recorded in the store (they are on their way through scorer and writer; at most 60 s),
+    writes the store's shard count into `marker` and kills its own process: an actor lost mid-job, with a shard in
+    flight and its earlier ones on disk. Ray restarts it; the new process finds the marker taken and samples on."""
+    if not fault or len(sampled) < fault[1]:
         return
     try:
-        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        fd = os.open(fault[0], os.O_CREAT | os.O_EXCL | os.O_WRONLY)
     except FileExistsError:
         return
+    deadline = time.monotonic() + 60.0
+    while not set(sampled) <= set(shards := load_manifest(store)["shards"]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.write(fd, str(len(shards)).encode())
+    os.close(fd)
     os._exit(1)
 
 
@@ -87,9 +97,11 @@ class SamplerActor:
     def __init__(self, spec: JobSpec):
         self.spec, self.device = spec, pick_device(spec.use_gpu)
         self.generator = GENERATORS[spec.generator].load(Path(spec.checkpoint), spec.generate, self.device)
+        self.sampled: list[str] = []  # shard names sampled by this process (for the fault drill)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        _crash_once(self.spec.crash_marker)
+        _fault_drill(self.spec.fault_after_shards, self.spec.store, self.sampled)
+        self.sampled += [shard_name(int(a), int(b)) for a, b in zip(batch["first"], batch["last"])]
         return pa.concat_tables([self.sample_shard(int(a), int(b)) for a, b in zip(batch["first"], batch["last"])])
 
     def sample_shard(self, first: int, last: int) -> pa.Table:

@@ -3,13 +3,15 @@ Gowal et al. 2021).
 
 Rebuffi et al. fit "a class-conditional multivariate Gaussian" to the training images and found that mixing its
 samples in still improves robust accuracy (+0.93% on CIFAR-10, Rebuffi et al. 2021 App. D, Fig. 12);
-Gowal et al. 2021 explain why. Here each class c gets the mean μ_c and covariance Σ_c of its flattened 3072-dim HWC images in
-[0, 255], stored as a low-rank factor plus a diagonal:
+Gowal et al. 2021 explain why. Here each class c gets the mean μ_c and covariance Σ_c of its flattened 3072-dim HWC
+images in [0, 255], stored as a low-rank factor plus a diagonal:
 
     Σ_c ≈ F_c F_cᵀ + diag(r_c²),   F_c = top-`rank` principal directions scaled by √eigenvalue,
 
-where r_c² = diag(Σ_c) − diag(F_c F_cᵀ) keeps every pixel's variance exact. With fewer images than dimensions
-(digits: ~135 per class) the sample covariance has rank n − 1 < 3072 and the factor is exact; CIFAR (5000 per
+where r_c² = diag(Σ_c) − diag(F_c F_cᵀ) keeps every pixel's variance exact. `rank` is `generate.gaussian_rank`
+(default 256); rank 0 keeps every direction, i.e. the full covariance Σ_c = F_c F_cᵀ exactly (r_c = 0; a
+(K, 3072, 3072) factor, 377 MB in float32 for CIFAR-10). With fewer images than dimensions (digits: ~135 per class)
+the sample covariance has rank n − 1 < 3072 and the factor is exact at any rank ≥ n − 1; CIFAR (5000 per
 class) keeps its top `rank` directions. The factor comes from an eigendecomposition of the n×n Gram matrix of the
 centred images when n ≤ 3072 and of Σ_c otherwise, whichever is smaller.
 
@@ -29,12 +31,13 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from raylab.data.datasets import IMAGE_SHAPE
 from raylab.generate.seeds import PerImageNoise
 from raylab.io import atomic_write_bytes
 
-IMAGE_SHAPE = (32, 32, 3)
-DIM = 32 * 32 * 3
-DEFAULT_RANK = 256
+DIM = int(np.prod(IMAGE_SHAPE))
+DEFAULT_RANK = 256  # generate.gaussian_rank's default
+FULL_RANK = 0       # generate.gaussian_rank value meaning the full covariance
 FORMAT = "raylab-gaussian/1"
 NOISE_CHUNK = 256  # images whose noise is held at once (memory only: each image draws from its own generator)
 
@@ -104,14 +107,16 @@ def _pad(factor: np.ndarray, width: int) -> np.ndarray:
 
 
 def fit_gaussian(images: np.ndarray, labels: np.ndarray, num_classes: int, rank: int = DEFAULT_RANK) -> GaussianFit:
-    """Fit per-class mean and low-rank-plus-diagonal covariance to uint8 (N, 32, 32, 3) images."""
+    """Fit per-class mean and low-rank-plus-diagonal covariance to uint8 (N, 32, 32, 3) images; `rank` 0
+    (`FULL_RANK`) keeps every principal direction (the full covariance)."""
     images, labels = np.asarray(images), np.asarray(labels)
     if images.dtype != np.uint8 or images.shape[1:] != IMAGE_SHAPE:
         raise GaussianError(f"images: expected uint8 (N, 32, 32, 3), got {images.dtype} {images.shape}")
     if labels.shape != images.shape[:1]:
         raise GaussianError(f"labels: shape {labels.shape} does not match {len(images)} images")
-    if not 1 <= rank <= DIM:
-        raise GaussianError(f"rank: {rank} must be in [1, {DIM}]")
+    if not 0 <= rank <= DIM:
+        raise GaussianError(f"generate.gaussian_rank: {rank} must be in [0, {DIM}] (0 = full covariance)")
+    rank = rank or DIM
     counts = np.bincount(labels, minlength=num_classes) if len(labels) else np.zeros(num_classes, np.int64)
     if len(counts) > num_classes or counts.min() < 1:
         raise GaussianError(f"labels: every class 0..{num_classes - 1} needs at least one image, got counts "

@@ -16,8 +16,14 @@ are not seed-addressed and a retried task could leave a second copy.
 Resumable: only shards missing from the store are planned. Elastic: the bytes of a shard depend only on the set's
 identity (raylab.pipeline.plan), not on actor count, batch size or retries; actors are restarted and their
 in-flight shard retried by Ray (`max_restarts` / `max_task_retries` = resources.max_failures). GPU by
-configuration alone (resources.gpus_per_actor). All paths (checkpoints, the store) must be on a filesystem every
-node sees. One generate job per store at a time: leftover temp files of a crashed run are removed at start.
+configuration alone: samplers and scorers are separate actor pools, each with its own resources
+(resources.cpus_per_actor / gpus_per_actor for samplers, resources.scorer_cpus_per_actor / scorer_gpus_per_actor
+for scorers; `actor_resources`). All paths (checkpoints, the store) must be on a filesystem every node sees.
+One generate job per store at a time, enforced by a lock file in the store (`store_lock`): leftover temp files of a
+crashed run are removed at start, which would delete a running job's in-flight shards.
+
+Quality (MLflow report): "FD (scorer features)" — the scorer's penultimate features, NOT Inception FID — and, with
+generate.inception_weights, "FID (Inception)", both between generated and real *test* images.
 
 Split by concern: `raylab.pipeline.generators` holds the generator registry and `GenerateError`,
 `raylab.pipeline.actors` the `JobSpec` and every stage UDF / actor class; this module plans the job, builds and
@@ -26,11 +32,12 @@ runs the pipeline, writes the MLflow report and runs `score_store`. It re-export
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -39,11 +46,13 @@ from raylab.cluster import init_ray
 from raylab.config import ExperimentConfig, ResourcesConfig, to_flat, to_json
 from raylab.data.datasets import get_dataset, load_splits
 from raylab.data.shards import ShardStore, load_manifest, read_numpy, remove_temp_files, shard_name
+from raylab.io import exclusive
 from raylab.pipeline.actors import (_DTYPES, SCORE_BATCH, SCORE_COLUMNS, WRITTEN, JobSpec, SamplerActor, ScorerActor,
                                     ShardScorerActor, shard_columns, write_shards)
 from raylab.pipeline.generators import GENERATORS, GenerateError, GeneratorKind, checkpoint_sha256
 from raylab.pipeline.plan import SeedPlan, set_identity
-from raylab.pipeline.quality import Scorer, scorer_fd, scorer_identity
+from raylab.pipeline.quality import (FD_LABEL, FID_LABEL, InceptionFeatures, QualityError, Scorer, inception_fid,
+                                     scorer_fd, scorer_identity)
 from raylab.pipeline.select import load_scores, save_scores, scores_path
 from raylab.runs import run_dir
 
@@ -54,15 +63,17 @@ __all__ = [
     "SCORE_BATCH", "SCORE_COLUMNS", "WRITTEN", "JobSpec", "SamplerActor", "ScorerActor", "ShardScorerActor",
     "shard_columns", "write_shards",
     # here
-    "ASSETS", "DEFAULT_SCORER", "GRID_PER_CLASS", "NO_SCORER", "GenerateOutcome", "build_pipeline",
-    "generation_report", "log_generation", "plan_job", "resolve_scorer", "run_generate", "sample_images",
-    "score_store",
+    "ASSETS", "DEFAULT_SCORER", "GRID_PER_CLASS", "LOCK_FILE", "NO_SCORER", "QUALITY_METRICS", "STAGES",
+    "GenerateOutcome", "QualityMetric", "StageResources", "actor_resources", "build_pipeline", "generation_report",
+    "log_generation", "plan_job", "quality_metrics", "resolve_scorer", "run_generate", "sample_images",
+    "score_store", "stage_resources", "store_lock", "store_path",
 ]
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 DEFAULT_SCORER = ASSETS / "scorer-digits" / "best.pt"  # the committed scorer, used for data.dataset=digits
 NO_SCORER = "none"    # select.scorer_checkpoint value that turns scoring off
 GRID_PER_CLASS = 16   # images per class in the logged sample grids
+LOCK_FILE = ".generate.lock"  # in the store: held by the one generate job running on it
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -91,10 +102,25 @@ def _resolve_generator(cfg: ExperimentConfig, out_dir: Path) -> tuple[str, Path]
     return kind, path
 
 
+def _check_inception(cfg: ExperimentConfig) -> None:
+    """generate.inception_weights: a TorchScript detector with the expected interface, checked before sampling."""
+    if cfg.generate.inception_weights:
+        try:
+            InceptionFeatures(cfg.generate.inception_weights).check()
+        except QualityError as err:
+            raise GenerateError(f"generate.inception_weights: {err}") from None
+
+
+def store_path(cfg: ExperimentConfig, out_dir: str | os.PathLike | None = None) -> Path:
+    """`out_dir`, or the run directory's shards/ by default."""
+    return Path(out_dir) if out_dir else run_dir(cfg, "generate").path / "shards"
+
+
 def plan_job(cfg: ExperimentConfig, out_dir: str | os.PathLike | None = None,
-             crash_marker: Optional[str] = None) -> JobSpec:
+             fault_after_shards: Optional[tuple[str, int]] = None) -> JobSpec:
     """Resolve generator, scorer, plan and identity, and open the store; no sampling happens here."""
-    store_dir = Path(out_dir) if out_dir else run_dir(cfg, "generate").path / "shards"
+    _check_inception(cfg)
+    store_dir = store_path(cfg, out_dir)
     store_dir.mkdir(parents=True, exist_ok=True)
     kind, path = _resolve_generator(cfg, store_dir)
     num_classes = get_dataset(cfg.data.dataset).num_classes
@@ -115,21 +141,68 @@ def plan_job(cfg: ExperimentConfig, out_dir: str | os.PathLike | None = None,
     identity = set_identity(generator, GENERATORS[kind].sampler_identity(cfg.generate), plan, scorer_id)
     ShardStore(store_dir).create_or_open(identity)
     return JobSpec(kind, str(path), cfg.generate, plan, scorer, str(store_dir.resolve()),
-                   cfg.resources.gpus_per_actor > 0, identity, note, crash_marker)
+                   stage_resources(cfg.resources, "sampler").use_gpu, identity, note, fault_after_shards)
+
+
+@contextlib.contextmanager
+def store_lock(store: Path) -> Iterator[None]:
+    """Held while one generate job runs on `store`; a second job fails at once instead of racing the first (its
+    start-up `remove_temp_files` would delete the first job's in-flight shard files). Sweeps also lock their
+    artifact directory, in another file (raylab.tune.artifacts), so the two never wait on each other."""
+    store.mkdir(parents=True, exist_ok=True)
+    busy = GenerateError(f"{store}: another `raylab generate` is running on this store (it holds "
+                         f"{store / LOCK_FILE}); wait for it to finish or pass another --out")
+    with exclusive(store / LOCK_FILE, busy=busy):
+        yield
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Resources: samplers and scorers are separate actor pools, each with its own CPUs and GPUs (GPU by config alone).
+
+@dataclass(frozen=True)
+class StageResources:
+    actors: int
+    cpus: float
+    gpus: float  # a fraction shares a GPU between actors
+
+    @property
+    def use_gpu(self) -> bool:
+        return self.gpus > 0
+
+    def ray_args(self) -> dict[str, Any]:
+        """map_batches resource kwargs; no GPU is None, Ray's own default, rather than 0."""
+        return {"num_cpus": self.cpus, "num_gpus": self.gpus or None}
+
+
+STAGES: dict[str, Callable[[ResourcesConfig], StageResources]] = {
+    "sampler": lambda r: StageResources(r.sampler_actors, r.cpus_per_actor, r.gpus_per_actor),
+    "scorer": lambda r: StageResources(r.scorer_actors, r.scorer_cpus_per_actor, r.scorer_gpus_per_actor),
+}
+
+
+def stage_resources(res: ResourcesConfig, stage: str) -> StageResources:
+    if stage not in STAGES:
+        raise GenerateError(f"actor stage {stage!r}: use one of {', '.join(STAGES)}")
+    return STAGES[stage](res)
+
+
+def actor_resources(res: ResourcesConfig, stage: str) -> dict[str, Any]:
+    """The `map_batches` resource kwargs (num_cpus, num_gpus) of one actor stage ("sampler" or "scorer")."""
+    return stage_resources(res, stage).ray_args()
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # The pipeline.
 
-def _pool(ds: Any, cls: type, spec: Any, size: int, res: ResourcesConfig, batch_format: str) -> Any:
+def _pool(ds: Any, cls: type, kwargs: dict[str, Any], stage: str, res: ResourcesConfig, batch_format: str) -> Any:
     """An actor-pool stage; one shard per call and one call in flight per actor (shards are long: balance
     beats hiding dispatch latency, ray ActorPoolStrategy docs)."""
     import ray.data
 
     return ds.map_batches(
-        cls, fn_constructor_kwargs={"spec": spec}, batch_size=1, batch_format=batch_format,
-        compute=ray.data.ActorPoolStrategy(size=size, max_tasks_in_flight_per_actor=1),
-        num_cpus=res.cpus_per_actor, num_gpus=res.gpus_per_actor or None,
+        cls, fn_constructor_kwargs=kwargs, batch_size=1, batch_format=batch_format,
+        compute=ray.data.ActorPoolStrategy(size=stage_resources(res, stage).actors, max_tasks_in_flight_per_actor=1),
+        **actor_resources(res, stage),
         # A lost actor is restarted and its shard retried; passed as remote args because map_batches has no
         # named parameter for them in Ray 2.60 (this path is deprecated there, removal planned for 2.64).
         max_restarts=res.max_failures, max_task_retries=res.max_failures)
@@ -140,9 +213,10 @@ def build_pipeline(spec: JobSpec, todo: Sequence[tuple[int, int]], res: Resource
     import ray.data
 
     ds = ray.data.from_items([{"first": a, "last": b} for a, b in todo], override_num_blocks=len(todo))
-    ds = _pool(ds, SamplerActor, spec, res.sampler_actors, res, "numpy")
-    if spec.scorer is not None:
-        ds = _pool(ds, ScorerActor, spec, res.scorer_actors, res, "pyarrow")
+    stages = [("sampler", SamplerActor, "numpy")] + ([("scorer", ScorerActor, "pyarrow")] if spec.scorer else [])
+    for stage, cls, fmt in stages:
+        stage_spec = replace(spec, use_gpu=stage_resources(res, stage).use_gpu)  # each pool its own device
+        ds = _pool(ds, cls, {"spec": stage_spec}, stage, res, fmt)
     return ds.map_batches(write_shards, fn_kwargs={"store": spec.store, "plan": spec.plan}, batch_size=1,
                           batch_format="pyarrow")
 
@@ -160,6 +234,7 @@ class GenerateOutcome:
     score_seconds: float = 0.0   # summed busy time of the scorer actors
     sampler_actors: int = 1
     mlflow_run_id: Optional[str] = None
+    quality: dict[str, float] = field(default_factory=dict)  # QUALITY_METRICS measured for the MLflow report
 
     @property
     def images_per_s(self) -> float:
@@ -175,17 +250,33 @@ class GenerateOutcome:
                 f"({self.shards_present} already present) in {self.seconds:.1f} s = {self.images_per_s:.1f} "
                 f"images/s, samplers busy {self.sampler_utilization:.0%} → {self.store} "
                 f"(identity {self.identity_hash[:12]})"
+                + "".join(f"; {k} {v:.4g}" for k, v in self.quality.items())
+                + (" (vs real test images)" if self.quality else "")
                 + (f"; {self.spec.note}" if self.spec.note else ""))
 
 
 def run_generate(cfg: ExperimentConfig, out_dir: str | os.PathLike | None = None, *, track: bool = True,
                  parent_run_id: Optional[str] = None, fd_images: int = 1000,
-                 crash_marker: Optional[str] = None) -> GenerateOutcome:
-    """Generate the missing shards of `cfg`'s set into `out_dir` (default run_dir(cfg, "generate")/shards).
+                 fault_after_shards: Optional[tuple[str, int]] = None) -> GenerateOutcome:
+    """Generate the missing shards of `cfg`'s set into `out_dir` (default run_dir(cfg, "generate")/shards), holding
+    the store's lock throughout (a second job on the same store fails at once, before any compute).
 
-    `fd_images`: generated and training images compared by "FD (scorer features)" in the MLflow report (0 = off);
-    `crash_marker`: the fault drill of the tests (see `actors._crash_once`)."""
-    spec = plan_job(cfg, out_dir, crash_marker)
+    `fd_images`: generated images compared with as many real test images by `QUALITY_METRICS` in the MLflow report
+    (0 = off); `fault_after_shards`: the tests' kill drill (see `actors._fault_drill`)."""
+    store_dir = store_path(cfg, out_dir)
+    with store_lock(store_dir):
+        outcome = _generate_locked(cfg, store_dir, fault_after_shards)
+        if track:
+            report = generation_report(outcome.store, outcome.spec, cfg, fd_images)
+            outcome = replace(outcome, quality=report["quality"],
+                              mlflow_run_id=log_generation(cfg, outcome, parent_run_id, report))
+    print(outcome.summary(), flush=True)
+    return outcome
+
+
+def _generate_locked(cfg: ExperimentConfig, store_dir: Path,
+                     fault_after_shards: Optional[tuple[str, int]]) -> GenerateOutcome:
+    spec = plan_job(cfg, store_dir, fault_after_shards)
     store = ShardStore(spec.store)
     remove_temp_files(store.root)
     todo = store.missing(spec.plan.shards())
@@ -198,9 +289,6 @@ def run_generate(cfg: ExperimentConfig, out_dir: str | os.PathLike | None = None
         - len(todo), images_written=sum(int(r["rows"]) for r in written), seconds=time.perf_counter() - start,
         sample_seconds=sum(r["sample_s"] for r in written), score_seconds=sum(r["score_s"] for r in written),
         sampler_actors=cfg.resources.sampler_actors)
-    if track:
-        outcome = replace(outcome, mlflow_run_id=log_generation(cfg, outcome, parent_run_id, fd_images))
-    print(outcome.summary(), flush=True)
     return outcome
 
 
@@ -223,23 +311,46 @@ def sample_images(store: Path, plan: SeedPlan, per_class: int = GRID_PER_CLASS) 
 
 
 def generation_report(store: Path, spec: JobSpec, cfg: ExperimentConfig, fd_images: int) -> dict[str, Any]:
-    """Class balance, score distribution and FD (scorer features) of a finished store (non-image columns only)."""
+    """Class balance, score distribution and `quality_metrics` of a finished store."""
     columns = ["label"] + (["score"] if spec.scorer else [])
     cols = read_numpy(store, columns=columns, verify=False)  # statistics only; `raylab data verify` checks bytes
     classes, counts = np.unique(cols["label"], return_counts=True)
-    report: dict[str, Any] = {"class_counts": {int(c): int(n) for c, n in zip(classes, counts)},
-                              "scores": cols.get("score"), "fd": None}
-    if spec.scorer and fd_images > 0:
-        report["fd"] = _scorer_fd(store, spec, cfg, fd_images)
-    return report
+    quality, sizes = quality_metrics(store, spec, cfg, fd_images)
+    return {"class_counts": {int(c): int(n) for c, n in zip(classes, counts)}, "scores": cols.get("score"),
+            "quality": quality, "quality_images": sizes}
 
 
-def _scorer_fd(store: Path, spec: JobSpec, cfg: ExperimentConfig, n: int) -> float:
-    """FD (scorer features) between about n generated images and as many random training images."""
+@dataclass(frozen=True)
+class QualityMetric:
+    label: str                                                   # what the number is, logged as a tag beside it
+    applies: Callable[[JobSpec, ExperimentConfig], bool]
+    measure: Callable[[JobSpec, ExperimentConfig, np.ndarray, np.ndarray], float]  # (generated, real) uint8
+
+
+# Both between generated and real *test* images (the generation-pipeline issue); keyed by MLflow metric name.
+QUALITY_METRICS: dict[str, QualityMetric] = {
+    "fd_scorer_features": QualityMetric(
+        f"{FD_LABEL}: the scorer's penultimate features, not Inception FID",
+        applies=lambda spec, cfg: spec.scorer is not None,
+        measure=lambda spec, cfg, gen, real: scorer_fd(Scorer.load(spec.scorer), gen, real)),
+    "fid_inception": QualityMetric(
+        f"{FID_LABEL}: pool features of the generate.inception_weights detector",
+        applies=lambda spec, cfg: bool(cfg.generate.inception_weights),
+        measure=lambda spec, cfg, gen, real: inception_fid(cfg.generate.inception_weights, gen, real)),
+}
+
+
+def quality_metrics(store: Path, spec: JobSpec, cfg: ExperimentConfig, n: int
+                    ) -> tuple[dict[str, float], tuple[int, int]]:
+    """({metric: value} of the applicable `QUALITY_METRICS`, (generated, real) image counts): about n generated
+    images against min(n, test size) random real test images of data.dataset; n = 0 measures nothing."""
+    names = [k for k, m in QUALITY_METRICS.items() if m.applies(spec, cfg)]
+    if n <= 0 or not names:
+        return {}, (0, 0)
     generated = read_numpy(store, columns=["image"], rows=_first_rows(store, n), verify=False)["image"]
-    train = load_splits(cfg.data).train
-    real = train.images[np.sort(np.random.default_rng(0).permutation(len(train))[:len(generated)])]
-    return scorer_fd(Scorer.load(spec.scorer), generated, real)
+    test = load_splits(cfg.data).test
+    real = test.images[np.sort(np.random.default_rng(0).permutation(len(test))[:min(n, len(test))])]
+    return {k: QUALITY_METRICS[k].measure(spec, cfg, generated, real) for k in names}, (len(generated), len(real))
 
 
 def _first_rows(store: Path, n: int, max_shards: int = 10) -> dict[str, np.ndarray]:
@@ -253,12 +364,12 @@ def _first_rows(store: Path, n: int, max_shards: int = 10) -> dict[str, np.ndarr
 
 
 def log_generation(cfg: ExperimentConfig, outcome: GenerateOutcome, parent_run_id: Optional[str],
-                   fd_images: int) -> str:
-    """One MLflow run: flat params, throughput, identity, per-class sample grids, class balance, score histogram."""
+                   report: dict[str, Any]) -> str:
+    """One MLflow run: flat params, throughput, identity, per-class sample grids, class balance, score histogram,
+    and the quality metrics of `report` (`generation_report`), each with a label tag."""
     from raylab.tracking import Tracker, histogram, image_grid
 
     spec, store = outcome.spec, outcome.store
-    report = generation_report(store, spec, cfg, fd_images)
     with Tracker.start(cfg.tracking, f"generate-{outcome.identity_hash[:12]}", params=to_flat(cfg),
                        config_json=to_json(cfg), parent_run_id=parent_run_id,
                        tags={"raylab.stage": "generate", "dataset.identity": outcome.identity_hash,
@@ -280,9 +391,11 @@ def log_generation(cfg: ExperimentConfig, outcome: GenerateOutcome, parent_run_i
             tracker.log_figure(histogram(scores, title="scorer probability of the label", xlabel="score"),
                                "plots/score_hist.png")
             tracker.log_metrics({"score_mean": float(scores.mean()), "score_median": float(np.median(scores))}, 0)
-        if report["fd"] is not None:
-            tracker.log_metrics({"fd_scorer_features": report["fd"]}, step=0)
-            tracker.set_tags({"fd_scorer_features.label": f"FD (scorer features), {fd_images} images vs train"})
+        if report["quality"]:
+            n_gen, n_real = report["quality_images"]
+            tracker.log_metrics(report["quality"], step=0)
+            tracker.set_tags({f"{k}.label": f"{QUALITY_METRICS[k].label}; {n_gen} generated vs {n_real} real test "
+                              "images" for k in report["quality"]})
         return tracker.run_id
 
 
@@ -314,11 +427,9 @@ def score_store(cfg: ExperimentConfig, store: str | os.PathLike, checkpoint: str
         raise GenerateError(f"{store}: the store has no shards to score")
     res = cfg.resources
     init_ray()
-    ds = ray.data.from_items(entries, override_num_blocks=len(entries)).map_batches(
-        ShardScorerActor, fn_constructor_kwargs={"store": str(store), "scorer": scorer,
-                                                 "use_gpu": res.gpus_per_actor > 0},
-        batch_size=1, compute=ray.data.ActorPoolStrategy(size=res.scorer_actors),
-        num_cpus=res.cpus_per_actor, num_gpus=res.gpus_per_actor or None)
+    kwargs = {"store": str(store), "scorer": scorer, "use_gpu": stage_resources(res, "scorer").use_gpu}
+    ds = _pool(ray.data.from_items(entries, override_num_blocks=len(entries)), ShardScorerActor, kwargs, "scorer",
+               res, "numpy")
     cols: dict[str, list[np.ndarray]] = {k: [] for k in ("seed", "score", "pred", "confidence")}
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         for k in cols:

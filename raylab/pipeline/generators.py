@@ -17,7 +17,7 @@ from raylab.generate.checkpoint import MODEL_FILE, load_generator
 from raylab.generate.sampler import sample_kwargs
 from raylab.generate.seeds import generate_images
 from raylab.io import sha256_file
-from raylab.pipeline.gaussian import fit_gaussian, load_gaussian, sample_gaussian, save_gaussian
+from raylab.pipeline.gaussian import FULL_RANK, fit_gaussian, load_gaussian, sample_gaussian, save_gaussian
 from raylab.pipeline.plan import sampler_identity
 
 
@@ -55,12 +55,19 @@ def _default_edm(cfg: ExperimentConfig, out_dir: Path) -> Path:
     return path
 
 
+def gaussian_fit_name(rank: int) -> str:
+    """The fit file's name in the store, by `generate.gaussian_rank`: a store resumed with another rank must not
+    reuse the old fit (the store's identity then changes with the file's sha256, and opening it fails loudly)."""
+    return f"gaussian-fit-{'full' if rank == FULL_RANK else f'rank{rank}'}.npz"
+
+
 def _default_gaussian(cfg: ExperimentConfig, out_dir: Path) -> Path:
-    """Fit the class-conditional Gaussian on data.dataset's training split once; reuse the file afterwards."""
-    path = out_dir / "gaussian-fit.npz"
+    """Fit the class-conditional Gaussian (rank `generate.gaussian_rank`) on data.dataset's training split once;
+    reuse the file afterwards."""
+    path = out_dir / gaussian_fit_name(cfg.generate.gaussian_rank)
     if not path.exists():
         train = load_splits(cfg.data).train
-        save_gaussian(fit_gaussian(train.images, train.labels, train.num_classes), path)
+        save_gaussian(fit_gaussian(train.images, train.labels, train.num_classes, cfg.generate.gaussian_rank), path)
     return path
 
 

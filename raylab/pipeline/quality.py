@@ -11,9 +11,11 @@ Fréchet distance (Heusel et al. 2017): fit a Gaussian to each set's features an
 Two feature extractors, labelled so they cannot be confused:
 - "FD (scorer features)": the scorer's penultimate activations (the input of its last linear layer, taken with a
   forward hook). Cheap and always available, but NOT FID: the numbers are not comparable with published FIDs.
-- "FID (Inception)": only from a TorchScript Inception detector file the user supplies (nothing downloads):
-  a module called as `net(uint8 NCHW, return_features=True)` → (N, 2048) pool features, the interface of the
-  StyleGAN/EDM detector. Published FIDs use 50K generated images against the full training set.
+- "FID (Inception)": only from a TorchScript Inception detector file the user supplies (generate.inception_weights;
+  nothing downloads), loaded with `torch.jit.load` (no pickle): a module called as
+  `net(uint8 NCHW, return_features=True)` → (N, 2048) pool features, the interface of the StyleGAN/EDM detector.
+  Published FIDs use 50K generated images against the full training set.
+The generation job (raylab.pipeline.generate_job.QUALITY_METRICS) compares generated with real *test* images.
 """
 from __future__ import annotations
 
@@ -204,15 +206,29 @@ class InceptionFeatures:
     """Pool features of a TorchScript Inception detector the user supplies (never downloaded)."""
 
     def __init__(self, path: str | os.PathLike, device: str | torch.device = "cpu"):
-        path = Path(path)
+        self.path = path = Path(path)
         if not path.is_file():
             raise QualityError(f"Inception weights {path}: no such file (FID needs a TorchScript detector you "
                                "supply; raylab downloads nothing)")
         try:
             self.net = torch.jit.load(str(path), map_location=device).eval()
-        except RuntimeError as err:
-            raise QualityError(f"Inception weights {path}: not a TorchScript module ({str(err).splitlines()[0]})")
+        except (RuntimeError, ValueError) as err:
+            raise QualityError(f"Inception weights {path}: not a TorchScript module "
+                               f"({str(err).splitlines()[0][:120]})") from None
         self.device = torch.device(device)
+
+    def check(self) -> int:
+        """The feature width, from two black 32×32 images: a detector with another interface fails here, before
+        a job samples anything."""
+        try:
+            feats = self(np.zeros((2, 32, 32, 3), np.uint8))
+        except (RuntimeError, TypeError) as err:
+            raise QualityError(f"Inception weights {self.path}: not callable as net(uint8 NCHW, "
+                               f"return_features=True) ({str(err).splitlines()[0][:120]})") from None
+        if feats.ndim != 2 or len(feats) != 2:
+            raise QualityError(f"Inception weights {self.path}: features of shape {feats.shape} for 2 images, "
+                               "expected (2, F)")
+        return int(feats.shape[1])
 
     @torch.no_grad()
     def __call__(self, images: np.ndarray, batch: int = 250) -> np.ndarray:

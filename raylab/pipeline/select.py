@@ -7,7 +7,8 @@ Policies (registry keyed like `select.policy`; each maps the store's non-image c
 - "agreement": Sehwag et al.'s two-classifier filter (Sehwag et al. 2022 §3.3.1): drop an image when the two scorers'
   predictions differ AND both are less than `select.agreement_confidence` (0.9 there) confident. The second
   scorer's outputs come from a scoring pass over the store (`generate_job.score_store`) saved beside the shards
-  as `scores/<scorer sha256[:16]>.npz` and joined on the `seed` column.
+  as `scores/<scorer sha256[:16]>.npz` and joined on the `seed` column; `second_scores` runs it for both
+  `raylab select` and sweeps (raylab.tune.artifacts).
 - "pseudo": labels := the scorer's `pred`, then per pseudo-class the top `top_fraction` by `confidence`
   (Wang et al. 2023 App. A for unconditional EDM: pseudo-label = most confident class, top 100K of 5M per class).
 Then `select.amount` keeps a balanced per-class prefix in plan order, so every amount of the Wang et al. 2023 Table 5
@@ -30,7 +31,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
-from raylab.config import SelectConfig
+from raylab.config import ExperimentConfig, SelectConfig
 from raylab.data.shards import (COLUMN_TYPES, IMAGE_BYTES, ShardError, load_manifest, read_numpy, read_table,
                                 table_to_numpy)
 from raylab.io import atomic_write_bytes, atomic_write_json, sha256_file
@@ -165,6 +166,25 @@ def load_scores(path: str | os.PathLike, identity_hash: Optional[str] = None) ->
     if identity_hash and meta.get("identity_hash") != identity_hash:
         raise SelectError(f"{path}: scores of store {meta.get('identity_hash')}, not of this store {identity_hash}")
     return meta, cols
+
+
+def check_second(cfg: SelectConfig) -> None:
+    """select.policy=agreement needs select.second_checkpoint; checked before any generation or scoring."""
+    if cfg.policy == "agreement" and not cfg.second_checkpoint:
+        raise SelectError("select.second_checkpoint: required by select.policy=agreement (Sehwag et al. 2022 "
+                          "two-classifier filter); set it to a classifier checkpoint or run directory")
+
+
+def second_scores(cfg: ExperimentConfig, store: str | os.PathLike) -> Optional[Path]:
+    """The second scorer's scores file of `store` for select.policy=agreement (scored with
+    select.second_checkpoint on Ray once, then reused from the cache beside the shards); None for other policies.
+    Pass it to `build_view(..., second=...)`."""
+    check_second(cfg.select)
+    if cfg.select.policy != "agreement":
+        return None
+    from raylab.pipeline.generate_job import score_store  # runs Ray; imported late (generate_job imports this)
+
+    return score_store(cfg, store, cfg.select.second_checkpoint)
 
 
 def attach_second(cols: Mapping[str, np.ndarray], second: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -96,7 +96,7 @@ def serve_ui(cfg_tracking: TrackingConfig, port: Optional[int] = None, host: str
                                 stdin=subprocess.DEVNULL, env=env, start_new_session=True)
     url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{port}"
     _wait_healthy(url, proc, log, timeout_s)
-    print(f"MLflow UI: {url}  (store {uri}; log {log})", flush=True)
+    print(f"MLflow UI: {url}/  (store {uri}; log {log})", flush=True)
     if block:
         _serve_until_interrupted(proc)
     return url, proc

@@ -79,13 +79,26 @@ def checkpoint_path(run_path: str | Path, which: str = "best") -> Path:
     return Path(run_path) / f"{which}.pt"
 
 
+# Digit datasets crop without flipping: a mirrored digit is not a digit of its class (a mirrored 2 reads as a 5).
+# Natural-image datasets keep the standard pad & crop & flip of He et al. 2016.
+SCORER_AUGMENT: dict[str, str] = {"digits": "crop", "svhn": "crop"}
+SCORER_DEFAULT_AUGMENT = "crop_flip"
+
+
 def scorer_config(cfg: ExperimentConfig) -> ExperimentConfig:
-    """The standard (non-robust) classifier that scores and pseudo-labels generated images (Wang et al. 2023 App. A:
-    a standard WRN-28-10; tiny WRN on digits): plain CE on original images only."""
+    """The standard (non-robust) classifier that scores and pseudo-labels generated images: plain CE on original
+    images only (Wang et al. 2023 App. A: "standardly trained" WRN-28-10, 96.15% on CIFAR-10; Rebuffi et al. 2021
+    App. D / Carmon et al. 2019: a classifier trained on clean training data labels the generated images).
+
+    `train.label_smoothing` is 0, not the adversarial recipe's 0.1 (Wang et al. 2023 Table 8): smoothing s makes
+    the optimal softmax confidence 1 - s (K - 1) / K (0.91 for s = 0.1, K = 10), which squeezes the scores that
+    top-k selection ranks and makes the two-classifier agreement filter's 90% confidence threshold (Sehwag et al.
+    2022 §3.3.1) almost meaningless. `train.augment` comes from SCORER_AUGMENT (no flips for digits)."""
     from raylab.config import override
 
+    augment = SCORER_AUGMENT.get(cfg.data.dataset, SCORER_DEFAULT_AUGMENT)
     return override(cfg, {"model.name": cfg.select.scorer_model, "train.loss": "ce", "train.ratio": 1.0,
-                          "train.augment": "crop_flip"})
+                          "train.label_smoothing": 0.0, "train.augment": augment})
 
 
 def run_scorer_training(cfg: ExperimentConfig, **kwargs: Any) -> TrainOutcome:

@@ -18,6 +18,7 @@ from typing import Any, Sequence
 from raylab.config import (ExperimentConfig, fingerprint, from_flat, identity_flat, override, pin_paths, to_flat,
                            to_json)
 from raylab.io import atomic_write_text
+from raylab.runs import write_config
 
 PARENT_FILE = "mlflow_parent_run_id"
 
@@ -40,6 +41,14 @@ def sweep_name(cfg: ExperimentConfig, space: dict[str, Sequence[Any]]) -> str:
     text = json.dumps({"config": identity_flat(cfg), "space": {k: list(v) for k, v in space.items()}}, sort_keys=True,
                       default=str)
     return f"{cfg.sweep.name}-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
+
+
+def sweep_dir(cfg: ExperimentConfig, space: dict[str, Sequence[Any]]) -> Path:
+    """`<tracking.root>/tune/<sweep name>/`, Tune's experiment directory, created holding the resolved base config
+    (`config.json`; the swept keys are in the MLflow parent run's `sweep_space.json`)."""
+    path = Path(cfg.tracking.root).resolve() / "tune" / sweep_name(cfg, space)
+    write_config(path, cfg)
+    return path
 
 
 def check_space(cfg: ExperimentConfig, space: dict[str, Sequence[Any]]) -> None:
@@ -193,13 +202,13 @@ def run_sweep(cfg: ExperimentConfig, space: dict[str, Sequence[Any]], *, layout:
 
     check_space(cfg, space)
     cfg = pin_paths(cfg)  # trials run in Tune's trial directories, not in this cwd
-    name = sweep_name(cfg, space)
-    storage = Path(cfg.tracking.root).resolve() / "tune"
+    path = sweep_dir(cfg, space)
+    name, storage = path.name, path.parent
     init_ray()
-    parent = _parent_run(cfg, storage / name, name, space)
+    parent = _parent_run(cfg, path, name, space)
     results = _tuner(cfg, space, name, storage, parent).fit()
     rows, table = report_sweep(cfg.tracking, parent, list(space), layout=layout)
     if results.errors:  # a failed trial fails the sweep (after the report of those that finished)
         raise SweepError(f"sweep {name}: {len(results.errors)} of {len(results)} trials failed; first error: "
                          f"{str(results.errors[0]).strip().splitlines()[-1]}")
-    return SweepOutcome(name, storage / name, parent, rows, table)
+    return SweepOutcome(name, path, parent, rows, table)

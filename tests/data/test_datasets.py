@@ -2,6 +2,7 @@
 protocol-2 pickles with bytes keys, SVHN MATLAB v5 with label 10), through `load_splits`; digits is real data."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import pickle
@@ -33,12 +34,22 @@ def _pickle(obj: dict) -> bytes:
     return pickle.dumps(obj, protocol=2)  # what the originals are: Python 2 pickles, bytes keys
 
 
+@pytest.fixture(autouse=True)
+def _own_remotes(monkeypatch):
+    """Each test gets its own copy of the official sources, so fixtures can stand in for published archives."""
+    monkeypatch.setattr(ds, "REMOTES", dict(ds.REMOTES))
+
+
 def _write_tar(path: Path, folder: str, files: dict[str, bytes]) -> Path:
+    """A tar.gz of `files` under `folder/`; under an official archive's name it becomes that archive's published md5
+    (this test's copy of REMOTES), as the real file placed in data.root would match."""
     with tarfile.open(path, "w:gz") as tar:
         for name, data in files.items():
             info = tarfile.TarInfo(f"{folder}/{name}")
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
+    if path.name in ds.REMOTES:
+        ds.REMOTES[path.name] = ds.Remote(ds.REMOTES[path.name].url, _md5(path))
     return path
 
 
@@ -135,6 +146,19 @@ def test_max_train_caps_the_rest_after_holdout(tmp_path):
     assert len(s.test) == N_TEST  # the test set is never capped here
 
 
+def test_val_size_none_is_the_datasets_default(tmp_path, monkeypatch):
+    _cifar10_archive(tmp_path / "cifar-10-python.tar.gz")
+    cfg = DataConfig(dataset="cifar10", root=str(tmp_path))
+    assert cfg.val_size is None
+    # The registered default, 1024 (the papers' holdout), does not fit the 20-image fixture...
+    with pytest.raises(DatasetError, match=r"^data.val_size: 1024 must be < the 20 training images"):
+        load_splits(cfg)
+    # ...and a smaller registered default is what None resolves to.
+    monkeypatch.setitem(ds.DATASET_LOADERS, "cifar10", dataclasses.replace(ds.get_dataset("cifar10"), val_size=6))
+    s = load_splits(cfg)
+    assert (len(s.val), len(s.train)) == (6, 14) and s.val.labels.tolist() == [1, 2, 3, 4, 2, 3]
+
+
 def test_val_size_too_large_is_one_line_error(tmp_path):
     _cifar10_archive(tmp_path / "cifar-10-python.tar.gz")
     with pytest.raises(DatasetError, match=r"^data.val_size: 20 must be < the 20 training images of cifar10$"):
@@ -226,13 +250,48 @@ def test_download_file_bad_md5_leaves_nothing(tmp_path):
     assert list(dest.parent.iterdir()) == []
 
 
-def test_load_splits_downloads_missing_archive(tmp_path, monkeypatch):
+def test_load_splits_downloads_missing_archive(tmp_path):
     mirror = _cifar10_archive(tmp_path / "mirror.tar.gz")
-    monkeypatch.setitem(ds.REMOTES, "cifar-10-python.tar.gz", ds.Remote(mirror.as_uri(), _md5(mirror)))
+    ds.REMOTES["cifar-10-python.tar.gz"] = ds.Remote(mirror.as_uri(), _md5(mirror))
     root = tmp_path / "root"
     s = load_splits(DataConfig(dataset="cifar10", root=str(root), download=True, val_size=3))
     assert len(s.train) == 17 and s.val.images[0, H, W, C] == VALUE
     assert sorted(p.name for p in root.iterdir()) == ["cifar-10-batches-py", "cifar-10-python.tar.gz"]
+
+
+def test_placed_archive_with_wrong_md5_is_refused_before_extracting(tmp_path):
+    archive = _cifar10_archive(tmp_path / "cifar-10-python.tar.gz")  # its md5 is now the "published" one
+    archive.write_bytes(archive.read_bytes()[:-10])  # truncated copy: still starts like a tar.gz
+    with pytest.raises(DatasetError) as err:
+        load_splits(DataConfig(dataset="cifar10", root=str(tmp_path), val_size=3))
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith(f"{archive}: md5 {_md5(archive)} != the published")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [archive.name]  # nothing extracted
+
+
+def test_placed_archive_is_hashed_once_not_on_every_load(tmp_path):
+    archive = _cifar10_archive(tmp_path / "cifar-10-python.tar.gz")
+    load_splits(DataConfig(dataset="cifar10", root=str(tmp_path), val_size=3))
+    archive.write_bytes(b"changed after extraction")  # only the extracted folder is read from now on
+    assert len(load_splits(DataConfig(dataset="cifar10", root=str(tmp_path), val_size=3)).train) == 17
+
+
+def test_download_failure_names_the_url_and_data_root(tmp_path):
+    url = (tmp_path / "no-mirror" / "cifar-10-python.tar.gz").as_uri()
+    dest = tmp_path / "root" / "cifar-10-python.tar.gz"
+    with pytest.raises(DatasetError) as err:
+        ds.download_file(url, dest, "0" * 32)
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith(f"{url}: download failed (")
+    assert f"place cifar-10-python.tar.gz in {dest.parent} (data.root)" in msg
+    assert list(dest.parent.iterdir()) == []  # no partial file
+
+
+def test_load_splits_download_failure_is_a_dataset_error(tmp_path):
+    url = (tmp_path / "gone.tar.gz").as_uri()
+    ds.REMOTES["cifar-10-python.tar.gz"] = ds.Remote(url, "0" * 32)
+    with pytest.raises(DatasetError, match=f"^{url}: download failed .* in {tmp_path / 'root'} \\(data.root\\)$"):
+        load_splits(DataConfig(dataset="cifar10", root=str(tmp_path / "root"), download=True))
 
 
 def test_official_sources_are_pinned():
@@ -264,6 +323,12 @@ def test_digits_shapes_range_and_balance(digits):
     assert train_counts.min() >= 140 and train_counts.max() <= 160
     assert 5 <= np.bincount(digits.val.labels, minlength=10).min()  # the shuffled prefix covers every class
     assert digits.class_names == tuple(str(d) for d in range(10))
+
+
+def test_digits_default_holdout_is_128():
+    s = load_splits(DataConfig(dataset="digits", root="unused"))
+    assert (len(s.val), len(s.train), len(s.test)) == (128, 1497 - 128, 300)
+    assert ds.get_dataset("digits").val_size == 128
 
 
 def test_digits_is_deterministic(digits):

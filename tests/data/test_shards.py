@@ -243,6 +243,22 @@ def test_verify_store_finds_damaged_shards(store, damage, expected):
     assert len(read_numpy(store.root, verify=False, rows={"gen-0000000000-0000000009.parquet": [0]})["seed"]) == 1
 
 
+@pytest.mark.ray
+@pytest.mark.parametrize("damage, match", [
+    (_flip_byte, r"gen-0000000010-0000000019\.parquet: sha256 \S+ != manifest \S+ \(corrupted\); run `raylab data "
+                 r"verify "),
+    (lambda p: p.unlink(), r"gen-0000000010-0000000019\.parquet: shard listed in the manifest is missing$"),
+])
+def test_ray_dataset_refuses_a_damaged_store_naming_the_file(store, ray_session, damage, match):
+    """Checked in the driver before Ray plans a read: no Ray task error, no silently shorter dataset."""
+    write_two(store)
+    victim = store.root / "gen-0000000010-0000000019.parquet"
+    damage(victim)
+    with pytest.raises(ShardError, match=match) as err:
+        shards.read_dataset(store.root, columns=["seed"])  # a column subset is verified as a whole store too
+    assert str(err.value).startswith(str(victim)) and "\n" not in str(err.value)
+
+
 def test_verify_store_finds_orphans_and_bad_manifests(store, tmp_path):
     write_two(store)
     orphan = store.root / "gen-0000000100-0000000199.parquet"

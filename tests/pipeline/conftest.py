@@ -22,7 +22,7 @@ def assets(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def reference_run(assets, tmp_path_factory, ray_session):
-    """The whole job once: 2 sampler actors, 1 scorer actor, generate.batch_size 8 (MLflow: see test_generate_job)."""
+    """The whole job once: 2 sampler actors, 1 scorer actor, generate.batch_size 8."""
     from raylab.pipeline.generate_job import run_generate
     from tests.pipeline.helpers import job_config
 

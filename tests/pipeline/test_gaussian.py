@@ -62,3 +62,29 @@ def test_bad_inputs_fail_before_any_compute(tmp_path):
     (tmp_path / "bad.npz").write_bytes(b"nope")
     with pytest.raises(GaussianError, match="bad.npz"):
         load_gaussian(tmp_path / "bad.npz")
+
+
+def test_rank_zero_keeps_the_full_covariance_and_a_rank_truncates_it():
+    """generate.gaussian_rank: 0 = every principal direction (the sample covariance exactly), k = the top k plus
+    the diagonal residual (pixel variances still exact, off-diagonal structure cut)."""
+    images, labels = _data(12, np.random.default_rng(4))
+    x = images[labels == 0].reshape(-1, DIM).astype(np.float64)
+    full, low = fit_gaussian(images, labels, 2, rank=0), fit_gaussian(images, labels, 2, rank=2)
+    assert full.rank == 11 and low.rank == 2  # 12 images span 11 directions
+    sample_cov = np.cov(x, rowvar=False)
+    np.testing.assert_allclose(full.covariance(0), sample_cov, atol=1e-2)
+    np.testing.assert_allclose(full.resid_std[0], 0.0, atol=1e-2)
+    np.testing.assert_allclose(np.diag(low.covariance(0)), np.diag(sample_cov), rtol=1e-3, atol=1e-2)
+    assert np.abs(low.covariance(0) - sample_cov).max() > 10.0
+    with pytest.raises(GaussianError, match="gaussian_rank"):
+        fit_gaussian(images, labels, 2, rank=DIM + 1)
+
+
+def test_the_default_fit_follows_generate_gaussian_rank(tmp_path):
+    from raylab.config import make_config
+    from raylab.pipeline.generators import GENERATORS
+
+    paths = {rank: GENERATORS["gaussian"].default(make_config("tiny", {"generate.gaussian_rank": rank}), tmp_path)
+             for rank in (0, 3)}
+    assert paths[0] != paths[3] and "full" in paths[0].name  # a store never reuses a fit of another rank
+    assert load_gaussian(paths[3]).rank == 3 and load_gaussian(paths[0]).rank > 3

@@ -20,7 +20,7 @@ from tests.pipeline.helpers import TINY_EDM, job_config
 
 @pytest.fixture()
 def no_default_scorer(monkeypatch, tmp_path):
-    """Pretend the committed digits scorer is absent (it will be committed later)."""
+    """Pretend the committed digits scorer (raylab/assets/scorer-digits) is absent, as for a dataset without one."""
     monkeypatch.setattr(generate_job, "DEFAULT_SCORER", tmp_path / "absent" / "best.pt")
 
 
@@ -35,7 +35,7 @@ def test_gaussian_generator_runs_through_the_cli_without_a_scorer(assets, tmp_pa
     data = read_numpy(store)
     assert "score" not in data and len(data["seed"]) == 100
     np.testing.assert_array_equal(data["label"], np.arange(100) // 10)
-    fit = load_gaussian(store / "gaussian-fit.npz")
+    fit = load_gaussian(store / "gaussian-fit-rank256.npz")  # generate.gaussian_rank's default
     ident = load_manifest(store)["identity"]
     assert ident["generator"]["kind"] == "gaussian" and ident["sampler"] is None and ident["scorer"] is None
     # Samples sit around their class mean: closer to their own class's mean than to any other's, on average.
@@ -97,3 +97,44 @@ def test_bad_generator_settings_fail_before_any_compute(assets, tmp_path, no_def
         plan_job(job_config(assets, tmp_path, {"generate.checkpoint": str(five)}), tmp_path / "d")
     assert cli.main(["select", str(tmp_path / "v"), "--store", str(tmp_path / "nostore")]) == 2
     assert not any((tmp_path / n / "manifest.json").exists() for n in "abcd")  # no store was created
+
+
+def test_each_stage_gets_its_own_resources_and_device_in_the_built_pipeline(assets, tmp_path, ray_session):
+    """GPU by configuration alone: the lazy plan (not executed, so no GPU is needed) carries the scorer's GPUs on
+    the scorer stage only, and hands the scorer actors a spec that asks for a GPU device."""
+    from raylab.pipeline.generate_job import ScorerActor, SamplerActor, build_pipeline
+
+    cfg = job_config(assets, tmp_path, {"resources.scorer_gpus_per_actor": 0.5,
+                                        "resources.scorer_cpus_per_actor": 2.0, "resources.max_failures": 3})
+    spec = plan_job(cfg, tmp_path / "store")
+    ops = {op.fn: op for op in build_pipeline(spec, [(0, 19)], cfg.resources)._logical_plan.dag.post_order_iter()
+           if getattr(op, "fn", None) in (SamplerActor, ScorerActor)}
+    sampler, scorer = ops[SamplerActor], ops[ScorerActor]
+    assert scorer.ray_remote_args.items() >= {"num_cpus": 2.0, "num_gpus": 0.5, "max_restarts": 3}.items()
+    assert sampler.ray_remote_args.get("num_gpus") is None and sampler.ray_remote_args["num_cpus"] == 1.0
+    assert scorer.fn_constructor_kwargs["spec"].use_gpu and not sampler.fn_constructor_kwargs["spec"].use_gpu
+
+
+def test_a_sweep_view_with_the_agreement_policy_scores_the_set_a_second_time(reference_run, assets, tmp_path):
+    """raylab.tune.artifacts.ensure_view: generation found in the artifact cache, second scorer run, view built
+    like `raylab select` builds it, and the resolved config beside both artifacts."""
+    from raylab.config import fingerprint, from_json, override
+    from raylab.io import atomic_write_json
+    from raylab.runs import GENERATION_KEYS
+    from raylab.tune.artifacts import artifacts_root, ensure_view
+
+    cfg, ref = reference_run
+    cfg = override(cfg, {"tracking.root": str(tmp_path / "runs"), "select.policy": "agreement",
+                         "select.second_checkpoint": str(assets["scorer2"])})
+    folder = artifacts_root(cfg) / f"generate-{fingerprint(cfg, GENERATION_KEYS)}"
+    store = shutil.copytree(ref.store, folder / "shards")
+    atomic_write_json(folder / "generate.json", {"store": str(store), "identity_hash": ref.identity_hash, "fd": 1.0})
+    view = ensure_view(cfg)
+    first = read_numpy(store, ["seed", "pred", "confidence"])
+    second = load_scores(scores_path(store, scorer_identity(assets["scorer2"], cfg)["sha256"]))[1]
+    drop = (first["pred"] != second["pred"]) & (first["confidence"] < 0.9) & (second["confidence"] < 0.9)
+    assert view.rows == int((~drop).sum()) and view.fd == 1.0
+    assert json.loads((view.view_path / "view.json").read_text())["second_scorer"]["scorer"]["sha256"] == \
+        scorer_identity(assets["scorer2"], cfg)["sha256"]
+    assert from_json((view.view_path / "config.json").read_text()) == cfg
+    assert from_json((folder / "config.json").read_text()) == cfg

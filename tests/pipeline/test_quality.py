@@ -76,3 +76,25 @@ def test_inception_fid_runs_a_user_supplied_torchscript_detector(tmp_path):
     assert inception_fid(path, a, a + 50) > 1000
     with pytest.raises(QualityError, match="downloads nothing"):
         InceptionFeatures(tmp_path / "missing.pt")
+
+
+class _NoFeatures(torch.nn.Module):
+    """TorchScript, but not the detector interface (no return_features)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.float()
+
+
+def test_bad_inception_weights_fail_in_plan_job_before_any_store_exists(assets, tmp_path):
+    from raylab.pipeline.generate_job import GenerateError, plan_job
+    from tests.pipeline.helpers import job_config
+
+    torch.save({"w": torch.zeros(3)}, tmp_path / "pickled.pt")  # a state dict, not TorchScript
+    torch.jit.script(_NoFeatures()).save(str(tmp_path / "other.pt"))
+    cases = {"pickled.pt": "not a TorchScript module", "missing.pt": "no such file", "other.pt": "not callable"}
+    for i, (name, message) in enumerate(cases.items()):
+        cfg = job_config(assets, tmp_path, {"generate.inception_weights": str(tmp_path / name)})
+        with pytest.raises(GenerateError, match=f"generate.inception_weights: .*{message}") as err:
+            plan_job(cfg, tmp_path / f"store{i}")
+        assert "\n" not in str(err.value)
+        assert not (tmp_path / f"store{i}").exists()

@@ -136,3 +136,29 @@ def test_view_dataset_streams_exactly_the_selected_rows(tmp_path, ray_session):
     assert open_generated(tmp_path / "view")[1] == len(view) == 9
     ds, n = open_generated(store.root)
     assert n == K * PER_CLASS and ds.columns() == ["image", "label"]
+
+
+def test_data_describe_prints_the_score_quantiles_of_the_view(tmp_path, capsys):
+    from raylab import cli
+    from raylab.pipeline.select import QUANTILES
+
+    _, cols = make_store(tmp_path / "store")
+    build_view(tmp_path / "store", SelectConfig(policy="topk", top_fraction=0.5), tmp_path / "view")
+    assert cli.main(["data", "describe", str(tmp_path / "view")]) == 0
+    described = json.loads(capsys.readouterr().out)
+    kept = np.concatenate([np.sort(cols["score"][cols["label"] == c])[-PER_CLASS // 2:] for c in range(K)])
+    expected = {str(q): float(v) for q, v in zip(QUANTILES, np.quantile(kept, QUANTILES))}
+    assert described["score_quantiles"] == pytest.approx(expected, rel=1e-6)
+    assert described["score_quantiles"]["0.0"] == pytest.approx(float(kept.min()))  # the per-class cut, not 0
+    assert described["rows"] == K * PER_CLASS // 2 and described["per_class"] == {str(c): 10 for c in range(K)}
+
+
+def test_second_scores_is_none_unless_agreement_and_agreement_needs_a_second_checkpoint(tmp_path):
+    from raylab.config import make_config
+    from raylab.pipeline.select import check_second, second_scores
+
+    assert second_scores(make_config("tiny", {"select.policy": "topk"}), tmp_path / "no-store") is None
+    cfg = make_config("tiny", {"select.policy": "agreement"})
+    with pytest.raises(SelectError, match="select.second_checkpoint: required"):
+        second_scores(cfg, tmp_path / "no-store")
+    check_second(make_config("tiny", {"select.policy": "agreement", "select.second_checkpoint": "x"}).select)

@@ -1,14 +1,20 @@
 """`raylab ui`: a real MLflow server on a temp store, checked over HTTP, then stopped with its whole group."""
 import json
 import os
+import queue
+import re
+import signal
 import socket
+import subprocess
+import sys
+import threading
 import urllib.request
 
 import pytest
 
 from raylab.config import TrackingConfig
 from raylab.tracking.mlflow_store import Tracker, TrackingError, ensure_experiment
-from raylab.tracking.ui import serve_ui, stop_ui
+from raylab.tracking.ui import serve_ui
 
 
 @pytest.fixture()
@@ -32,30 +38,6 @@ def _group_gone(pgid: int) -> bool:
     return False
 
 
-@pytest.mark.slow
-def test_ui_serves_nested_runs_and_stops(tcfg):
-    with Tracker.start(tcfg, "parent", params={"sweep.name": "s"}, config_json="{}") as parent:
-        with Tracker.start(tcfg, "child", params={"train.beta": 6.0}, config_json="{}",
-                           parent_run_id=parent.run_id) as child:
-            child.log_metrics({"val_robust_acc": 0.42}, step=2)
-    url, proc = serve_ui(tcfg, port=0, block=False, timeout_s=180)  # generous: shared 2-core CI boxes
-    try:
-        assert url.startswith("http://127.0.0.1:")
-        with urllib.request.urlopen(f"{url}/health", timeout=10) as resp:
-            assert resp.read().strip() == b"OK"
-        found = _post_json(f"{url}/api/2.0/mlflow/runs/search", {"experiment_ids": [ensure_experiment(tcfg)]})
-        runs = {r["info"]["run_id"]: r for r in found["runs"]}
-        assert set(runs) == {parent.run_id, child.run_id}
-        child_data = runs[child.run_id]["data"]
-        assert {m["key"]: m["value"] for m in child_data["metrics"]} == {"val_robust_acc": 0.42}
-        assert {t["key"]: t["value"] for t in child_data["tags"]}["mlflow.parentRunId"] == parent.run_id
-    finally:
-        stop_ui(proc)
-    assert proc.poll() is not None and _group_gone(proc.pid)
-    with pytest.raises(OSError):
-        urllib.request.urlopen(f"{url}/health", timeout=2)
-
-
 def test_ui_refuses_busy_port_and_remote_store(tcfg, tmp_path):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
@@ -66,3 +48,58 @@ def test_ui_refuses_busy_port_and_remote_store(tcfg, tmp_path):
     remote = TrackingConfig(root=str(tmp_path), uri="http://127.0.0.1:9")
     with pytest.raises(TrackingError, match="already a server"):
         serve_ui(remote, block=False)
+
+
+def _line_matching(proc: subprocess.Popen, pattern: str, timeout_s: float) -> re.Match:
+    """The first stdout line of `proc` matching `pattern` (a reader thread: readline alone cannot time out)."""
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout] + [lines.put(None)],
+                     daemon=True).start()
+    seen = []
+    while True:
+        line = lines.get(timeout=timeout_s)
+        assert line is not None, f"raylab ui exited with {proc.wait()} before printing its URL:\n{''.join(seen)}"
+        seen.append(line)
+        if found := re.search(pattern, line):
+            return found
+
+
+def test_cli_ui_on_port_0_serves_the_store_with_nested_runs_and_stops(tcfg):
+    """`raylab ui --port 0` as a user runs it: 0 means any free port, never the configured one (held busy here);
+    the server shows the store's parent and nested runs, and Ctrl-C stops its whole process group."""
+    with Tracker.start(tcfg, "parent", params={"sweep.name": "s"}, config_json="{}") as parent:
+        with Tracker.start(tcfg, "child", params={"train.beta": 6.0}, config_json="{}",
+                           parent_run_id=parent.run_id) as child:
+            child.log_metrics({"val_robust_acc": 0.42}, step=2)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        configured = busy.getsockname()[1]
+        proc = subprocess.Popen([sys.executable, "-m", "raylab", "ui", "--port", "0", "--set",
+                                 f"tracking.root={tcfg.root}", "--set", f"tracking.experiment={tcfg.experiment}",
+                                 "--set", f"tracking.ui_port={configured}"],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        try:
+            found = _line_matching(proc, r"^MLflow UI: (http://127\.0\.0\.1:(\d+)/) ", timeout_s=120)
+            url, port = found[1], int(found[2])
+            assert port not in (0, configured)
+            with urllib.request.urlopen(f"{url}health", timeout=10) as resp:
+                assert resp.read().strip() == b"OK"
+            with urllib.request.urlopen(url, timeout=10) as resp:  # the UI's page itself
+                assert resp.status == 200 and b"<html" in resp.read(4096).lower()
+            found = _post_json(f"{url}api/2.0/mlflow/runs/search", {"experiment_ids": [ensure_experiment(tcfg)]})
+            runs = {r["info"]["run_id"]: r for r in found["runs"]}
+            assert set(runs) == {parent.run_id, child.run_id}
+            child_data = runs[child.run_id]["data"]
+            assert {m["key"]: m["value"] for m in child_data["metrics"]} == {"val_robust_acc": 0.42}
+            assert {t["key"]: t["value"] for t in child_data["tags"]}["mlflow.parentRunId"] == parent.run_id
+        finally:
+            proc.send_signal(signal.SIGINT)  # Ctrl-C: the verb stops the server's process group, then exits
+            try:
+                code = proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                raise
+    assert code == 0 and _group_gone(proc.pid)
+    with pytest.raises(OSError):
+        urllib.request.urlopen(f"{url}health", timeout=2)

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from raylab.config import ConfigError, TrainConfig
 from raylab.train import augment as aug
-from raylab.train.augment import AUGMENTS, CROP_PAD, CUTOUT_SIZE, augment, crop_flip_images, is_soft
+from raylab.train.augment import AUGMENTS, CROP_PAD, CUTOUT_SIZE, augment, crop_flip_images, crop_images, is_soft
 
 
 def _batch(n=16, c=3, h=32, w=32, seed=0):
@@ -89,6 +89,25 @@ def test_flip_actually_flips():
     flipped = (out == x.flip(-1)).flatten(1).all(1)
     kept = (out == x).flatten(1).all(1)
     assert torch.all(flipped | kept) and 60 < int(flipped.sum()) < 140
+
+
+def test_crop_never_mirrors_and_is_a_shifted_window_of_the_padded_image():
+    x, _ = _batch(n=64, h=8, w=10)
+    out, _ = augment("crop", x, torch.zeros(64, dtype=torch.long), 10, _gen())
+    padded = F.pad(x, (CROP_PAD,) * 4)
+    found = [_matching_window(padded[i], out[i]) for i in range(len(x))]
+    assert all(f is not None and not f[2] for f in found)  # every image is an unflipped window
+    assert len({(dy, dx) for dy, dx, _ in found}) > 20
+    assert torch.equal(crop_images(x, _gen(), pad=0), x)  # no padding, no flip: nothing changes
+
+
+def test_crop_has_the_same_windows_as_crop_flip():
+    """Same draws for the offsets (rows, columns first): crop_flip is crop, then a mirror of some images."""
+    x, _ = _batch(n=64)
+    crop, flipped = crop_images(x, _gen()), crop_flip_images(x, _gen())
+    same = (flipped == crop).flatten(1).all(1)
+    mirrored = (flipped == crop.flip(-1)).flatten(1).all(1)
+    assert torch.all(same | mirrored) and 16 < int(mirrored.sum()) < 48
 
 
 def test_cutout_zeroes_one_clipped_square():

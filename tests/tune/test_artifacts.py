@@ -39,3 +39,27 @@ def test_the_sweep_driver_pins_relative_roots_and_the_sweep_name_ignores_them(tm
     assert resolve_tracking_uri(pinned.tracking) == f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
     space = {"generate.steps": [2, 4]}
     assert sweep_name(pinned, space) == sweep_name(cfg, space)
+
+
+def test_write_config_writes_the_resolved_config_once(tmp_path):
+    from raylab.config import from_json
+    from raylab.runs import write_config
+
+    cfg = make_config("tiny", {"train.beta": 3.0})
+    path = write_config(tmp_path / "generate-abc", cfg, keep=True)
+    assert path.name == "config.json" and from_json(path.read_text()) == cfg
+    write_config(tmp_path / "generate-abc", make_config("tiny", {"train.beta": 6.0}), keep=True)  # a later trial
+    assert from_json(path.read_text()).train.beta == 3.0  # the first one's is kept
+    assert [p.name for p in path.parent.iterdir()] == ["config.json"]  # no temp file left behind
+
+
+def test_agreement_without_a_second_scorer_fails_before_generating(tmp_path):
+    import pytest
+
+    from raylab.pipeline.select import SelectError
+    from raylab.tune.artifacts import artifacts_root, ensure_view
+
+    cfg = make_config("tiny", {"select.policy": "agreement", "tracking.root": str(tmp_path / "runs")})
+    with pytest.raises(SelectError, match="select.second_checkpoint"):
+        ensure_view(cfg)
+    assert not artifacts_root(cfg).exists()
