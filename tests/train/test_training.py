@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from raylab.config import make_config
+from raylab.config import make_config, override
 from raylab.data.datasets import load_splits
 from raylab.data.mix import GeneratedStream, OriginalStream, split_batch
 from raylab.data.shards import ShardStore, read_dataset
@@ -35,7 +35,7 @@ def write_generated(root, images, labels):
 
 def test_trades_loss_and_accuracy_improve_without_ray(tmp_path):
     cfg = small_config(tmp_path, **{"train.epochs": 6, "train.lr": 0.05, "train.scheduler": "constant",
-                                    "train.augment": "none", "data.max_train": 192})
+                                    "train.augment": "none", "data.max_train": 192, "attack.steps": 1})
     splits = load_splits(cfg.data)
     torch.manual_seed(0)
     model = create_model("wrn-16-2", num_classes=10, mean=splits.mean, std=splits.std)
@@ -127,7 +127,8 @@ def test_crashed_worker_resumes_on_the_same_trajectory(ray_session, tmp_path):
     splits = load_splits(cfg.data)
     store = write_generated(tmp_path / "gen", splits.train.images, splits.train.labels)
     kwargs = dict(generated_rows=len(splits.train))
-    straight = run_training(cfg, generated=read_dataset(store.root), name="straight", **kwargs)
+    straight = run_training(override(cfg, {"resources.num_workers": 0}), generated=read_dataset(store.root),
+                            name="straight", **kwargs)  # local mode: the same trajectory without a second Train run
     marker = tmp_path / "crashed"
     crashed = run_training(cfg, generated=read_dataset(store.root), name="crashed",
                            crash={"epoch": 2, "after_steps": 1, "marker": str(marker)}, **kwargs)

@@ -75,7 +75,8 @@ def test_smoke_sweep_runs_through_ray_job_submit(local_cluster, tmp_path):
     root = tmp_path / "runs"
     command = [ray_cli(), "job", "submit", "--address", address, "--", sys.executable,
                str(REPO / "experiments" / "ablate_ratio.py"), "--smoke", "--values", "1.0",
-               "--set", f"tracking.root={root}"]  # ratio 1: a whole trial (train, eval, MLflow), no generation
+               "--set", f"tracking.root={root}", "--set", "eval.autoattack=none"]
+    # ratio 1: a whole trial (train, clean + PGD eval, MLflow), no generation; AutoAttack has its own tests
     for _ in range(30):  # the job agent comes up a little after the dashboard answers
         proc = subprocess.run(command, env={**env, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}, cwd=REPO,
                               capture_output=True, text=True, timeout=900)
