@@ -10,21 +10,29 @@ A random tiny EDM (the `tiny` preset's network; weights do not change the cost) 
 * 2 actors: the same with 2 sampler actors.
 
 Reported: images/s of each, the 2-vs-1 actor ratio, the pipeline overhead of 1 actor over the loop (actor
-start-up, Ray Data scheduling, Parquet writing), and the samplers' utilization = their summed busy time /
-(wall time × actors). Each pipeline run starts fresh actor processes, so the fixed start-up (import torch, load
-the network) is included; it shrinks relative to the work as the set grows. The three stores are compared byte
-for byte (they must be identical: images are seeded per image).
+start-up, Ray Data scheduling, Parquet writing) and how much of it lies outside the sampler calls, and the samplers'
+utilization = their summed busy time / (wall time × actors). Each pipeline run starts fresh actor processes, so the
+fixed start-up (import torch, load the network) is included; it shrinks relative to the work as the set grows. The
+three stores are compared byte for byte (they must be identical: images are seeded per image). The sampler is the
+tiny preset's (Heun, `--steps` steps).
 
-Measured on the shared 2-core dev box (load average 9–13 from other jobs, so ±30% run to run), 600 images,
-2 Euler steps, 12 shards of 50, no scorer:
+Measured on a quiet 2-core box (load average 2), no scorer, in one session:
+
+    python bench/bench_generate.py --per-class 200 --shard-size 100      # 2000 images, 20 shards
 
            run   seconds  images/s  sampler busy s  utilization
-          loop      15.8     38.02
-       1 actor      41.7     14.39            28.8          69%
-      2 actors      23.3     25.71            20.3          43%
-    2 actors / 1 actor throughput: 1.79x (1.31x and 1.79x in two other runs)
-    pipeline overhead (1 actor vs loop): +164% (25.9 s), mostly actor start-up (import torch ≈ 7 s at this load)
-    and the samplers sharing 2 cores with the driver, writer tasks and other jobs; all three stores byte-identical.
+          loop      42.4     47.13
+       1 actor      54.7     36.57            46.1          84%
+      2 actors      29.2     68.47            43.8          75%
+    2 actors / 1 actor throughput: 1.87x
+    pipeline overhead (1 actor vs loop): +29% (12.3 s), 8.6 s of it outside the sampler calls
+
+    python bench/bench_generate.py                                       # the defaults: 400 images, 8 shards
+
+    2 actors / 1 actor throughput: 1.58x; pipeline overhead +109% (10.5 s), 8.3 s outside the sampler calls
+
+The fixed ~8.5 s (actor start-up, first Ray Data job) is what the small set cannot amortize. All stores were
+byte-identical in every run.
 """
 from __future__ import annotations
 

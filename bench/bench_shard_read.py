@@ -11,14 +11,17 @@ measures images/s for:
   (the training input path);
 * raylab: `read_numpy` on a real store of the chosen type, with and without sha256 verification.
 
-Measured on the 2-core dev box while other jobs ran (load 7–13), 50k images, 5 shards, 5 interleaved rounds:
+Measured on a quiet 2-core box (load average 2), defaults (50k images, 5 shards, median of 3 interleaved rounds):
 
     image type                  pyarrow img/s      ×  Ray Data img/s      ×      MB
-    binary                            267,183  20.78          15,964   4.17   154.4
-    fixed_size_binary(3072)           453,549  35.28          16,368   4.28   154.2
-    list<uint8>                        12,856   1.00           3,825   1.00   329.9
+    binary                            305,165  21.42          22,505   2.87   154.4
+    fixed_size_binary(3072)           477,118  33.49          24,077   3.07   154.2
+    list<uint8>                        14,247   1.00           7,833   1.00   329.9
+    raylab store: read_numpy(verify=False) 250,264 img/s, read_numpy(verify=True) 120,374,
+                  read_dataset(verify=True) 22,889
 
-so `shards.IMAGE_TYPE` is fixed_size_binary(3072): 1.7× faster through pyarrow, a tie through Ray Data.
+so `shards.IMAGE_TYPE` is fixed_size_binary(3072): 1.6× faster than binary through pyarrow, 1.07× through
+Ray Data, and 33× / 3× faster than list<uint8>.
 """
 from __future__ import annotations
 

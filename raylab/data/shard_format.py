@@ -25,12 +25,12 @@ class ShardError(ValueError):
 
 IMAGE_BYTES = math.prod(IMAGE_SHAPE)  # 3072
 # Image column type: fixed_size_binary(3072) (= DESIGN.md's `binary(3072)`), chosen by bench/bench_shard_read.py
-# (50k random images, 5 shards, interleaved rounds, 2-core box shared with other jobs): pyarrow read_table +
-# decode 454k vs 267k img/s for variable `binary` (fixed 1.7–1.9× faster in all 4 runs); Ray Data read →
-# iter_batches(1024, pyarrow) → float NCHW a tie (16.4k vs 16.0k; binary/fixed 0.88–1.24× across runs, within
-# the load noise); list<uint8> is 4–50× slower and twice the bytes. The fixed width also lets the schema itself
-# reject a wrong-sized image.
-# (reference/ray_mlflow.md §2 saw binary ahead through Ray Data, 62k vs 42k; we could not reproduce a gap.)
+# (50k random images, 5 shards, interleaved rounds; quiet 2-core box): pyarrow read_table + decode 477k vs 305k
+# img/s for variable `binary` (fixed 1.6x faster; 1.7-1.9x in 4 earlier runs on a loaded box); Ray Data read ->
+# iter_batches(1024, pyarrow) -> float NCHW 24.1k vs 22.5k (1.07x, within run-to-run noise); list<uint8> is 33x
+# (pyarrow) and 3x (Ray Data) slower and twice the bytes. The fixed width also lets the schema itself reject a
+# wrong-sized image. (A measurement on another machine saw binary ahead through Ray Data, 62k vs 42k; we could not
+# reproduce a gap.)
 IMAGE_TYPE = pa.binary(3072)
 
 # numpy dtype of every non-image column (kept here: pa.DataType.to_pandas_dtype would import pandas).
