@@ -199,10 +199,11 @@ def _pool(ds: Any, cls: type, kwargs: dict[str, Any], stage: str, res: Resources
     beats hiding dispatch latency, ray ActorPoolStrategy docs)."""
     import ray.data
 
+    stage_res = stage_resources(res, stage)
     return ds.map_batches(
         cls, fn_constructor_kwargs=kwargs, batch_size=1, batch_format=batch_format,
-        compute=ray.data.ActorPoolStrategy(size=stage_resources(res, stage).actors, max_tasks_in_flight_per_actor=1),
-        **actor_resources(res, stage),
+        compute=ray.data.ActorPoolStrategy(size=stage_res.actors, max_tasks_in_flight_per_actor=1),
+        **stage_res.ray_args(),
         # A lost actor is restarted and its shard retried; passed as remote args because map_batches has no
         # named parameter for them in Ray 2.60 (this path is deprecated there, removal planned for 2.64).
         max_restarts=res.max_failures, max_task_retries=res.max_failures)
