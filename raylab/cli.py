@@ -69,6 +69,47 @@ def _data_import(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _mix_stats_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("target", help="generated shard store or selection view")
+    p.add_argument("--batches", type=int, default=60, help="global batches to read (default 60)")
+    config_args(p)
+
+
+@verb("data mix-stats", "class mix of the generated part of training batches, read through the training ingest "
+      "(train.batch_size, train.ratio, resources.num_workers)", _mix_stats_args)
+def _data_mix_stats(ns: argparse.Namespace) -> int:
+    from raylab.cluster import init_ray
+    from raylab.data.mix import mix_stats
+    from raylab.train.ingest import generated_label_batches
+
+    cfg = config_from(ns)
+    if ns.batches < 1:
+        raise ValueError(f"--batches: {ns.batches} must be >= 1")
+    index = _generated_input(ns.target)  # a bad store or view stops here, before Ray starts
+    init_ray()
+    stats = mix_stats(generated_label_batches(index, cfg, ns.batches), index)
+    for line in _mix_lines(ns.target, cfg, index, stats):
+        print(line)
+    return 0
+
+
+def _mix_lines(target: str, cfg: ExperimentConfig, index, stats) -> list[str]:
+    import numpy as np
+
+    world = max(cfg.resources.num_workers, 1)
+    present = (stats.counts > 0).sum(1)
+    p = stats.p_values()
+    return [f"{target}: {len(index)} rows in {len(index.files)} shards, {int((stats.expected > 0).sum())} classes",
+            f"{len(stats.counts)} batches of {int(stats.counts[0].sum())} generated rows ({world} worker(s); "
+            f"train.batch_size={cfg.train.batch_size}, train.ratio={cfg.train.ratio}, train.seed={cfg.train.seed})",
+            f"classes per batch: mean {present.mean():.1f}, fewest {present.min()}",
+            f"max class share per batch: median {np.median(stats.max_share):.1%}, "
+            f"90th percentile {np.quantile(stats.max_share, 0.9):.1%}",
+            f"chi-square against the view's class mix: median p {np.median(p):.3g}, "
+            f"{int((p < 1e-3).sum())} of {len(p)} batches below p = 0.001",
+            stats.summary()]
+
+
 def _print_training(out) -> None:
     best, last = out.best, out.last
     print(f"run dir: {out.run.path}")
@@ -88,16 +129,16 @@ def _train(ns: argparse.Namespace) -> int:
     from raylab.train.job import run_training
 
     cfg = config_from(ns)
+    generated = _generated_input(ns.generated)  # a bad view or store stops here, before Ray starts
     init_ray()
-    generated, rows = _generated_input(ns.generated)
-    _print_training(run_training(cfg, generated=generated, generated_rows=rows))
+    _print_training(run_training(cfg, generated=generated))
     return 0
 
 
 def _generated_input(path: str | None):
-    """(Ray Dataset, rows) of a selected view or a whole shard store; (None, 0) without one."""
+    """The rows of a selected view or a whole shard store; None without one."""
     if path is None:
-        return None, 0
+        return None
     from raylab.pipeline.select import open_generated
 
     return open_generated(path)

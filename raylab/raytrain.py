@@ -20,7 +20,7 @@ STATE_FILE = "state.pt"
 
 
 def make_trainer(train_fn: Callable[[dict], Any], loop_config: dict, cfg: ExperimentConfig, run: RunDir, *,
-                 datasets: dict | None = None, callbacks: list | None = None):
+                 callbacks: list | None = None):
     """A TorchTrainer for `cfg.resources` (gloo on CPU, nccl on GPU) storing under `<root>/ray_results/<run>`."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -32,28 +32,8 @@ def make_trainer(train_fn: Callable[[dict], Any], loop_config: dict, cfg: Experi
     run_config = RunConfig(name=run.name, storage_path=str(Path(cfg.tracking.root).resolve() / "ray_results"),
                            failure_config=FailureConfig(max_failures=res.max_failures),
                            checkpoint_config=CheckpointConfig(num_to_keep=2), callbacks=callbacks)
-    ingest = data_config(res.ingest_object_store_mb) if datasets else None
     return TorchTrainer(train_fn, train_loop_config=loop_config, scaling_config=scaling, run_config=run_config,
-                        torch_config=TorchConfig(backend="nccl" if res.use_gpu else "gloo"),
-                        datasets=datasets, dataset_config=ingest)
-
-
-def ingest_options(object_store_mb: int):
-    """Ray Data options of the training ingest: a deterministic order (an exact resume replays the same stream),
-    within an object-store budget so a worker's memory stays flat in the number of generated rows."""
-    from ray.data import ExecutionOptions, ExecutionResources
-
-    options = ExecutionOptions(preserve_order=True)
-    if object_store_mb:
-        options.resource_limits = ExecutionResources(object_store_memory=object_store_mb * 2**20)
-    return options
-
-
-def data_config(object_store_mb: int):
-    """Split every dataset over the workers with `ingest_options`."""
-    from ray.train import DataConfig
-
-    return DataConfig(datasets_to_split="all", execution_options=ingest_options(object_store_mb))
+                        torch_config=TorchConfig(backend="nccl" if res.use_gpu else "gloo"))
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -63,25 +43,38 @@ def rank_and_world() -> tuple[int, int]:
     return ctx.get_world_rank(), max(ctx.get_world_size(), 1)
 
 
-def load_latest_state() -> dict | None:
-    """The state dict of the latest Ray Train checkpoint of this run, or None on a fresh start."""
+def rank_file(rank: int) -> str:
+    return f"rank-{rank}.pt"
+
+
+def load_latest_state(rank: int = 0) -> tuple[dict | None, dict | None]:
+    """(shared state, this rank's own state) of the latest Ray Train checkpoint of this run; (None, None) on a
+    fresh start. The rank's own part is None when the checkpoint has none for it (taken with fewer workers)."""
     import ray.train
 
     ckpt = ray.train.get_checkpoint()
     if ckpt is None:
-        return None
+        return None, None
     with ckpt.as_directory() as d:
-        return torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
+        own = Path(d) / rank_file(rank)
+        return (torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True),
+                torch.load(own, map_location="cpu", weights_only=True) if own.exists() else None)
 
 
-def report(metrics: dict, state: dict | None = None) -> None:
-    """Report metrics (every rank, same number of calls: it is a barrier) and, from rank 0, a checkpoint."""
+def report(metrics: dict, state: tuple[dict, dict] | dict | None = None) -> None:
+    """Report metrics (every rank, same number of calls: it is a barrier) and a checkpoint. `state` is the shared
+    state (written by rank 0) and, as a pair, each rank's own part too (`rank-<r>.pt`): Ray Train merges the
+    files every rank reports into one checkpoint directory."""
     import ray.train
 
     rank, _ = rank_and_world()
-    if state is None or rank != 0:
+    shared, own = state if isinstance(state, tuple) else (state, None)
+    if shared is None or (rank != 0 and own is None):
         ray.train.report(metrics)
         return
     with tempfile.TemporaryDirectory() as d:
-        torch.save(state, Path(d) / STATE_FILE)
+        if rank == 0:
+            torch.save(shared, Path(d) / STATE_FILE)
+        if own is not None:
+            torch.save(own, Path(d) / rank_file(rank))
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))

@@ -22,6 +22,22 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def rng_state() -> dict:
+    """This process's global random streams (Python, numpy, torch CPU) as tensors and ints: a checkpoint loads it
+    with torch.load(weights_only=True), which refuses numpy arrays."""
+    _, key, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    return {"python": random.getstate(), "numpy_key": torch.from_numpy(key.astype(np.int64)),
+            "numpy_rest": [int(pos), int(has_gauss), float(cached)], "torch": torch.get_rng_state()}
+
+
+def set_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    pos, has_gauss, cached = state["numpy_rest"]
+    np.random.set_state(("MT19937", state["numpy_key"].numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+
+
 @contextlib.contextmanager
 def torch_threads(count: int) -> Iterator[None]:
     """Run with `count` intra-op threads, then restore the previous count. Ray gives each worker as many threads as

@@ -32,7 +32,8 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import numpy as np
 
 from raylab.config import ExperimentConfig, SelectConfig
-from raylab.data.shards import (COLUMN_TYPES, IMAGE_BYTES, ShardError, load_manifest, read_numpy, read_table,
+from raylab.data.mix import RowIndex
+from raylab.data.shards import (IMAGE_BYTES, ShardError, load_manifest, read_numpy, read_table,
                                 table_to_numpy)
 from raylab.io import atomic_write_bytes, atomic_write_json, sha256_file
 
@@ -244,34 +245,14 @@ class View:
         """The first amount // K rows of each class in plan order (the amount ablation, from one view)."""
         return self.subset(balanced_prefix(self.label, np.ones(len(self), bool), amount), amount=amount)
 
-    def dataset(self, columns: Sequence[str] = ("image", "label")):
-        """A Ray Dataset of the selected rows: the shards holding any (verified against the manifest), read by
-        Ray Data and filtered on the `seed` column against the view's sorted seeds; `label` from the view."""
-        from raylab.data.shards import ray_read_parquet
-
-        unknown = [c for c in columns if c not in COLUMN_TYPES]
-        if unknown:
-            raise SelectError(f"view columns: {unknown} unknown; allowed {list(COLUMN_TYPES)}")
+    def row_index(self, verify: bool = True) -> RowIndex:
+        """What training streams: the selected rows' shard files, positions and labels (the shards holding any are
+        verified against the manifest first, unless `verify` is false)."""
         names = [self.meta["shards"][i] for i in np.unique(self.shard)]
-        _verify_files(self.store, names)
-        wanted = [c for c in COLUMN_TYPES if c in set(columns) | {"seed"}]
-        ds = ray_read_parquet([str(self.store / n) for n in names], columns=wanted)
-        return ds.map_batches(keep_view_rows, batch_format="pyarrow",
-                              fn_kwargs={"seeds": self.seed, "labels": self.label, "columns": list(columns)})
-
-
-def keep_view_rows(batch, seeds: np.ndarray, labels: np.ndarray, columns: list[str]):
-    """Ray Data UDF: the rows of a pyarrow batch whose seed is in the sorted `seeds`, with the view's labels."""
-    import pyarrow as pa
-
-    s = batch.column("seed").to_numpy()
-    pos = np.minimum(np.searchsorted(seeds, s), max(len(seeds) - 1, 0))
-    hit = (seeds[pos] == s) if len(seeds) else np.zeros(len(s), bool)
-    out = batch.filter(pa.array(hit))
-    if "label" in columns:
-        out = out.set_column(out.schema.get_field_index("label"), "label",
-                             pa.array(labels[pos[hit]].astype(np.int16)))
-    return out.select(list(columns))
+        if verify:
+            _verify_files(self.store, names)
+        return RowIndex.from_positions([str(self.store / n) for n in self.meta["shards"]], self.shard, self.row,
+                                       self.label)
 
 
 def _verify_files(store: Path, names: Sequence[str]) -> None:
@@ -379,13 +360,12 @@ def _folder_bytes(path: Optional[Path]) -> Optional[int]:
     return sum(p.stat().st_size for p in path.iterdir() if p.is_file()) if path else None
 
 
-def open_generated(path: str | os.PathLike):
-    """(Ray Dataset of image/label, rows) for a view directory or a whole shard store."""
-    from raylab.data.shards import read_dataset
-
+def open_generated(path: str | os.PathLike) -> RowIndex:
+    """The rows training streams from a view directory or a whole shard store (files verified)."""
     path = Path(path)
     if (path / VIEW_META).is_file() or path.name == VIEW_META:
-        view = load_view(path)
-        return view.dataset(), len(view)
-    rows = sum(e["rows"] for e in load_manifest(path)["shards"].values())
-    return read_dataset(path, columns=["image", "label"]), rows
+        return load_view(path).row_index()
+    cols, names, counts = store_columns(path)
+    shard = np.repeat(np.arange(len(names)), counts)
+    row = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
+    return RowIndex.from_positions([str(path / n) for n in names], shard, row, cols["label"])

@@ -236,7 +236,7 @@ def _train_ticks(cfg: ExperimentConfig, loop_config: dict[str, Any]) -> dict[str
 
     splits = load_splits(cfg.data)
     t = _worker_training(cfg, splits.num_classes)
-    state = load_latest_state()
+    state, _ = load_latest_state()
     if state is not None:
         load_state(t, state)
     tracker = rank_zero_tracker(t.rank, loop_config.get("mlflow_uri"), loop_config.get("mlflow_run_id"))

@@ -2,7 +2,8 @@
 
 `run_training(cfg, generated=...)` validates the inputs before any compute (config, dataset, generated view),
 resolves the deterministic run directory (rerunning the same config resumes it), opens or reopens the MLflow run,
-and passes the generated view to the workers as a Ray Dataset (`get_dataset_shard("generated")`).
+and passes the generated view's row index to the workers, which stream its rows through Ray Data
+(`raylab.train.ingest`) in a per-pass random order common to all ranks (`raylab.data.mix`).
 """
 from __future__ import annotations
 
@@ -12,9 +13,10 @@ from typing import Any
 
 from raylab.config import ExperimentConfig, to_flat, to_json
 from raylab.data.datasets import get_dataset
+from raylab.data.mix import RowIndex
 from raylab.raytrain import make_trainer
 from raylab.runs import RunDir, run_dir
-from raylab.train.worker import GENERATED, train_worker
+from raylab.train.worker import train_worker
 
 MLFLOW_RUN_FILE = "mlflow_run_id"
 
@@ -31,7 +33,7 @@ class TrainOutcome:
         return self.history[-1] if self.history else {}
 
 
-def _check_inputs(cfg: ExperimentConfig, generated: Any) -> None:
+def _check_inputs(cfg: ExperimentConfig, generated: RowIndex | None) -> None:
     get_dataset(cfg.data.dataset)
     if cfg.train.ratio < 1.0 and generated is None:
         raise ValueError(f"train.ratio: {cfg.train.ratio} < 1 mixes in generated images, but no generated view "
@@ -51,18 +53,18 @@ def open_tracker(cfg: ExperimentConfig, run: RunDir, parent_run_id: str | None, 
     return tracker
 
 
-def run_training(cfg: ExperimentConfig, *, generated: Any = None, generated_rows: int = 0, name: str | None = None,
+def run_training(cfg: ExperimentConfig, *, generated: RowIndex | None = None, name: str | None = None,
                  parent_run_id: str | None = None, tags: dict | None = None, callbacks: list | None = None,
-                 stage: str = "train", crash: dict | None = None) -> TrainOutcome:
-    """Train `cfg` on Ray Train. `generated`: a Ray Dataset of the generated view (or None when ratio is 1);
-    `crash`: the worker's fault-injection drill (raylab.train.worker._fault_drill)."""
+                 stage: str = "train", crash: dict | None = None, trace: str | None = None) -> TrainOutcome:
+    """Train `cfg` on Ray Train. `generated`: the generated view's rows (`pipeline.select.open_generated`; None
+    when ratio is 1); `crash`: the worker's fault-injection drill (raylab.train.worker._fault_drill); `trace`: a
+    directory where every rank records the generated rows of each batch (tests, `data mix-stats`)."""
     _check_inputs(cfg, generated)
     run = run_dir(cfg, stage, name)
     tracker = open_tracker(cfg, run, parent_run_id, tags)
-    loop_config = {"flat": to_flat(cfg), "run_dir": str(run.path), "generated_rows": generated_rows,
-                   "mlflow_uri": tracker.uri, "mlflow_run_id": tracker.run_id, "crash": crash}
-    trainer = make_trainer(train_worker, loop_config, cfg, run,
-                           datasets={GENERATED: generated} if generated is not None else None, callbacks=callbacks)
+    loop_config = {"flat": to_flat(cfg), "run_dir": str(run.path), "generated": generated,
+                   "mlflow_uri": tracker.uri, "mlflow_run_id": tracker.run_id, "crash": crash, "trace": trace}
+    trainer = make_trainer(train_worker, loop_config, cfg, run, callbacks=callbacks)
     with tracker:
         result = trainer.fit()
         out = result.return_value or {}

@@ -18,20 +18,18 @@ import torch
 
 from raylab.config import ExperimentConfig, from_flat
 from raylab.data.datasets import Splits, load_splits
-from raylab.data.mix import GeneratedStream, OriginalStream, split_batch, steps_per_epoch
+from raylab.data.mix import GeneratedStream, OriginalStream, RowIndex, split_batch, steps_per_epoch
 from raylab.eval.metrics import clean_accuracy, pgd_accuracy
 from raylab.io import atomic_write
 from raylab.models import create_model
 from raylab.raytrain import load_latest_state, rank_and_world, report
-from raylab.runtime import seed_everything, torch_threads
+from raylab.runtime import rng_state, seed_everything, set_rng_state, torch_threads
 from raylab.tracking import rank_zero_tracker
 from raylab.train.ema import WeightAverage
+from raylab.train.ingest import generated_stream
 from raylab.train.loop import TrainContext, mixed_batches, run_epoch, to_input
 from raylab.train.optim import build_optimizer
 from raylab.train.schedules import build_scheduler
-
-GENERATED = "generated"  # the Ray Data dataset name the driver passes
-
 
 @dataclass
 class Streams:
@@ -51,15 +49,11 @@ def _prepare(model: torch.nn.Module, world: int) -> torch.nn.Module:
     return ray.train.torch.prepare_model(model) if world > 1 else model
 
 
-def build_streams(cfg: ExperimentConfig, splits: Splits, rank: int, world: int) -> Streams:
-    n_orig, n_gen = split_batch(cfg.train.batch_size // world, cfg.train.ratio)
+def build_streams(cfg: ExperimentConfig, splits: Splits, rank: int, world: int,
+                  generated: RowIndex | None) -> Streams:
+    n_orig, _ = split_batch(cfg.train.batch_size // world, cfg.train.ratio)
     original = OriginalStream(len(splits.train), n_orig, seed=cfg.train.seed, rank=rank, world=world)
-    generated = None
-    if n_gen:
-        import ray.train
-
-        generated = GeneratedStream(ray.train.get_dataset_shard(GENERATED), n_gen, seed=cfg.train.seed + rank)
-    return Streams(original, generated)
+    return Streams(original, generated_stream(cfg, generated, rank, world) if generated is not None else None)
 
 
 def build_context(cfg: ExperimentConfig, splits: Splits, steps: int, world: int) -> TrainContext:
@@ -79,24 +73,32 @@ def build_context(cfg: ExperimentConfig, splits: Splits, steps: int, world: int)
 
 
 def state_dict(ctx: TrainContext, streams: Streams, epoch: int, best: dict, history: list) -> dict:
+    """What every rank shares (weights, optimizer, schedule, stream positions: identical on every rank)."""
     raw = getattr(ctx.model, "module", ctx.model)
     return {"model": raw.state_dict(), "ema": ctx.ema.state_dict(), "optimizer": ctx.optimizer.state_dict(),
-            "schedule": ctx.schedule.state_dict(), "generator": ctx.generator.get_state(), "step": ctx.step,
+            "schedule": ctx.schedule.state_dict(), "step": ctx.step,
             "original": streams.original.state_dict(),
             "generated": streams.generated.state_dict() if streams.generated else None,
             "epoch": epoch, "best": best, "history": history}
 
 
-def restore(ctx: TrainContext, streams: Streams, state: dict) -> tuple[int, dict, list]:
+def rank_state(ctx: TrainContext) -> dict:
+    """What differs between ranks: their random streams (ranks are seeded apart: attack noise, augmentation)."""
+    return {"generator": ctx.generator.get_state(), "process": rng_state()}
+
+
+def restore(ctx: TrainContext, streams: Streams, state: dict, own: dict | None) -> tuple[int, dict, list]:
     getattr(ctx.model, "module", ctx.model).load_state_dict(state["model"])
     ctx.ema.load_state_dict(state["ema"])
     ctx.optimizer.load_state_dict(state["optimizer"])
     ctx.schedule.load_state_dict(state["schedule"])
-    ctx.generator.set_state(state["generator"])
     ctx.step = int(state["step"])
     streams.original.load_state_dict(state["original"])
     if streams.generated is not None:
         streams.generated.load_state_dict(state["generated"])
+    if own is not None:  # None: this rank did not exist when the checkpoint was taken; it keeps its fresh seeds
+        ctx.generator.set_state(own["generator"])
+        set_rng_state(own["process"])
     return int(state["epoch"]), dict(state["best"]), list(state["history"])
 
 
@@ -143,6 +145,28 @@ def _fault_drill(batches, loop_config: dict, epoch: int):
         yield batch
 
 
+def _trace(batches, streams: Streams, loop_config: dict, epoch: int):
+    """`loop_config["trace"] = dir`: every rank records the seed and label of each generated row of each batch of
+    the epoch (`trace/rank-<r>-epoch-<e>.npz`): what the mixing tests check against the view."""
+    out = loop_config.get("trace")
+    if not out or streams.generated is None:
+        yield from batches
+        return
+    seeds, labels = [], []
+    for images, y in batches:
+        seeds.append(streams.generated.last_seeds.copy())
+        labels.append(y[-len(seeds[-1]):].copy())
+        yield images, y
+    rank, _ = rank_and_world()
+    atomic_write(Path(out) / f"rank-{rank}-epoch-{epoch + 1}.npz",
+                 lambda tmp: _save_npz(tmp, seed=np.stack(seeds), label=np.stack(labels)))
+
+
+def _save_npz(path: str, **arrays: np.ndarray) -> None:
+    with open(path, "wb") as f:  # a file object: np.savez would append ".npz" to a temp file's name
+        np.savez(f, **arrays)
+
+
 def train_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     cfg = from_flat(loop_config["flat"])
     with torch_threads(cfg.resources.cpus_per_worker):  # as many intra-op threads as the worker holds CPUs
@@ -154,19 +178,20 @@ def _train(cfg: ExperimentConfig, loop_config: dict[str, Any]) -> dict[str, Any]
     seed_everything(cfg.train.seed)  # identical initial weights on every rank; per-rank noise: ctx.generator
     splits = load_splits(cfg.data)
     steps = steps_per_epoch(cfg.train.epoch_length, batch_size=cfg.train.batch_size,
-                            num_original=len(splits.train), num_generated=loop_config.get("generated_rows", 0),
+                            num_original=len(splits.train), num_generated=len(loop_config.get("generated") or ()),
                             ratio=cfg.train.ratio)
     ctx = build_context(cfg, splits, steps, world)
-    streams = build_streams(cfg, splits, rank, world)
+    streams = build_streams(cfg, splits, rank, world, loop_config.get("generated"))
     start, best, history = 0, {"metric": selection_metric(cfg), "score": -math.inf, "epoch": -1}, []
-    state = load_latest_state()
+    state, own = load_latest_state(rank)
     if state is not None:
-        start, best, history = restore(ctx, streams, state)
+        start, best, history = restore(ctx, streams, state, own)
     tracker = rank_zero_tracker(rank, loop_config.get("mlflow_uri"), loop_config.get("mlflow_run_id"))
     run_path = Path(loop_config["run_dir"])
     for epoch in range(start, cfg.train.epochs):
         lr = ctx.schedule.last_lr()[0]  # the LR this epoch starts with (constant within it when per-epoch)
-        stats = run_epoch(ctx, _fault_drill(_epoch_batches(splits, streams, steps), loop_config, epoch))
+        batches = _trace(_epoch_batches(splits, streams, steps), streams, loop_config, epoch)
+        stats = run_epoch(ctx, _fault_drill(batches, loop_config, epoch))
         metrics = {"epoch": epoch + 1, **stats.as_metrics(lr)}
         if rank == 0:
             _refresh_bn(ctx, splits, streams)
@@ -178,7 +203,7 @@ def _train(cfg: ExperimentConfig, loop_config: dict[str, Any]) -> dict[str, Any]
         if rank == 0 and last:
             save_weights(run_path / "last.pt", ctx, epoch + 1, metrics)
         due = last or (epoch + 1) % cfg.train.checkpoint_every == 0
-        report(metrics, state_dict(ctx, streams, epoch + 1, best, history) if due else None)
+        report(metrics, (state_dict(ctx, streams, epoch + 1, best, history), rank_state(ctx)) if due else None)
     return {"history": history, "best": best}
 
 

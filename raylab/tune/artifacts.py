@@ -17,9 +17,16 @@ from pathlib import Path
 
 from raylab.config import ExperimentConfig, fingerprint
 from raylab.io import atomic_write_json, exclusive
+from raylab.pipeline.plan import IDENTITY_FORMAT
 from raylab.runs import GENERATION_KEYS, write_config
 
 VIEW_KEYS = GENERATION_KEYS + ["select"]
+
+
+def address(cfg: ExperimentConfig, keys: list[str]) -> str:
+    """Content address of an artifact: its config keys and the generated-set format, so a set laid out by an older
+    raylab (class by class, format /1) is never reused for a newer one."""
+    return f"{fingerprint(cfg, keys)}-{IDENTITY_FORMAT.rsplit('/', 1)[-1]}"
 
 
 @dataclass(frozen=True)
@@ -40,7 +47,7 @@ def _generate(cfg: ExperimentConfig, parent_run_id: str | None) -> dict:
     """The generated set of `cfg` (built or resumed under its lock); its summary is cached beside it."""
     from raylab.pipeline.generate_job import run_generate
 
-    folder = artifacts_root(cfg) / f"generate-{fingerprint(cfg, GENERATION_KEYS)}"
+    folder = artifacts_root(cfg) / f"generate-{address(cfg, GENERATION_KEYS)}"
     summary_path = folder / "generate.json"
     with exclusive(folder.with_suffix(".lock")):
         write_config(folder, cfg, keep=True)
@@ -61,7 +68,7 @@ def ensure_view(cfg: ExperimentConfig, parent_run_id: str | None = None) -> Gene
 
     check_second(cfg.select)  # before generating anything
     gen = _generate(cfg, parent_run_id)
-    path = artifacts_root(cfg) / f"view-{fingerprint(cfg, VIEW_KEYS)}"
+    path = artifacts_root(cfg) / f"view-{address(cfg, VIEW_KEYS)}"
     with exclusive(path.with_suffix(".lock")):
         write_config(path, cfg, keep=True)
         view = (load_view(path) if (path / "view.json").exists()

@@ -85,9 +85,9 @@ def run_trial(trial_config: dict[str, Any], *, flat: dict[str, Any], parent_run_
         view = ensure_view(cfg, parent)
         from raylab.pipeline.select import load_view
 
-        generated = load_view(view.view_path).dataset()
+        generated = load_view(view.view_path).row_index()
     name = f"{sweep}-{fingerprint(cfg, ['data', 'generate', 'select', 'model', 'attack', 'train'])}"
-    out = run_training(cfg, generated=generated, generated_rows=view.rows if view else 0, name=name,
+    out = run_training(cfg, generated=generated, name=name,
                        parent_run_id=parent, callbacks=[TuneReportCallback()],
                        tags={"raylab.sweep": sweep})
     final = {**trial_summary(out), **evaluate_trial(cfg, out.run.path)}

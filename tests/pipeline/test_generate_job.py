@@ -12,7 +12,7 @@ from raylab.io import sha256_file
 from raylab.pipeline.generate_job import DEFAULT_SCORER, run_generate
 from raylab.tracking import client_for, get_run
 
-PER_CLASS, SHARD_SIZE = 20, 40  # 200 images in 5 shards, each shard spanning two classes
+PER_CLASS, SHARD_SIZE = 20, 40  # 200 images in 5 shards, every shard holding all classes
 
 
 def shard_hashes(store) -> dict[str, str]:
@@ -51,7 +51,7 @@ def test_whole_job_writes_every_seed_once_with_scores_and_passes_data_verify(dig
     assert manifest["identity"]["generator"]["sha256"] == out.spec.identity["generator"]["sha256"]
     data = read_numpy(out.store, ["seed", "label", "class_cond", "score", "pred", "confidence"])
     np.testing.assert_array_equal(data["seed"], np.arange(size))  # each plan index exactly once, in order
-    np.testing.assert_array_equal(data["class_cond"], np.arange(size) // PER_CLASS)  # seed = class * per_class + j
+    np.testing.assert_array_equal(data["class_cond"], np.arange(size) % 10)  # interleaved: seed = j * classes + class
     np.testing.assert_array_equal(data["label"], data["class_cond"])
     assert np.all((data["score"] > 0) & (data["score"] <= data["confidence"] + 1e-6) & (data["confidence"] <= 1))
     assert set(np.unique(data["pred"])) <= set(range(10))

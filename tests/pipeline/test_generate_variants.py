@@ -34,7 +34,7 @@ def test_gaussian_generator_runs_through_the_cli_without_a_scorer(assets, tmp_pa
     assert verify_store(store) == []
     data = read_numpy(store)
     assert "score" not in data and len(data["seed"]) == 100
-    np.testing.assert_array_equal(data["label"], np.arange(100) // 10)
+    np.testing.assert_array_equal(data["label"], np.arange(100) % 10)  # class-interleaved plan
     fit = load_gaussian(store / "gaussian-fit-rank256.npz")  # generate.gaussian_rank's default
     ident = load_manifest(store)["identity"]
     assert ident["generator"]["kind"] == "gaussian" and ident["sampler"] is None and ident["scorer"] is None

@@ -122,20 +122,21 @@ def test_views_refuse_missing_scores_a_torn_write_and_a_changed_store(tmp_path):
         load_view(tmp_path / "v2")
 
 
-def test_view_dataset_streams_exactly_the_selected_rows(tmp_path, ray_session):
+def test_view_row_index_names_exactly_the_selected_rows(tmp_path):
+    from raylab.data.mix import GeneratedStream
+
     store, cols = make_store(tmp_path / "store")
     view = build_view(store.root, SelectConfig(policy="pseudo", top_fraction=0.5, amount=9), tmp_path / "view")
-    rows = view.dataset(columns=("image", "label", "seed")).take_all()
-    got = {int(r["seed"]): r for r in rows}
-    assert sorted(got) == view.seed.tolist()
-    for s, label in zip(view.seed, view.label):
-        assert got[int(s)]["label"] == label
-        assert np.frombuffer(got[int(s)]["image"], np.uint8).tobytes() == cols["image"][s].tobytes()
-    direct = read_numpy(store.root, ["seed"])["seed"]
-    assert len(direct) == K * PER_CLASS > len(rows)
-    assert open_generated(tmp_path / "view")[1] == len(view) == 9
-    ds, n = open_generated(store.root)
-    assert n == K * PER_CLASS and ds.columns() == ["image", "label"]
+    index = open_generated(tmp_path / "view")
+    assert len(index) == len(view) == 9
+    stream = GeneratedStream(index, 9, seed=0)  # one batch = one pass over the view, read from the shards
+    images, labels = stream.next_batch()
+    order = np.argsort(stream.last_seeds)
+    assert stream.last_seeds[order].tolist() == view.seed.tolist()
+    assert labels[order].tolist() == view.label.tolist()  # the view's (pseudo-)labels, not the stored ones
+    np.testing.assert_array_equal(images[order], cols["image"][view.seed])
+    whole = open_generated(store.root)
+    assert len(whole) == K * PER_CLASS and len(whole.files) == len(store.shard_paths())
 
 
 def test_data_describe_prints_the_score_quantiles_of_the_view(tmp_path, capsys):

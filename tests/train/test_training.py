@@ -6,7 +6,8 @@ import torch
 from raylab.config import make_config, override
 from raylab.data.datasets import load_splits
 from raylab.data.mix import GeneratedStream, OriginalStream, split_batch
-from raylab.data.shards import ShardStore, read_dataset
+from raylab.data.shards import ShardStore
+from raylab.pipeline.select import open_generated
 from raylab.models import create_model
 from raylab.tracking import get_run_metrics_history, resolve_tracking_uri
 from raylab.train.ema import WeightAverage
@@ -51,25 +52,12 @@ def test_trades_loss_and_accuracy_improve_without_ray(tmp_path):
     assert last["train_clean_acc"] > first["train_clean_acc"] + 0.2
 
 
-class ListSource:
-    """Stands in for a Ray Data shard iterator in pure-logic tests: fixed-size pyarrow batches of a table."""
-
-    def __init__(self, table):
-        self.table = table
-
-    def iter_batches(self, *, batch_size, drop_last, local_shuffle_seed=None, **_):
-        order = np.random.default_rng(local_shuffle_seed).permutation(self.table.num_rows)
-        for i in range(0, len(order) - batch_size + 1 if drop_last else len(order), batch_size):
-            yield self.table.take(order[i:i + batch_size])
-
-
 def test_every_batch_has_the_exact_ratio_and_a_pass_has_no_duplicates(tmp_path):
     splits = load_splits(make_config("tiny").data)
     store = write_generated(tmp_path / "gen", splits.train.images[:300], splits.train.labels[:300])
-    from raylab.data.shards import read_table
     n_orig, n_gen = split_batch(40, 0.3)
     assert (n_orig, n_gen) == (12, 28)
-    gen = GeneratedStream(ListSource(read_table(store.root)), n_gen, seed=3)
+    gen = GeneratedStream(open_generated(store.root), n_gen, seed=3, window_rows=64)  # the pass order, read here
     orig = OriginalStream(100, n_orig, seed=1)
     seen = []
     for x, y in mixed_batches(orig, gen, splits.train.images[:100], splits.train.labels[:100], steps=10):
@@ -84,7 +72,7 @@ def test_every_batch_has_the_exact_ratio_and_a_pass_has_no_duplicates(tmp_path):
 def test_ingest_object_store_budget_reaches_ray_data(budget_mb):
     """resources.ingest_object_store_mb bounds the ingest's object store (bench_train_ray.py: flat worker RSS);
     0 leaves Ray Data's own limit."""
-    from raylab.raytrain import ingest_options
+    from raylab.train.ingest import ingest_options
 
     options = ingest_options(budget_mb)
     assert (options.resource_limits.object_store_memory == budget_mb * 2**20) == bool(budget_mb)
@@ -97,7 +85,7 @@ def test_local_mode_training_with_generated_mix_logs_to_mlflow(ray_session, tmp_
     cfg = small_config(tmp_path, **{"resources.num_workers": 0, "train.ratio": 0.5, "train.epochs": 2})
     splits = load_splits(cfg.data)
     store = write_generated(tmp_path / "gen", splits.train.images, splits.train.labels)
-    out = run_training(cfg, generated=read_dataset(store.root), generated_rows=len(splits.train))
+    out = run_training(cfg, generated=open_generated(store.root))
     assert [h["epoch"] for h in out.history] == [1, 2]
     for name in ("best.pt", "last.pt"):
         weights = torch.load(out.run.path / name, weights_only=True)
@@ -126,12 +114,12 @@ def test_crashed_worker_resumes_on_the_same_trajectory(ray_session, tmp_path):
                                     "train.checkpoint_every": 1, "train.epochs": 2, "data.max_train": 64})
     splits = load_splits(cfg.data)
     store = write_generated(tmp_path / "gen", splits.train.images, splits.train.labels)
-    kwargs = dict(generated_rows=len(splits.train))
-    straight = run_training(override(cfg, {"resources.num_workers": 0}), generated=read_dataset(store.root),
-                            name="straight", **kwargs)  # local mode: the same trajectory without a second Train run
+    generated = open_generated(store.root)
+    straight = run_training(override(cfg, {"resources.num_workers": 0}), generated=generated,
+                            name="straight")  # local mode: the same trajectory without a second Train run
     marker = tmp_path / "crashed"
-    crashed = run_training(cfg, generated=read_dataset(store.root), name="crashed",
-                           crash={"epoch": 2, "after_steps": 1, "marker": str(marker)}, **kwargs)
+    crashed = run_training(cfg, generated=generated, name="crashed",
+                           crash={"epoch": 2, "after_steps": 1, "marker": str(marker)})
     assert marker.exists()
     losses = lambda out: [h["train_loss"] for h in out.history]  # noqa: E731
     assert len(crashed.history) == 2

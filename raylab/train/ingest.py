@@ -1,0 +1,89 @@
+"""The training ingest of generated rows on Ray Data: each pass of a rank's `GeneratedStream` is one Ray Data
+execution whose read tasks are the pass's windows (`raylab.data.mix`), read in order within an object-store budget.
+
+A read task carries only its window's part of the row index, so what travels per pass is the view's index once,
+split up, never an image. Tasks run wherever Ray schedules them; `preserve_order` hands their tables back in pass
+order, which an exact resume needs.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+
+from raylab.config import ExperimentConfig
+from raylab.data.mix import PassPlan, RowIndex, read_window
+from raylab.data.shard_format import IMAGE_BYTES
+
+
+def ingest_options(object_store_mb: int):
+    """Ray Data options of the training ingest: a deterministic order (an exact resume replays the same stream),
+    within an object-store budget so a worker's memory stays flat in the number of generated rows."""
+    from ray.data import ExecutionOptions, ExecutionResources
+
+    options = ExecutionOptions(preserve_order=True)
+    if object_store_mb:
+        options.resource_limits = ExecutionResources(object_store_memory=object_store_mb * 2**20)
+    return options
+
+
+def _read_task_fn(plan: PassPlan):
+    return [read_window(plan, plan.windows[0])]
+
+
+def window_datasource(plan: PassPlan):
+    """A Ray Data `Datasource` with one read task per window of `plan`."""
+    from ray.data.block import BlockMetadata
+    from ray.data.datasource import Datasource, ReadTask
+
+    class PassWindows(Datasource):
+        def estimate_inmemory_data_size(self) -> int:
+            return sum(w.rows for w in plan.windows) * (IMAGE_BYTES + 2)
+
+        def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None) -> list:
+            tasks = []
+            for window in plan.windows:
+                one = plan.for_window(window)
+                meta = BlockMetadata(num_rows=None, size_bytes=window.rows * (IMAGE_BYTES + 2) // plan.world,
+                                     input_files=one.index.files, exec_stats=None)
+                tasks.append(ReadTask(functools.partial(_read_task_fn, one), meta))
+            return tasks
+
+    return PassWindows()
+
+
+def ray_pass_reader(object_store_mb: int = 0):
+    """A `PassReader` for `GeneratedStream` that reads each pass through Ray Data (budget: MiB for this rank)."""
+    def read(plan: PassPlan) -> Iterator[pa.Table]:
+        import ray.data
+
+        ds = ray.data.read_datasource(window_datasource(plan), override_num_blocks=max(len(plan.windows), 1))
+        ds.context.execution_options = ingest_options(object_store_mb)
+        ds.context.enable_progress_bars = False  # one pass per epoch or so: the epoch line is the progress
+        yield from ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=1)
+    return read
+
+
+def generated_stream(cfg: ExperimentConfig, index: RowIndex, rank: int, world: int):
+    """Rank `rank`'s stream of generated rows, or None when batches hold none (train.ratio = 1). Its order is one
+    per pass for all ranks together, seeded by train.seed alone (`raylab.data.mix`); it reads through Ray Data
+    within this rank's share of resources.ingest_object_store_mb."""
+    from raylab.data.mix import GeneratedStream, split_batch
+
+    _, n_gen = split_batch(cfg.train.batch_size // world, cfg.train.ratio)
+    if not n_gen:
+        return None
+    return GeneratedStream(index, n_gen, seed=cfg.train.seed, rank=rank, world=world,
+                           reader=ray_pass_reader(cfg.resources.ingest_object_store_mb // world))
+
+
+def generated_label_batches(index: RowIndex, cfg: ExperimentConfig, batches: int) -> list[np.ndarray]:
+    """The labels of the generated part of the first `batches` global batches, read by every rank's stream exactly
+    as training reads them (`raylab data mix-stats`)."""
+    world = max(cfg.resources.num_workers, 1)
+    ranks = [generated_stream(cfg, index, r, world) for r in range(world)]
+    if ranks[0] is None:
+        raise ValueError(f"train.ratio={cfg.train.ratio}: batches hold no generated rows")
+    return [np.concatenate([stream.next_batch()[1] for stream in ranks]) for _ in range(batches)]
