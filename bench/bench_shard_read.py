@@ -20,7 +20,7 @@ Measured on a quiet 2-core box (load average 2), defaults (50k images, 5 shards,
     raylab store: read_numpy(verify=False) 250,264 img/s, read_numpy(verify=True) 120,374,
                   read_dataset(verify=True) 22,889
 
-so `shards.IMAGE_TYPE` is fixed_size_binary(3072): 1.6× faster than binary through pyarrow, 1.07× through
+so `shard_format.IMAGE_TYPE` is fixed_size_binary(3072): 1.6× faster than binary through pyarrow, 1.07× through
 Ray Data, and 33× / 3× faster than list<uint8>.
 """
 from __future__ import annotations
@@ -42,24 +42,24 @@ import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
-from raylab.data import shards  # noqa: E402
+from raylab.data import shard_format, shard_layout, shards  # noqa: E402
 
 
 def _list_array(images: np.ndarray) -> pa.Array:
     flat = pa.array(images.reshape(-1), type=pa.uint8())
-    return pa.ListArray.from_arrays(pa.array(np.arange(len(images) + 1, dtype=np.int32) * shards.IMAGE_BYTES), flat)
+    return pa.ListArray.from_arrays(pa.array(np.arange(len(images) + 1, dtype=np.int32) * shard_format.IMAGE_BYTES), flat)
 
 
 def _decode_list(col: pa.ChunkedArray) -> np.ndarray:
     parts = [c.flatten().to_numpy(zero_copy_only=True) for c in col.chunks]
     flat = parts[0] if len(parts) == 1 else np.concatenate(parts)
-    return flat.reshape(-1, *shards.IMAGE_SHAPE)
+    return flat.reshape(-1, *shard_format.IMAGE_SHAPE)
 
 
 # variant name → (encode (N,32,32,3) uint8 → pa.Array, decode column → (N,32,32,3) uint8)
 VARIANTS: dict[str, tuple[Callable[[np.ndarray], pa.Array], Callable]] = {
-    "binary": (lambda x: shards.encode_images(x, pa.binary()), shards.decode_images),
-    "fixed_size_binary(3072)": (lambda x: shards.encode_images(x, pa.binary(3072)), shards.decode_images),
+    "binary": (lambda x: shard_format.encode_images(x, pa.binary()), shard_format.decode_images),
+    "fixed_size_binary(3072)": (lambda x: shard_format.encode_images(x, pa.binary(3072)), shard_format.decode_images),
     "list<uint8>": (_list_array, _decode_list),
 }
 
@@ -73,7 +73,7 @@ def write_variant(root: Path, images: np.ndarray, shard_size: int, encode: Calla
         table = pa.table({"image": encode(block), "label": pa.array(np.zeros(n, np.int16)),
                           "seed": pa.array(np.arange(start, start + n, dtype=np.int64)),
                           "class_cond": pa.array(np.full(n, -1, np.int16))})
-        paths.append(str(root / shards.shard_name(start, start + n - 1)))
+        paths.append(str(root / shard_layout.shard_name(start, start + n - 1)))
         shards.write_shard_file(table, paths[-1])
     return paths
 
@@ -137,7 +137,7 @@ def measure(tmp: Path, images: np.ndarray, args: argparse.Namespace) -> tuple[di
                for v in (False, True)}
     ray_fns = {name: (lambda ps=ps, d=VARIANTS[name][1]: time_ray(ps, d, args.ray_v2)) for name, ps in paths.items()}
     ray_fns["read_dataset(verify=True)"] = lambda: iterate_ray(shards.read_dataset(root, ["image"]),
-                                                               shards.decode_images)
+                                                               shard_format.decode_images)
     return interleaved(pa_fns, args.repeats), interleaved(ray_fns, args.repeats), mb
 
 
@@ -154,7 +154,7 @@ def main() -> None:
     import ray
 
     ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
-    images = np.random.default_rng(0).integers(0, 256, (args.images, *shards.IMAGE_SHAPE), dtype=np.uint8)
+    images = np.random.default_rng(0).integers(0, 256, (args.images, *shard_format.IMAGE_SHAPE), dtype=np.uint8)
     with tempfile.TemporaryDirectory() as tmp:
         pa_rates, ray_rates, mb = measure(Path(tmp), images, args)
     ray.shutdown()
@@ -173,7 +173,7 @@ def report(pa_rates: dict, ray_rates: dict, mb: dict, args: argparse.Namespace) 
     fixed = "fixed_size_binary(3072)"
     print(f"binary / {fixed}: pyarrow {pa_rates['binary'] / pa_rates[fixed]:.2f}×, "
           f"Ray Data {ray_rates['binary'] / ray_rates[fixed]:.2f}×")
-    print(f"raylab store, IMAGE_TYPE={shards.IMAGE_TYPE} (read + concatenate + decode):")
+    print(f"raylab store, IMAGE_TYPE={shard_format.IMAGE_TYPE} (read + concatenate + decode):")
     for name, r in list(pa_rates.items())[len(VARIANTS):] + list(ray_rates.items())[len(VARIANTS):]:
         print(f"  {name:<26}{r:>13,.0f} img/s")
 

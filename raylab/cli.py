@@ -227,7 +227,8 @@ def _print_json(data: dict) -> None:
 @verb("select", "select rows of a generated set into a view (select.policy, select.amount); copies no image",
       _select_args)
 def _select(ns: argparse.Namespace) -> int:
-    from raylab.pipeline.select import build_view, describe, second_scores
+    from raylab.pipeline.select import build_view, describe
+    from raylab.pipeline.scoring import second_scores
 
     cfg = config_from(ns)
     second = second_scores(cfg, ns.store)  # the agreement policy's second scorer, cached beside the shards

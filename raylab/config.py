@@ -298,7 +298,8 @@ class SweepConfig(_Stage):
     search: str = knob("grid", choices=("grid", "random", "asha"))
     num_samples: int = knob(1, lo=1)
     max_concurrent: int = knob(1, lo=1)
-    metric: str = knob("val_robust_acc")
+    metric: str = knob("", doc="what Tune ranks trials by; '' = the validation PGD accuracy, val_pgd{k}_acc with "
+                       "k = train.val_pgd_steps")
     mode: str = knob("max", choices=("max", "min"))
 
 

@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
+
+import filelock
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
@@ -54,16 +55,18 @@ def sha256_file(path: str | os.PathLike) -> str:
 
 
 @contextlib.contextmanager
-def exclusive(path: Path, busy: Optional[Exception] = None) -> Iterator[None]:
-    """An exclusive lock on `path` (a small lock file) for the duration of the block: waits for it, or, given
-    `busy`, raises that at once when another holder has it (flock: also a second open in the same process)."""
+def exclusive(path: str | os.PathLike, busy: Optional[Exception] = None) -> Iterator[None]:
+    """An exclusive lock on `path` (a small lock file) for the duration of the block, the one file lock of raylab
+    (the `filelock` package, installed with torch): waits for it, or, given `busy`, raises that at once when
+    another holder has it (also a second lock object on the same file in this process)."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | (fcntl.LOCK_NB if busy is not None else 0))
-        except BlockingIOError:
-            raise busy from None
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    lock = filelock.FileLock(str(path), is_singleton=False)
+    try:
+        lock.acquire(timeout=0 if busy is not None else -1)
+    except filelock.Timeout:
+        raise busy from None
+    try:
+        yield
+    finally:
+        lock.release()

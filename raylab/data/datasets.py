@@ -145,6 +145,15 @@ def load_splits(cfg: DataConfig) -> Splits:
     return Splits(rest, val, test, train.class_names, spec.mean, spec.std)
 
 
+def split_identity(cfg: DataConfig) -> tuple[str, int]:
+    """(sha256 of the training split's images and labels as training sees them, its row count): the original
+    dataset's content identity in a run's lineage."""
+    train = load_splits(cfg).train
+    h = hashlib.sha256(np.ascontiguousarray(train.images).data)
+    h.update(np.ascontiguousarray(train.labels).data)
+    return h.hexdigest(), len(train)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Files: official sources, checksummed download, atomic extraction.
 

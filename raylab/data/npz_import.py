@@ -25,7 +25,8 @@ from typing import Any, BinaryIO, Callable
 import numpy as np
 from numpy.lib import format as npy_format
 
-from raylab.data.shards import IMAGE_SHAPE, ShardError, ShardStore
+from raylab.data.shard_format import IMAGE_SHAPE, ShardError
+from raylab.data.shards import ShardStore
 
 _LOCAL_HEADER = struct.Struct("<4s5H3L2H")  # zip local file header: 30 bytes, then name and extra field
 _LOCAL_MAGIC = b"PK\x03\x04"

@@ -3,16 +3,15 @@ the temp files of interrupted writers (DESIGN.md, "Data contracts"; the layout i
 """
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from raylab.data.shard_format import ShardError
+from raylab.io import exclusive
 
 MANIFEST_NAME = "manifest.json"
 LOCK_NAME = ".manifest.lock"
@@ -63,15 +62,9 @@ def load_manifest(root: str | os.PathLike) -> dict:
         raise ShardError(f"{path}: manifest is not valid JSON ({err})") from None
 
 
-@contextlib.contextmanager
-def _manifest_lock(root: Path) -> Iterator[None]:
-    """Exclusive flock across processes and threads (each call opens its own file description)."""
-    with open(root / LOCK_NAME, "a+") as f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+def _manifest_lock(root: Path):
+    """Exclusive lock across processes and threads on the manifest's lock file."""
+    return exclusive(root / LOCK_NAME)
 
 
 def _sorted_entries(manifest: dict) -> list[tuple[str, dict]]:

@@ -5,7 +5,7 @@ Layout of a store directory (DESIGN.md, "Data contracts")::
     manifest.json                       identity + one entry per shard (seed range, rows, sha256, bytes, columns)
     gen-0000000000-0000009999.parquet   seeds 0..9999 inclusive
     gen-0000010000-0000019999.parquet
-    .manifest.lock                      flock target: writers read-modify-write the manifest under it
+    .manifest.lock                      lock file (raylab.io.exclusive): the manifest is rewritten under it
 
 Columns: `image` (3072 raw HWC uint8 bytes), `label` int16, `seed` int64, `class_cond` int16 (−1 when
 unconditional), and after scoring `score` float32, `pred` int16, `confidence` float32. The generator / sampler /
@@ -16,8 +16,8 @@ Crash safety: a shard is written to a hidden temp file in the same directory, fs
 only then recorded in the manifest, so a shard listed in the manifest is always complete. Readers check every file
 against the manifest (size + sha256) before using it; `verify_store` lists every problem of a store.
 
-The shard API is split by concern; this module is the store (`ShardStore`, the writer) and its verified readers,
-and re-exports the rest, so `from raylab.data.shards import ...` reaches all of it:
+The shard API is split by concern; this module is the store (`ShardStore`, the writer) and its verified readers;
+the rest lives in its own home module (import from there):
 
 - `raylab.data.shard_format`: `ShardError`, the column schema, image encoding/decoding, `build_table`;
 - `raylab.data.shard_layout`: shard file names, the manifest (load, lock), identity hashing, temp files;
@@ -34,29 +34,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from raylab.data.shard_format import (COLUMN_TYPES, IMAGE_BYTES, IMAGE_SHAPE, IMAGE_TYPE, NUMPY_DTYPES,
-                                      OPTIONAL_COLUMNS, REQUIRED_COLUMNS, ShardError, build_table, decode_images,
-                                      encode_images, shard_schema, table_to_numpy)
-from raylab.data.shard_layout import (_MAX_SEED, _META_HASH, _META_IDENTITY, FORMAT, LOCK_NAME, MANIFEST_NAME,
-                                      _manifest_lock, _sorted_entries, canonical_json, identity_hash, load_manifest,
-                                      remove_temp_files, shard_name, temp_files)
-from raylab.data.shard_verify import _integrity_problem, verify_store
+from raylab.data.shard_format import REQUIRED_COLUMNS, ShardError, build_table, shard_schema, table_to_numpy
+from raylab.data.shard_layout import (_MAX_SEED, _META_HASH, _META_IDENTITY, FORMAT, MANIFEST_NAME, _manifest_lock,
+                                      _sorted_entries, canonical_json, identity_hash, load_manifest, shard_name)
+from raylab.data.shard_verify import _integrity_problem
 from raylab.io import atomic_write_json, sha256_file
-
-__all__ = [
-    # shard_format
-    "COLUMN_TYPES", "IMAGE_BYTES", "IMAGE_SHAPE", "IMAGE_TYPE", "NUMPY_DTYPES", "OPTIONAL_COLUMNS",
-    "REQUIRED_COLUMNS", "ShardError", "build_table", "decode_images", "encode_images", "shard_schema",
-    "table_to_numpy",
-    # shard_layout
-    "FORMAT", "LOCK_NAME", "MANIFEST_NAME", "canonical_json", "identity_hash", "load_manifest",
-    "remove_temp_files", "shard_name", "temp_files",
-    # shard_verify
-    "verify_store",
-    # here
-    "ShardStore", "ray_read_parquet", "read_dataset", "read_numpy", "read_table", "write_shard_file",
-]
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # Writing a shard.

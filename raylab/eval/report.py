@@ -26,6 +26,13 @@ def pgd_metric_name(steps: int, prefix: str = "eval_") -> str:
     return f"{prefix}pgd{steps}_acc"
 
 
+def aa_metric_name(version: str, attacks: Sequence[str], prefix: str = "eval_") -> str:
+    """`eval_aa_standard_acc` for standard AutoAttack, `eval_aa_plus_acc`, and for a custom cascade its attacks
+    (`eval_aa_apgd-ce_acc`): a cheaper AutoAttack never poses as the papers' number."""
+    name = "+".join(attacks) if version == "custom" else version
+    return f"{prefix}aa_{name}_acc"
+
+
 def metric_prefix(checkpoint: str) -> str:
     """`eval_` for the best checkpoint (or a file), `eval_last_` for last.pt: both land in the training run, often
     at the same step (the epoch), and must not overwrite each other (Wang et al. 2023 Tables 4-5 report both)."""
@@ -114,12 +121,12 @@ class EvalResult:
         return [(float(r), float((correct & (self.cert_radii >= r)).mean())) for r in grid]
 
     def metrics(self, prefix: str = "eval_") -> dict[str, float]:
-        """Flat MLflow metrics: eval_clean_acc, eval_pgd{k}_acc, eval_aa_acc, eval_aa_after_<attack>,
+        """Flat MLflow metrics: eval_clean_acc, eval_pgd{k}_acc, eval_aa_<version>_acc, eval_aa_after_<attack>,
         eval_cert_acc_r<radius>, eval_check_<name>_passed, eval_num_test (with `prefix` for eval_)."""
         out = {f"{prefix}clean_acc": self.clean_acc, pgd_metric_name(self.header.pgd_steps, prefix): self.pgd_acc,
                f"{prefix}num_test": float(self.n)}
         if self.aa is not None:
-            out[f"{prefix}aa_acc"] = self.aa.robust_acc
+            out[aa_metric_name(self.header.autoattack, self.header.attacks, prefix)] = self.aa.robust_acc
             out.update({f"{prefix}aa_after_{name}": acc for name, acc in self.aa.cascade})
         sigma = self.header.certify_sigma
         if sigma is not None:

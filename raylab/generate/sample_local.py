@@ -22,6 +22,7 @@ from torch import nn
 from raylab.generate.checkpoint import load_generator
 from raylab.generate.sampler import SOLVERS
 from raylab.generate.seeds import generate_images, image_seeds
+from raylab.images import tile
 from raylab.io import atomic_write
 
 ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "edm-digits"
@@ -83,24 +84,11 @@ def sample_images(net: nn.Module, num: int, kwargs: Mapping[str, Any], seed: int
     return generate_images(net, seeds, labels, kwargs, device=device, batch_size=batch_size)
 
 
-def tile(images: np.ndarray, per_row: int, pad: int = 2) -> np.ndarray:
-    """uint8 NHWC → one HWC mosaic, `per_row` images per row, `pad` white pixels between (missing tiles white)."""
-    n, h, w, c = images.shape
-    rows = -(-n // per_row)
-    canvas = np.full((rows * per_row, h + pad, w + pad, c), 255, np.uint8)
-    canvas[:n, :h, :w] = images
-    mosaic = canvas.reshape(rows, per_row, h + pad, w + pad, c).transpose(0, 2, 1, 3, 4)
-    mosaic = mosaic.reshape(rows * (h + pad), per_row * (w + pad), c)
-    return np.pad(mosaic, ((pad, 0), (pad, 0), (0, 0)), constant_values=255)
-
-
 def write_grid_png(path: str | os.PathLike, images: np.ndarray, per_row: int) -> Path:
     """A PNG mosaic of uint8 NHWC `images` (gray when all channels agree), written atomically."""
     from PIL import Image  # Pillow ships with matplotlib
 
-    if images.ndim != 4 or images.dtype != np.uint8 or len(images) == 0:
-        raise SampleError(f"grid: expected a non-empty uint8 NHWC array, got {images.dtype} {images.shape}")
-    mosaic = tile(images, _positive("per_row", per_row))
+    mosaic = tile(images, _positive("per_row", per_row), error=SampleError)
     gray = mosaic.shape[-1] == 1 or bool((mosaic == mosaic[..., :1]).all())
     picture = Image.fromarray(mosaic[..., 0] if gray else mosaic)
     return atomic_write(path, lambda tmp: picture.save(tmp, format="PNG"))

@@ -19,7 +19,8 @@ import numpy as np
 import pyarrow as pa
 
 from raylab.config import GenerateConfig
-from raylab.data.shards import ShardStore, load_manifest, read_numpy, shard_name
+from raylab.data.shards import ShardStore, read_numpy
+from raylab.data.shard_layout import load_manifest, shard_name
 from raylab.pipeline.generators import GENERATORS, GenerateError
 from raylab.pipeline.plan import SeedPlan
 from raylab.pipeline.quality import Scorer, score_columns

@@ -18,7 +18,7 @@ identity (raylab.pipeline.plan), not on actor count, batch size or retries; acto
 in-flight shard retried by Ray (`max_restarts` / `max_task_retries` = resources.max_failures). GPU by
 configuration alone: samplers and scorers are separate actor pools, each with its own resources
 (resources.cpus_per_actor / gpus_per_actor for samplers, resources.scorer_cpus_per_actor / scorer_gpus_per_actor
-for scorers; `actor_resources`). All paths (checkpoints, the store) must be on a filesystem every node sees.
+for scorers; `raylab.pipeline.pools`). All paths (checkpoints, the store) must be on a filesystem every node sees.
 One generate job per store at a time, enforced by a lock file in the store (`store_lock`): leftover temp files of a
 crashed run are removed at start, which would delete a running job's in-flight shards.
 
@@ -26,9 +26,9 @@ Quality (MLflow report): "FD (scorer features)" — the scorer's penultimate fea
 generate.inception_weights, "FID (Inception)", both between generated and real *test* images.
 
 Split by concern: `raylab.pipeline.generators` holds the generator registry and `GenerateError`,
-`raylab.pipeline.actors` the `JobSpec` and every stage UDF / actor class; this module plans the job, builds and
-runs the pipeline, writes the MLflow report and runs `score_store`. It re-exports the moved names, so
-`from raylab.pipeline.generate_job import ...` still reaches all of them.
+`raylab.pipeline.actors` the `JobSpec` and every stage UDF / actor class, `raylab.pipeline.pools` the actor pools'
+resources, `raylab.pipeline.scoring` the scoring pass over a store; this module plans the job, builds and runs the
+pipeline and writes the MLflow report. Import each name from its home module.
 """
 from __future__ import annotations
 
@@ -45,29 +45,16 @@ import torch
 from raylab.cluster import init_ray
 from raylab.config import ExperimentConfig, ResourcesConfig, to_flat, to_json
 from raylab.data.datasets import get_dataset, load_splits
-from raylab.data.shards import ShardStore, load_manifest, read_numpy, remove_temp_files, shard_name
+from raylab.data.shards import ShardStore, read_numpy
+from raylab.data.shard_layout import load_manifest, remove_temp_files, shard_name
 from raylab.io import exclusive
-from raylab.pipeline.actors import (_DTYPES, SCORE_BATCH, SCORE_COLUMNS, WRITTEN, JobSpec, SamplerActor, ScorerActor,
-                                    ShardScorerActor, shard_columns, write_shards)
-from raylab.pipeline.generators import GENERATORS, GenerateError, GeneratorKind, checkpoint_sha256
+from raylab.pipeline.actors import JobSpec, SamplerActor, ScorerActor, write_shards
+from raylab.pipeline.generators import GENERATORS, GenerateError, checkpoint_sha256
+from raylab.pipeline.pools import actor_pool, stage_resources
 from raylab.pipeline.plan import SeedPlan, set_identity
 from raylab.pipeline.quality import (FD_LABEL, FID_LABEL, InceptionFeatures, QualityError, Scorer, inception_fid,
                                      scorer_fd, scorer_identity)
-from raylab.pipeline.select import load_scores, save_scores, scores_path
 from raylab.runs import run_dir
-
-__all__ = [
-    # generators
-    "GENERATORS", "GenerateError", "GeneratorKind", "checkpoint_sha256",
-    # actors
-    "SCORE_BATCH", "SCORE_COLUMNS", "WRITTEN", "JobSpec", "SamplerActor", "ScorerActor", "ShardScorerActor",
-    "shard_columns", "write_shards",
-    # here
-    "ASSETS", "DEFAULT_SCORER", "GRID_PER_CLASS", "LOCK_FILE", "NO_SCORER", "QUALITY_METRICS", "STAGES",
-    "GenerateOutcome", "QualityMetric", "StageResources", "actor_resources", "build_pipeline", "generation_report",
-    "log_generation", "plan_job", "quality_metrics", "resolve_scorer", "run_generate", "sample_images",
-    "score_store", "stage_resources", "store_lock", "store_path",
-]
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 DEFAULT_SCORER = ASSETS / "scorer-digits" / "best.pt"  # the committed scorer, used for data.dataset=digits
@@ -159,55 +146,8 @@ def store_lock(store: Path) -> Iterator[None]:
 # ---------------------------------------------------------------------------------------------------------------
 # Resources: samplers and scorers are separate actor pools, each with its own CPUs and GPUs (GPU by config alone).
 
-@dataclass(frozen=True)
-class StageResources:
-    actors: int
-    cpus: float
-    gpus: float  # a fraction shares a GPU between actors
-
-    @property
-    def use_gpu(self) -> bool:
-        return self.gpus > 0
-
-    def ray_args(self) -> dict[str, Any]:
-        """map_batches resource kwargs; no GPU is None, Ray's own default, rather than 0."""
-        return {"num_cpus": self.cpus, "num_gpus": self.gpus or None}
-
-
-STAGES: dict[str, Callable[[ResourcesConfig], StageResources]] = {
-    "sampler": lambda r: StageResources(r.sampler_actors, r.cpus_per_actor, r.gpus_per_actor),
-    "scorer": lambda r: StageResources(r.scorer_actors, r.scorer_cpus_per_actor, r.scorer_gpus_per_actor),
-}
-
-
-def stage_resources(res: ResourcesConfig, stage: str) -> StageResources:
-    if stage not in STAGES:
-        raise GenerateError(f"actor stage {stage!r}: use one of {', '.join(STAGES)}")
-    return STAGES[stage](res)
-
-
-def actor_resources(res: ResourcesConfig, stage: str) -> dict[str, Any]:
-    """The `map_batches` resource kwargs (num_cpus, num_gpus) of one actor stage ("sampler" or "scorer")."""
-    return stage_resources(res, stage).ray_args()
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # The pipeline.
-
-def _pool(ds: Any, cls: type, kwargs: dict[str, Any], stage: str, res: ResourcesConfig, batch_format: str) -> Any:
-    """An actor-pool stage; one shard per call and one call in flight per actor (shards are long: balance
-    beats hiding dispatch latency, ray ActorPoolStrategy docs)."""
-    import ray.data
-
-    stage_res = stage_resources(res, stage)
-    return ds.map_batches(
-        cls, fn_constructor_kwargs=kwargs, batch_size=1, batch_format=batch_format,
-        compute=ray.data.ActorPoolStrategy(size=stage_res.actors, max_tasks_in_flight_per_actor=1),
-        **stage_res.ray_args(),
-        # A lost actor is restarted and its shard retried; passed as remote args because map_batches has no
-        # named parameter for them in Ray 2.60 (this path is deprecated there, removal planned for 2.64).
-        max_restarts=res.max_failures, max_task_retries=res.max_failures)
-
 
 def build_pipeline(spec: JobSpec, todo: Sequence[tuple[int, int]], res: ResourcesConfig) -> Any:
     """The lazy Ray Dataset of the job: one `WRITTEN` row per shard written."""
@@ -217,7 +157,7 @@ def build_pipeline(spec: JobSpec, todo: Sequence[tuple[int, int]], res: Resource
     stages = [("sampler", SamplerActor, "numpy")] + ([("scorer", ScorerActor, "pyarrow")] if spec.scorer else [])
     for stage, cls, fmt in stages:
         stage_spec = replace(spec, use_gpu=stage_resources(res, stage).use_gpu)  # each pool its own device
-        ds = _pool(ds, cls, {"spec": stage_spec}, stage, res, fmt)
+        ds = actor_pool(ds, cls, {"spec": stage_spec}, stage, res, fmt)
     return ds.map_batches(write_shards, fn_kwargs={"store": spec.store, "plan": spec.plan}, batch_size=1,
                           batch_format="pyarrow")
 
@@ -400,41 +340,3 @@ def log_generation(cfg: ExperimentConfig, outcome: GenerateOutcome, parent_run_i
         return tracker.run_id
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# A scoring pass over an existing store (the second scorer of select.policy=agreement).
-
-def _scores_current(path: Path, manifest: dict) -> bool:
-    """A cached scores file made for this store identity and covering all of its rows (a resumed store grows)."""
-    if not path.is_file():
-        return False
-    meta, cols = load_scores(path)
-    return (meta.get("identity_hash") == manifest["identity_hash"]
-            and len(cols["seed"]) == sum(e["rows"] for e in manifest["shards"].values()))
-
-
-def score_store(cfg: ExperimentConfig, store: str | os.PathLike, checkpoint: str | os.PathLike) -> Path:
-    """Score every image of `store` with the classifier at `checkpoint`; the result is cached as
-    `store/scores/<sha16>.npz` (seed, score, pred, confidence) and reused when present."""
-    import ray.data
-
-    store = Path(store).resolve()
-    manifest = load_manifest(store)
-    scorer = scorer_identity(checkpoint, cfg)
-    path = scores_path(store, scorer["sha256"])
-    if _scores_current(path, manifest):
-        return path
-    entries = [{"name": n, "rows": e["rows"]} for n, e in manifest["shards"].items()]
-    if not entries:
-        raise GenerateError(f"{store}: the store has no shards to score")
-    res = cfg.resources
-    init_ray()
-    kwargs = {"store": str(store), "scorer": scorer, "use_gpu": stage_resources(res, "scorer").use_gpu}
-    ds = _pool(ray.data.from_items(entries, override_num_blocks=len(entries)), ShardScorerActor, kwargs, "scorer",
-               res, "numpy")
-    cols: dict[str, list[np.ndarray]] = {k: [] for k in ("seed", "score", "pred", "confidence")}
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        for k in cols:
-            cols[k].append(batch[k])
-    merged = {k: np.concatenate(v).astype(_DTYPES[k]) for k, v in cols.items()}
-    meta = {"identity_hash": manifest["identity_hash"], "scorer": {k: v for k, v in scorer.items() if k != "file"}}
-    return save_scores(path, merged, meta)

@@ -1,6 +1,6 @@
 """Generator registry of the generation job, keyed like `generate.generator`: how to find the default checkpoint,
 load it (in each sampler actor), read its label count, sample a shard's images and describe the sampler; plus
-`GenerateError`, the error of every generate-stage check (`raylab.pipeline.generate_job` re-exports both).
+`GenerateError`, the error of every generate-stage check.
 """
 from __future__ import annotations
 

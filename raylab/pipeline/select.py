@@ -6,8 +6,8 @@ Policies (registry keyed like `select.policy`; each maps the store's non-image c
 - "none": every row (Wang et al. 2023 uses all images once more than 1M are needed).
 - "agreement": Sehwag et al.'s two-classifier filter (Sehwag et al. 2022 §3.3.1): drop an image when the two scorers'
   predictions differ AND both are less than `select.agreement_confidence` (0.9 there) confident. The second
-  scorer's outputs come from a scoring pass over the store (`generate_job.score_store`) saved beside the shards
-  as `scores/<scorer sha256[:16]>.npz` and joined on the `seed` column; `second_scores` runs it for both
+  scorer's outputs come from a scoring pass over the store (`raylab.pipeline.scoring.score_store`) saved beside the shards
+  as `scores/<scorer sha256[:16]>.npz` and joined on the `seed` column; `scoring.second_scores` runs it for both
   `raylab select` and sweeps (raylab.tune.artifacts).
 - "pseudo": labels := the scorer's `pred`, then per pseudo-class the top `top_fraction` by `confidence`
   (Wang et al. 2023 App. A for unconditional EDM: pseudo-label = most confident class, top 100K of 5M per class).
@@ -21,6 +21,7 @@ atomically, so a view with a `view.json` is complete, and a view whose store was
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 import json
 import math
@@ -31,10 +32,11 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
-from raylab.config import ExperimentConfig, SelectConfig
+from raylab.config import SelectConfig
 from raylab.data.mix import RowIndex
-from raylab.data.shards import (IMAGE_BYTES, ShardError, load_manifest, read_numpy, read_table,
-                                table_to_numpy)
+from raylab.data.shard_format import IMAGE_BYTES, ShardError, table_to_numpy
+from raylab.data.shard_layout import load_manifest
+from raylab.data.shards import read_numpy, read_table
 from raylab.io import atomic_write_bytes, atomic_write_json, sha256_file
 
 VIEW_FORMAT = "raylab-view/1"
@@ -174,18 +176,6 @@ def check_second(cfg: SelectConfig) -> None:
     if cfg.policy == "agreement" and not cfg.second_checkpoint:
         raise SelectError("select.second_checkpoint: required by select.policy=agreement (Sehwag et al. 2022 "
                           "two-classifier filter); set it to a classifier checkpoint or run directory")
-
-
-def second_scores(cfg: ExperimentConfig, store: str | os.PathLike) -> Optional[Path]:
-    """The second scorer's scores file of `store` for select.policy=agreement (scored with
-    select.second_checkpoint on Ray once, then reused from the cache beside the shards); None for other policies.
-    Pass it to `build_view(..., second=...)`."""
-    check_second(cfg.select)
-    if cfg.select.policy != "agreement":
-        return None
-    from raylab.pipeline.generate_job import score_store  # runs Ray; imported late (generate_job imports this)
-
-    return score_store(cfg, store, cfg.select.second_checkpoint)
 
 
 def attach_second(cols: Mapping[str, np.ndarray], second: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -369,3 +359,25 @@ def open_generated(path: str | os.PathLike) -> RowIndex:
     shard = np.repeat(np.arange(len(names)), counts)
     row = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
     return RowIndex.from_positions([str(path / n) for n in names], shard, row, cols["label"])
+
+
+def generated_lineage(path: str | os.PathLike) -> dict[str, Any]:
+    """What a run that trains on the view or store at `path` records as its `generated` input (keyword arguments
+    of `Tracker.log_dataset_lineage`): the content identity (a view: its store's identity and the sha256 of its
+    rows; a whole store: its identity), and the store and scorer it came from."""
+    path = Path(path)
+    if (path / VIEW_META).is_file() or path.name == VIEW_META:
+        view = load_view(path)
+        store, manifest = view.store, load_manifest(view.store)
+        identity = hashlib.sha256(f"{view.identity_hash}:{view.meta['rows_sha256']}".encode()).hexdigest()
+        extra = {"store": store, "policy": view.meta["policy"], "store_rows": view.meta["store_rows"]}
+        rows, source = len(view), view.path
+    else:
+        store, manifest = path.resolve(), load_manifest(path)
+        identity, source = manifest["identity_hash"], store
+        rows, extra = sum(e["rows"] for e in manifest["shards"].values()), {"store": store, "policy": "whole store"}
+    scorer = (manifest.get("identity") or {}).get("scorer") or {}
+    extra |= {"store_identity": manifest["identity_hash"],
+              "scorer": scorer.get("sha256", "none") if isinstance(scorer, dict) else str(scorer)}
+    return {"manifest_hash": identity, "name": "generated", "source_path": str(source), "num_rows": int(rows),
+            "extra": extra}

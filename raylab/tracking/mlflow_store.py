@@ -15,10 +15,12 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
-import fcntl
+import functools
 import json
 import os
 import re
+import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -30,8 +32,8 @@ from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunT
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
 
-from raylab import __version__
 from raylab.config import TrackingConfig
+from raylab.io import exclusive
 
 
 class TrackingError(ValueError):
@@ -47,6 +49,10 @@ METRICS_PER_BATCH = 1000    # mlflow.utils.validation.MAX_METRICS_PER_BATCH
 DIGEST_LIMIT = 36           # mlflow.utils.validation.MAX_DATASET_DIGEST_SIZE
 PARENT_TAG = "mlflow.parentRunId"
 END_STATUSES = ("FINISHED", "FAILED", "KILLED")
+# MLflow 3.x opens an experiment on its GenAI pages (traces, an assistant) unless the experiment says it holds model
+# training: the UI reads this tag (values of its ExperimentKind enum, mlflow/server/js, 3.17.2). The `?workflowType=
+# machine_learning` query of the URL `raylab ui` prints does the same for the side bar (raylab.tracking.ui).
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 _REMOTE_SCHEMES = ("http://", "https://", "databricks")
 
 
@@ -93,13 +99,8 @@ def _store_lock(uri: str) -> Iterator[None]:
     if db is None:
         yield
         return
-    db.parent.mkdir(parents=True, exist_ok=True)
-    with open(db.with_name(db.name + ".lock"), "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    with exclusive(db.with_name(db.name + ".lock")):
+        yield
 
 
 _READY: set[str] = set()
@@ -146,14 +147,64 @@ def ensure_experiment(cfg: TrackingConfig, name: Optional[str] = None) -> str:
             raise TrackingError(f"experiment {name!r} is deleted in {uri}; restore it (mlflow experiments "
                                 "restore) or choose another tracking.experiment")
         if existing is not None:
-            return existing.experiment_id
+            return _training_kind(client, existing)
         try:
-            return client.create_experiment(name, artifact_location=_experiment_location(cfg, name))
+            experiment_id = client.create_experiment(name, artifact_location=_experiment_location(cfg, name),
+                                                     tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
         except MlflowException:
             winner = client.get_experiment_by_name(name)  # another process (on a shared server) won the race
             if winner is None:
                 raise
-            return winner.experiment_id
+            return _training_kind(client, winner)
+        return experiment_id
+
+
+def _training_kind(client: MlflowClient, experiment: Any) -> str:
+    """Mark an experiment (also one made by an older raylab or by MLflow) as model training, for the UI."""
+    if experiment.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
+        client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    return experiment.experiment_id
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Which code made a run.
+
+def _git(root: Path, *args: str) -> Optional[str]:
+    try:
+        out = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def package_version() -> str:
+    """The installed distribution's version (importlib.metadata), else the source tree's `__version__`."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("raylab")
+    except metadata.PackageNotFoundError:
+        from raylab import __version__
+        return __version__
+
+
+@functools.lru_cache(maxsize=1)
+def code_version_tags() -> dict[str, str]:
+    """Tags every run gets: package version, git commit and dirty flag of the checkout raylab is imported from
+    ("unknown" when it is not a git checkout, e.g. a wheel install), and MLflow's own source tags (the UI's Source
+    and Version columns)."""
+    root = Path(__file__).resolve().parents[2]
+    version = package_version()
+    tags = {"raylab.version": version, "mlflow.source.type": "LOCAL",
+            "mlflow.source.name": Path(sys.argv[0]).name or "python"}
+    top = _git(root, "rev-parse", "--show-toplevel")
+    commit = _git(root, "rev-parse", "HEAD") if top and Path(top).resolve() == root else None
+    if commit is None:
+        return tags | {"raylab.git_commit": "unknown", "raylab.git_dirty": "unknown", "raylab.code_version": version}
+    dirty = bool(_git(root, "status", "--porcelain", "--untracked-files=no"))
+    return tags | {"raylab.git_commit": commit, "raylab.git_dirty": str(dirty).lower(),
+                   "mlflow.source.git.commit": commit,
+                   "raylab.code_version": f"{version}+g{commit[:10]}{'.dirty' if dirty else ''}"}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -204,7 +255,7 @@ class Tracker:
         uri = resolve_tracking_uri(cfg_tracking)
         experiment_id = ensure_experiment(cfg_tracking)
         client = client_for(uri)
-        all_tags = {"raylab.version": __version__, **(tags or {})}
+        all_tags = {**code_version_tags(), **(tags or {})}
         if parent_run_id:
             _get_run(client, uri, parent_run_id)  # a missing parent would silently orphan the child
             all_tags[PARENT_TAG] = parent_run_id
@@ -290,16 +341,20 @@ class Tracker:
             self._client.log_artifacts(self.run_id, tmp, folder or None)
 
     def log_dataset_lineage(self, manifest_hash: str, name: str, source_path: str | os.PathLike, num_rows: int,
-                            context: str = "train") -> None:
-        """Record which data set (by manifest content hash) the run consumed: tags `dataset.identity` (the latest
-        one logged) and `dataset.<name>.*` (per data set), plus an MLflow dataset input shown in the UI."""
+                            context: str = "train", extra: Optional[Mapping[str, Any]] = None) -> None:
+        """Record which data set (by content hash) the run consumed with `mlflow.log_input` semantics: an MLflow
+        dataset input (the UI's Dataset column; digest = the content hash, profile = rows + `extra`, e.g. the
+        generated view's store and scorer), plus tags `dataset.identity` (the latest one logged) and
+        `dataset.<name>.*`."""
         if not manifest_hash:
             raise TrackingError(f"log_dataset_lineage: empty manifest_hash for dataset {name!r}")
+        extra = {k: str(v) for k, v in (extra or {}).items()}
         self.set_tags({"dataset.identity": manifest_hash, f"dataset.{name}.identity": manifest_hash,
-                       f"dataset.{name}.source": str(source_path), f"dataset.{name}.rows": int(num_rows)})
+                       f"dataset.{name}.source": str(source_path), f"dataset.{name}.rows": int(num_rows),
+                       **{f"dataset.{name}.{k}": v for k, v in extra.items()}})
         entity = Dataset(name=name, digest=manifest_hash[:DIGEST_LIMIT], source_type="local",
                          source=json.dumps({"uri": str(Path(source_path).resolve())}),
-                         profile=json.dumps({"num_rows": int(num_rows), "manifest_hash": manifest_hash}))
+                         profile=json.dumps({"num_rows": int(num_rows), "identity": manifest_hash, **extra}))
         tags = [InputTag("mlflow.data.context", context)]
         self._client.log_inputs(self.run_id, datasets=[DatasetInput(entity, tags)])
 
@@ -432,6 +487,13 @@ def find_runs(uri: str, experiment: str, filter: str = "") -> list[RunSummary]:
         known = ", ".join(e.name for e in client.search_experiments()) or "none"
         raise TrackingError(f"experiment {experiment!r} not found in {uri} (known: {known})")
     return _search(client, [exp.experiment_id], filter)
+
+
+def download_artifacts(uri: str, run_id: str, path: str, dst: str | os.PathLike) -> Path:
+    """Copy a run's artifact file or folder `path` into the local directory `dst` (what `raylab` and tests use
+    to get a model back from MLflow alone)."""
+    Path(dst).mkdir(parents=True, exist_ok=True)
+    return Path(client_for(uri).download_artifacts(run_id, path, str(dst)))
 
 
 def child_runs(uri: str, parent_run_id: str) -> list[RunSummary]:

@@ -12,6 +12,8 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from raylab.images import tile
+
 
 class PlotError(ValueError):
     """Bad plot input: names the argument and what is allowed."""
@@ -43,26 +45,9 @@ def line_plot(xs: Sequence[float], ys_by_name: Mapping[str, Sequence[float]], xl
     return fig
 
 
-def tile_images(images: np.ndarray, nrow: int, pad: int = 2) -> np.ndarray:
-    """NHWC uint8 images -> one HWC uint8 mosaic with `nrow` images per row, separated by `pad` white pixels."""
-    if images.ndim != 4 or images.dtype != np.uint8 or images.shape[-1] not in (1, 3):
-        raise PlotError(f"image_grid: expected uint8 NHWC with 1 or 3 channels, got {images.dtype} "
-                        f"{tuple(images.shape)}")
-    if nrow < 1:
-        raise PlotError(f"image_grid: nrow={nrow} must be >= 1")
-    n, h, w, c = images.shape
-    cols, rows = min(nrow, max(n, 1)), max(-(-n // nrow), 1)
-    grid = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, c), 255, dtype=np.uint8)
-    for i, img in enumerate(images):
-        r, q = divmod(i, nrow)
-        top, left = pad + r * (h + pad), pad + q * (w + pad)
-        grid[top:top + h, left:left + w] = img
-    return grid
-
-
 def image_grid(images: np.ndarray, nrow: int = 8, title: str = "") -> Figure:
     """A sample grid (e.g. generated images, one class per row), drawn 4x (25 image pixels per inch at dpi 100)."""
-    grid = tile_images(np.asarray(images), nrow)
+    grid = tile(images, nrow, error=PlotError)
     fig = _figure(max(grid.shape[1] / 25, 2.0), max(grid.shape[0] / 25, 2.0) + (0.3 if title else 0.0))
     ax = fig.add_subplot()
     ax.imshow(grid[..., 0] if grid.shape[-1] == 1 else grid, cmap="gray", interpolation="nearest")

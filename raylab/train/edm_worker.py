@@ -39,7 +39,7 @@ from raylab.generate.loss import EDMLoss, ema_beta, lr_warmup
 from raylab.generate.networks import build_edm
 from raylab.generate.sampler import sample_kwargs
 from raylab.runtime import torch_threads
-from raylab.train.ema import unwrap
+from raylab.train.ema import blend, unwrap
 
 NETWORK_DIR = "network"  # <run dir>/network: the EMA network, written by rank 0 at the end (save_edm format)
 SAMPLES_PNG = "samples.png"  # <run dir>/samples.png: one row per class, also logged to MLflow
@@ -143,11 +143,11 @@ def train_step(t: EDMTraining, images: np.ndarray, labels: np.ndarray) -> float:
 
 @torch.no_grad()
 def ema_update(ema: nn.Module, net: nn.Module, beta: float) -> None:
-    """ema ← β·ema + (1 − β)·net on parameters; buffers are copied (EDM's are constant resampling filters)."""
+    """ema ← β·ema + (1 − β)·net on parameters (the shared EMA step); buffers are copied (EDM's are constant
+    resampling filters)."""
     live = unwrap(net)
-    torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in live.parameters()], 1.0 - beta)
-    for b_ema, b in zip(ema.buffers(), live.buffers()):
-        b_ema.copy_(b)
+    blend(list(ema.parameters()), [p.detach() for p in live.parameters()], beta)
+    blend(list(ema.buffers()), list(live.buffers()), 0.0)
 
 
 def tick_bounds(n_img: int, cfg: EDMConfig) -> tuple[int, int]:

@@ -20,6 +20,7 @@ from typing import Any, Iterable, Optional
 
 import torch
 from torch import nn
+from torch.optim.swa_utils import update_bn
 
 from raylab.config import ConfigError, TrainConfig
 
@@ -88,8 +89,8 @@ class WeightAverage:
         step = self.num_updates if step is None else int(step)
         decay = ema_decay(step, self.tau, self.warmup_steps)
         params, floats, others = self._live(model)
-        _blend(self._params, params, decay)
-        _blend(self._float_bufs, floats, decay if self.bn == "average" else 0.0)
+        blend(self._params, params, decay)
+        blend(self._float_bufs, floats, decay if self.bn == "average" else 0.0)
         if others:  # num_batches_tracked: a counter, never averaged
             torch._foreach_copy_(self._other_bufs, others)
         self.num_updates, self.last_decay = step + 1, decay
@@ -109,8 +110,11 @@ class WeightAverage:
         self.num_updates, self.last_decay = int(state["num_updates"]), state.get("last_decay")
 
 
-def _blend(avg: list[torch.Tensor], live: list[torch.Tensor], decay: float) -> None:
-    """avg <- decay*avg + (1-decay)*live over whole lists; decay 0 is an exact copy (lerp is not bit-exact)."""
+@torch.no_grad()
+def blend(avg: list[torch.Tensor], live: list[torch.Tensor], decay: float) -> None:
+    """avg <- decay*avg + (1-decay)*live over whole lists, the one EMA step of raylab (the classifier's
+    `WeightAverage` and the EDM worker's EMA, Karras et al. 2022 App. F); decay 0 is an exact copy (lerp is not
+    bit-exact)."""
     if not avg:
         return
     if decay == 0.0:
@@ -130,34 +134,32 @@ def _bn_modules(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
 def recompute_bn(model: nn.Module, batches: Iterable[Any]) -> int:
     """Reset BN running stats and re-estimate them as the equal-weight mean over `batches` of the batch statistics.
 
-    Forwards run in train mode with momentum=None (PyTorch's cumulative average); each module's mode and each BN's
-    momentum are restored afterwards. A batch may be a tensor or a tuple/list whose first item is the input.
-    Returns the number of batches used.
+    The statistics are `torch.optim.swa_utils.update_bn`'s (train-mode forwards with momentum=None, PyTorch's
+    cumulative average). It is not a drop-in on its own, so two things are kept around it: an empty `batches`
+    raises before any statistic is reset (update_bn would leave them reset), and each module's own train/eval mode
+    is restored afterwards, also on error (update_bn sets every module to the top module's former mode). A batch
+    may be a tensor or a tuple/list whose first item is the input. Returns the number of batches used.
     """
     model = unwrap(model)
-    bns = _bn_modules(model)
     batches = iter(batches)
     first = next(batches, None)
     if first is None:  # checked before the statistics are reset
         raise ValueError("recompute_bn: no batches given")
-    if not bns:
+    if not _bn_modules(model):
         return 0
     modes = {m: m.training for m in model.modules()}
-    momenta = {bn: bn.momentum for bn in bns}
-    device = next(model.parameters()).device
-    count = 0
-    try:
-        for bn in bns:
-            bn.reset_running_stats()
-            bn.momentum = None
-        model.train()
+    momenta = {bn: bn.momentum for bn in _bn_modules(model)}
+    used = [0]
+
+    def counted():
         for batch in itertools.chain([first], batches):
-            x = batch[0] if isinstance(batch, (tuple, list)) else batch
-            model(x.to(device))
-            count += 1
+            used[0] += 1
+            yield batch
+    try:
+        update_bn(counted(), model, device=next(model.parameters()).device)
     finally:
         for bn, momentum in momenta.items():
             bn.momentum = momentum
         for m, training in modes.items():
             m.training = training  # per module: a submodule may have been in a different mode
-    return count
+    return used[0]

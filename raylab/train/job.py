@@ -40,28 +40,76 @@ def _check_inputs(cfg: ExperimentConfig, generated: RowIndex | None) -> None:
                          "was given (generate one, or set train.ratio=1 to train on original images only)")
 
 
-def open_tracker(cfg: ExperimentConfig, run: RunDir, parent_run_id: str | None, tags: dict | None):
-    """The run's MLflow run: reopened when this run directory already has one (a resumed run keeps its history)."""
+def open_tracker(cfg: ExperimentConfig, run: RunDir, parent_run_id: str | None, tags: dict | None,
+                 run_name: str | None = None):
+    """The run's MLflow run: reopened when this run directory already has one (a resumed run keeps its history).
+    `run_name` (default: the run directory's name) is what the UI lists, e.g. a sweep trial's `steps=8`."""
     from raylab.tracking import Tracker, resolve_tracking_uri
 
     id_file = run.path / MLFLOW_RUN_FILE
     if id_file.exists():
         return Tracker.resume(resolve_tracking_uri(cfg.tracking), id_file.read_text().strip())
-    tracker = Tracker.start(cfg.tracking, run.name, params=to_flat(cfg), config_json=to_json(cfg),
-                            parent_run_id=parent_run_id, tags={"raylab.stage": run.stage, **(tags or {})})
+    tracker = Tracker.start(cfg.tracking, run_name or run.name, params=to_flat(cfg), config_json=to_json(cfg),
+                            parent_run_id=parent_run_id,
+                            tags={"raylab.stage": run.stage, "raylab.run_dir": str(run.path), **(tags or {})})
     id_file.write_text(tracker.run_id)
     return tracker
 
 
+def log_inputs(tracker: Any, cfg: ExperimentConfig, lineage: dict | None) -> None:
+    """`mlflow.log_input` lineage: the original dataset (content hash of the training split as loaded) and, when
+    given, the generated view with its store and scorer (raylab.pipeline.select.generated_lineage)."""
+    from raylab.data.datasets import split_identity
+
+    identity, rows = split_identity(cfg.data)
+    tracker.log_dataset_lineage(identity, "original", f"{cfg.data.root}/{cfg.data.dataset}", rows,
+                                extra={"dataset": cfg.data.dataset, "max_train": cfg.data.max_train,
+                                       "val_size": cfg.data.val_size})
+    if lineage is not None:
+        tracker.log_dataset_lineage(**lineage)
+
+
+def log_model(run_path: Path, tracker: Any) -> None:
+    """The model in MLflow, so MLflow alone gives it back: the EMA `best.pt`/`last.pt` under `checkpoints/` and,
+    for WideResNets, the RobustBench export with its model-info JSON under `robustbench/`."""
+    for name in ("best.pt", "last.pt"):
+        if (run_path / name).is_file():
+            tracker.log_artifact(run_path / name, "checkpoints")
+    log_model_info(run_path, tracker, weights=True)
+
+
+def log_model_info(run_path: Path, tracker: Any, weights: bool = False) -> None:
+    """The RobustBench export (`weights`) and its model-info JSON (refreshed after an evaluation)."""
+    import tempfile
+
+    from raylab.eval.export import EXPORT_NAME, INFO_NAME, export_robustbench, write_model_info
+
+    if not (run_path / "best.pt").is_file() or not export_robustbench_supported(run_path):
+        return
+    with tempfile.TemporaryDirectory(prefix="raylab-export-") as tmp:
+        if weights:
+            tracker.log_artifact(export_robustbench(run_path, Path(tmp) / EXPORT_NAME), "robustbench")
+        tracker.log_artifact(write_model_info(run_path, Path(tmp) / INFO_NAME), "robustbench")
+
+
+def export_robustbench_supported(run_path: Path) -> bool:
+    from raylab.config import from_json
+
+    return from_json((run_path / "config.json").read_text()).model.name.startswith("wrn-")
+
+
 def run_training(cfg: ExperimentConfig, *, generated: RowIndex | None = None, name: str | None = None,
                  parent_run_id: str | None = None, tags: dict | None = None, callbacks: list | None = None,
-                 stage: str = "train", crash: dict | None = None, trace: str | None = None) -> TrainOutcome:
+                 stage: str = "train", crash: dict | None = None, trace: str | None = None,
+                 run_name: str | None = None, lineage: dict | None = None) -> TrainOutcome:
     """Train `cfg` on Ray Train. `generated`: the generated view's rows (`pipeline.select.open_generated`; None
-    when ratio is 1); `crash`: the worker's fault-injection drill (raylab.train.worker._fault_drill); `trace`: a
-    directory where every rank records the generated rows of each batch (tests, `data mix-stats`)."""
+    when ratio is 1); `lineage`: its MLflow input record (`pipeline.select.generated_lineage`); `crash`: the
+    worker's fault-injection drill (raylab.train.worker._fault_drill); `trace`: a directory where every rank
+    records the generated rows of each batch (tests, `data mix-stats`)."""
     _check_inputs(cfg, generated)
     run = run_dir(cfg, stage, name)
-    tracker = open_tracker(cfg, run, parent_run_id, tags)
+    tracker = open_tracker(cfg, run, parent_run_id, tags, run_name)
+    log_inputs(tracker, cfg, lineage)
     loop_config = {"flat": to_flat(cfg), "run_dir": str(run.path), "generated": generated,
                    "mlflow_uri": tracker.uri, "mlflow_run_id": tracker.run_id, "crash": crash, "trace": trace}
     trainer = make_trainer(train_worker, loop_config, cfg, run, callbacks=callbacks)
@@ -71,9 +119,7 @@ def run_training(cfg: ExperimentConfig, *, generated: RowIndex | None = None, na
         best = out.get("best", {})
         tracker.log_metrics({"best_epoch": best.get("epoch", -1), f"best_{best.get('metric', 'score')}":
                              best.get("score", float("nan"))}, step=cfg.train.epochs)
-        for name_ in ("best.pt", "last.pt"):
-            if (run.path / name_).exists():
-                tracker.set_tags({f"checkpoint.{name_}": str(run.path / name_)})
+        log_model(run.path, tracker)
     return TrainOutcome(run, out.get("history", []), best, tracker.run_id)
 
 

@@ -103,7 +103,8 @@ def restore(ctx: TrainContext, streams: Streams, state: dict, own: dict | None) 
 
 
 def validate(ctx: TrainContext, cfg: ExperimentConfig, splits: Splits) -> dict[str, float]:
-    """Validation PGD-40 (margin loss) on the held-out images and test clean accuracy, both with the EMA model."""
+    """Validation PGD (margin loss, `val_pgd{k}_acc`: the name says the steps that ran) on the held-out images
+    and test clean accuracy, both with the EMA model."""
     model, batch = ctx.ema.module, cfg.eval.batch_size
     gen = torch.Generator(device=ctx.device).manual_seed(cfg.train.seed)  # same attack noise every epoch
     out = {"test_clean_acc": clean_accuracy(model, to_input(splits.test.images, ctx.device),
@@ -112,7 +113,7 @@ def validate(ctx: TrainContext, cfg: ExperimentConfig, splits: Splits) -> dict[s
     if len(splits.val):
         x, y = to_input(splits.val.images, ctx.device), torch.as_tensor(splits.val.labels, device=ctx.device)
         out["val_clean_acc"] = clean_accuracy(model, x, y, batch_size=batch)
-        out["val_robust_acc"] = pgd_accuracy(model, x, y, norm=cfg.attack.norm, eps=cfg.attack.eps,
+        out[val_metric(cfg)] = pgd_accuracy(model, x, y, norm=cfg.attack.norm, eps=cfg.attack.eps,
                                              step=cfg.attack.step, steps=cfg.train.val_pgd_steps,
                                              batch_size=batch, generator=gen)
     return out
@@ -208,9 +209,13 @@ def _train(cfg: ExperimentConfig, loop_config: dict[str, Any]) -> dict[str, Any]
 
 
 def selection_metric(cfg: ExperimentConfig) -> str:
-    """What picks `best.pt`: validation PGD-40 accuracy (Wang et al. 2023 Tables 4-5); clean accuracy for the CE
-    scorer."""
-    return "val_clean_acc" if cfg.train.loss == "ce" else "val_robust_acc"
+    """What picks `best.pt`: validation PGD accuracy (Wang et al. 2023 Tables 4-5: PGD-40); clean accuracy for the
+    CE scorer."""
+    return "val_clean_acc" if cfg.train.loss == "ce" else val_metric(cfg)
+
+
+def val_metric(cfg: ExperimentConfig) -> str:
+    return f"val_pgd{cfg.train.val_pgd_steps}_acc"
 
 
 def _keep_best(run_path: Path, ctx: TrainContext, epoch: int, metrics: dict, best: dict) -> dict:

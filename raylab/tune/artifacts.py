@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from typing import Any
 from pathlib import Path
 
 from raylab.config import ExperimentConfig, fingerprint
@@ -37,6 +38,12 @@ class GeneratedView:
     identity_hash: str
     rows: int
     fd: float | None  # Frechet distance on scorer features, when the generation measured it
+
+    def lineage(self) -> dict[str, Any]:
+        """The view as a training run's `generated` input (raylab.pipeline.select.generated_lineage)."""
+        from raylab.pipeline.select import generated_lineage
+
+        return generated_lineage(self.view_path)
 
 
 def artifacts_root(cfg: ExperimentConfig) -> Path:
@@ -64,7 +71,8 @@ def _generate(cfg: ExperimentConfig, parent_run_id: str | None) -> dict:
 def ensure_view(cfg: ExperimentConfig, parent_run_id: str | None = None) -> GeneratedView:
     """Generate (once) and select (once) what `cfg` trains on; select.policy=agreement first scores the set with
     select.second_checkpoint (once: the scores are cached beside the shards)."""
-    from raylab.pipeline.select import build_view, check_second, load_view, second_scores
+    from raylab.pipeline.select import build_view, check_second, load_view
+    from raylab.pipeline.scoring import second_scores
 
     check_second(cfg.select)  # before generating anything
     gen = _generate(cfg, parent_run_id)

@@ -8,6 +8,7 @@ trial plus its driver would not fit 2 CPUs (reference/ray_mlflow.md §3). An int
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -21,10 +22,17 @@ from raylab.io import atomic_write_text
 from raylab.runs import write_config
 
 PARENT_FILE = "mlflow_parent_run_id"
+TRIAL_KEYS = ["data", "generate", "select", "model", "attack", "train"]
+FD_METRIC = "fd_scorer_features"  # the generation's Frechet distance on scorer features (not Inception FID)
 
 
 class SweepError(RuntimeError):
     """A sweep finished with failed trials (their errors are in the Tune results and the trials' MLflow runs)."""
+
+
+class SweepInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped the sweep: Tune saved its state (rerunning the same command restores it), the parent run
+    ended KILLED."""
 
 
 @dataclass(frozen=True)
@@ -86,39 +94,47 @@ def run_trial(trial_config: dict[str, Any], *, flat: dict[str, Any], parent_run_
         from raylab.pipeline.select import load_view
 
         generated = load_view(view.view_path).row_index()
-    name = f"{sweep}-{fingerprint(cfg, ['data', 'generate', 'select', 'model', 'attack', 'train'])}"
-    out = run_training(cfg, generated=generated, name=name,
-                       parent_run_id=parent, callbacks=[TuneReportCallback()],
-                       tags={"raylab.sweep": sweep})
-    final = {**trial_summary(out), **evaluate_trial(cfg, out.run.path)}
-    final[cfg.sweep.metric] = out.best.get("score", math.nan) if cfg.sweep.metric == "val_robust_acc" else \
-        final.get(cfg.sweep.metric, math.nan)
-    if view is not None:
-        _log_lineage(cfg, out.mlflow_run_id, view)
-        final["fd"] = view.fd if view.fd is not None else math.nan
-    _log_final(cfg, out.mlflow_run_id, final)
+    out = run_training(cfg, generated=generated, name=f"{sweep}-{fingerprint(cfg, TRIAL_KEYS)}",
+                       run_name=trial_label(cfg, trial_config), parent_run_id=parent_run_id,
+                       callbacks=[TuneReportCallback()], tags={"raylab.sweep": sweep},
+                       lineage=view.lineage() if view is not None else None)
+    final = {"best_epoch": float(out.best.get("epoch", -1)), **evaluate_trial(cfg, out.run.path)}
+    if view is not None and view.fd is not None:
+        final[FD_METRIC] = float(view.fd)  # Wang et al. 2023 Table 7's FD column, measured on scorer features
+    _log_trial(cfg, out, final)
+    final[sweep_metric(cfg)] = final.get(sweep_metric(cfg), float(out.best.get("score", math.nan)))
     tune.report(final)
 
 
-def trial_summary(out: Any) -> dict[str, float]:
-    """Best/last of the per-epoch metrics (Wang et al. 2023 Tables 4-5: best epoch by validation PGD-40)."""
-    hist = out.history
-    clean = [h.get("test_clean_acc", math.nan) for h in hist]
-    return {"best_epoch": float(out.best.get("epoch", -1)), "epochs": float(len(hist)),
-            "clean_best": max(clean, default=math.nan), "clean_last": clean[-1] if clean else math.nan,
-            "val_robust_best": float(out.best.get("score", math.nan))}
+def trial_label(cfg: ExperimentConfig, trial_config: dict[str, Any]) -> str:
+    """The trial's MLflow run name: its swept values, e.g. `steps=8` or `beta=2.0,ratio=0.5` (resolved values)."""
+    flat = to_flat(cfg)
+    return ",".join(f"{key.rsplit('.', 1)[-1]}={_short(flat[key])}" for key in sorted(trial_config) if key in flat)
+
+
+def _short(value: Any) -> str:
+    return ",".join(map(str, value)) if isinstance(value, (tuple, list)) else f"{value:g}" \
+        if isinstance(value, float) and value != int(value) else str(value)
+
+
+def sweep_metric(cfg: ExperimentConfig) -> str:
+    """sweep.metric, or by default the validation PGD accuracy the worker reports (`val_pgd{k}_acc`)."""
+    return cfg.sweep.metric or f"val_pgd{cfg.train.val_pgd_steps}_acc"
 
 
 def evaluate_trial(cfg: ExperimentConfig, run_path: Path) -> dict[str, float]:
-    """PGD-40 + AutoAttack on the best checkpoint; clean + PGD-40 on the last (for best/last/diff)."""
+    """PGD + AutoAttack on the best checkpoint; clean + PGD on the last (Wang et al. 2023 Tables 4-5 best/last).
+    The evaluation logs its own honestly named metrics to the trial's run (`eval_pgd{k}_acc`, `eval_aa_<version>
+    _acc`, `eval_last_*`); these are the same numbers for Tune."""
     from raylab.eval.job import run_eval
 
     best = run_eval(run_path, {"eval.checkpoint": "best"})
-    # last.pt holds the same EMA weights as best.pt when the best epoch is the last one: no second evaluation
-    last = best if best_is_last(run_path) else run_eval(run_path, {"eval.checkpoint": "last", "eval.autoattack": "none"})
-    values = {"eval_clean_acc": best.clean_acc, "eval_pgd40_acc": best.pgd_acc, "eval_aa_acc": best.aa_acc,
-              "last_clean_acc": last.clean_acc, "last_pgd40_acc": last.pgd_acc}
-    return {k: math.nan if v is None else float(v) for k, v in values.items()}
+    if best_is_last(run_path):  # last.pt holds the same EMA weights as best.pt: the same numbers, not re-run
+        last = {k.replace("eval_", "eval_last_", 1): v for k, v in best.metrics.items()
+                if k.startswith(("eval_clean", "eval_pgd", "eval_num_test"))}
+    else:
+        last = run_eval(run_path, {"eval.checkpoint": "last", "eval.autoattack": "none"}).metrics
+    return {k: float(v) for k, v in {**best.metrics, **last}.items() if v is not None}
 
 
 def best_is_last(run_path: Path) -> bool:
@@ -128,21 +144,18 @@ def best_is_last(run_path: Path) -> bool:
     return epoch("best.pt") == epoch("last.pt")
 
 
-def _log_lineage(cfg: ExperimentConfig, run_id: str | None, view: Any) -> None:
+def _log_trial(cfg: ExperimentConfig, out: Any, final: dict[str, float]) -> None:
+    """What the evaluation did not log itself (FD, best/last copies), and the RobustBench model info with the
+    evaluation's numbers."""
     from raylab.tracking import Tracker, resolve_tracking_uri
+    from raylab.train.job import log_model_info
 
-    if run_id:
-        Tracker.attach(resolve_tracking_uri(cfg.tracking), run_id).log_dataset_lineage(
-            view.identity_hash, "generated", view.view_path, view.rows)
-
-
-def _log_final(cfg: ExperimentConfig, run_id: str | None, final: dict[str, float]) -> None:
-    from raylab.tracking import Tracker, resolve_tracking_uri
-
-    if run_id:
-        Tracker.attach(resolve_tracking_uri(cfg.tracking), run_id).log_metrics(
-            {f"final_{k}": v for k, v in final.items() if isinstance(v, float) and math.isfinite(v)},
-            step=cfg.train.epochs)
+    if not out.mlflow_run_id:
+        return
+    tracker = Tracker.attach(resolve_tracking_uri(cfg.tracking), out.mlflow_run_id)
+    tracker.log_metrics({k: v for k, v in final.items() if k.startswith(("fd_", "eval_last_")) and math.isfinite(v)},
+                        step=cfg.train.epochs)
+    log_model_info(out.run.path, tracker)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -206,9 +219,31 @@ def run_sweep(cfg: ExperimentConfig, space: dict[str, Sequence[Any]], *, layout:
     name, storage = path.name, path.parent
     init_ray()
     parent = _parent_run(cfg, path, name, space)
-    results = _tuner(cfg, space, name, storage, parent).fit()
-    rows, table = report_sweep(cfg.tracking, parent, list(space), layout=layout)
-    if results.errors:  # a failed trial fails the sweep (after the report of those that finished)
-        raise SweepError(f"sweep {name}: {len(results.errors)} of {len(results)} trials failed; first error: "
-                         f"{str(results.errors[0]).strip().splitlines()[-1]}")
+    with _parent_status(cfg, parent) as status:
+        results = _tuner(cfg, space, name, storage, parent).fit()
+        rows, table = report_sweep(cfg.tracking, parent, list(space), layout=layout)
+        if results.num_terminated + results.num_errors < len(results):  # Tune caught Ctrl-C and saved its state
+            status["end"] = "KILLED"
+            raise SweepInterrupted(f"sweep {name}: interrupted after {results.num_terminated} of {len(results)} "
+                                   f"trials; Tune state kept in {path}")
+        if results.errors:  # a failed trial fails the sweep (after the report of those that finished)
+            status["end"] = "FAILED"
+            raise SweepError(f"sweep {name}: {len(results.errors)} of {len(results)} trials failed; first error: "
+                             f"{str(results.errors[0]).strip().splitlines()[-1]}")
     return SweepOutcome(name, path, parent, rows, table)
+
+
+@contextlib.contextmanager
+def _parent_status(cfg: ExperimentConfig, parent: str):
+    """End the sweep's parent run honestly: FINISHED, FAILED (a trial or the driver failed) or KILLED (Ctrl-C,
+    also when Tune caught it). A restored sweep reopens the run first."""
+    from raylab.tracking import Tracker, resolve_tracking_uri
+
+    tracker = Tracker.resume(resolve_tracking_uri(cfg.tracking), parent)
+    status: dict[str, str] = {}
+    try:
+        yield status
+    except BaseException as exc:
+        tracker.end(status.get("end") or ("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"))
+        raise
+    tracker.end("FINISHED")

@@ -7,9 +7,12 @@ import textwrap
 import numpy as np
 import pytest
 
-from raylab.data import shards
+from raylab.data import shard_layout, shards
+
 from raylab.data.npz_import import import_npz, import_order, open_npz_arrays, seed_ranges
-from raylab.data.shards import ShardError, read_numpy, verify_store
+from raylab.data.shard_format import ShardError
+from raylab.data.shards import read_numpy
+from raylab.data.shard_verify import verify_store
 
 
 def make_npz(path, n, seed=0, compressed=False):
@@ -127,7 +130,7 @@ def test_rerun_skips_finished_shards(tmp_path):
     inodes = {p.name: p.stat().st_ino for p in store.shard_paths()}
     import_npz(tmp_path / "gen.npz", tmp_path / "out", shard_size=100)
     assert {p.name: p.stat().st_ino for p in store.shard_paths()} == inodes  # nothing rewritten
-    lost = store.root / shards.shard_name(100, 199)
+    lost = store.root / shard_layout.shard_name(100, 199)
     lost.unlink()
     import_npz(tmp_path / "gen.npz", tmp_path / "out", shard_size=100)
     now = {p.name: p.stat().st_ino for p in store.shard_paths()}

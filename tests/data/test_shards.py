@@ -11,8 +11,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from raylab.data import shards
-from raylab.data.shards import ShardError, ShardStore, read_numpy, read_table, verify_store
+from raylab.data import shard_format, shard_layout, shards
+from raylab.data.shard_format import ShardError
+from raylab.data.shards import ShardStore, read_numpy, read_table
+from raylab.data.shard_verify import verify_store
 from raylab.io import sha256_file
 
 IDENTITY = {"generator": "edm-test", "steps": 18, "seeds": [0, 99]}
@@ -59,7 +61,7 @@ def test_numpy_round_trip_is_byte_exact(store):
 
 def test_table_input_and_column_subset(store):
     cols = make_columns(0, 4)
-    table = pa.table({"seed": cols["seed"], "image": shards.encode_images(cols["image"], pa.binary(3072)),
+    table = pa.table({"seed": cols["seed"], "image": shard_format.encode_images(cols["image"], pa.binary(3072)),
                       "label": cols["label"], "class_cond": cols["class_cond"]})
     store.write_shard(0, 3, table)
     got = read_numpy(store.root, columns=["seed", "image"])
@@ -74,7 +76,7 @@ def test_ray_dataset_round_trip(store, ray_session):
     want = write_two(store)
     ds = shards.read_dataset(store.root)
     batches = list(ds.iter_batches(batch_size=4, batch_format="pyarrow"))
-    images = np.concatenate([shards.decode_images(b.column("image")) for b in batches])
+    images = np.concatenate([shard_format.decode_images(b.column("image")) for b in batches])
     seeds = np.concatenate([b.column("seed").to_numpy() for b in batches])
     order = np.argsort(seeds)
     np.testing.assert_array_equal(seeds[order], want["seed"])
@@ -84,7 +86,7 @@ def test_ray_dataset_round_trip(store, ray_session):
 def test_manifest_records_each_shard(store):
     write_two(store)
     m = json.loads((store.root / "manifest.json").read_text())
-    assert m["format"] == 1 and m["identity"] == IDENTITY and m["identity_hash"] == shards.identity_hash(IDENTITY)
+    assert m["format"] == 1 and m["identity"] == IDENTITY and m["identity_hash"] == shard_layout.identity_hash(IDENTITY)
     assert sorted(m["shards"]) == ["gen-0000000000-0000000009.parquet", "gen-0000000010-0000000019.parquet"]
     for name, rows in [("gen-0000000000-0000000009.parquet", 7), ("gen-0000000010-0000000019.parquet", 5)]:
         entry, path = m["shards"][name], store.root / name
@@ -102,9 +104,9 @@ def test_identity_mismatch_names_both_hashes(store):
     with pytest.raises(ShardError) as err:
         ShardStore(store.root).create_or_open(other)
     msg = str(err.value)
-    assert shards.identity_hash(IDENTITY) in msg and shards.identity_hash(other) in msg and "\n" not in msg
+    assert shard_layout.identity_hash(IDENTITY) in msg and shard_layout.identity_hash(other) in msg and "\n" not in msg
     assert ShardStore(store.root).create_or_open(json.loads(json.dumps(IDENTITY))).identity_hash == \
-        shards.identity_hash(IDENTITY)
+        shard_layout.identity_hash(IDENTITY)
 
 
 @pytest.mark.parametrize("change, match", [
@@ -173,7 +175,7 @@ def test_killed_writer_leaves_only_a_temp_file(store):
     assert store.missing([(0, 9)]) == [(0, 9)]
     problems = verify_store(store.root)
     assert len(problems) == 1 and "leftover temp file" in problems[0] and ".gen-0000000000-0000000009" in problems[0]
-    assert len(shards.remove_temp_files(store.root)) == 1 and verify_store(store.root) == []
+    assert len(shard_layout.remove_temp_files(store.root)) == 1 and verify_store(store.root) == []
 
 
 def test_concurrent_thread_writers_are_all_recorded(store):
@@ -296,7 +298,7 @@ def test_row_selection(store):
 def test_missing_and_has_shard(store):
     store.write_shard(np.int64(0), np.int32(9), make_columns(0, 3))  # numpy ints are fine, stored as ints
     store.write_shard(20, 29, make_columns(20, 3))
-    assert store.manifest["shards"][shards.shard_name(0, 9)]["last_seed"] == 9
+    assert store.manifest["shards"][shard_layout.shard_name(0, 9)]["last_seed"] == 9
     plan = [(0, 9), (10, 19), (20, 29), (30, 39)]
     assert store.missing(plan) == [(10, 19), (30, 39)]
     (store.root / "gen-0000000020-0000000029.parquet").unlink()
@@ -308,14 +310,14 @@ def test_missing_and_has_shard(store):
 def test_decode_images_across_arrow_types():
     images = make_columns(0, 6)["image"]
     for image_type in (pa.binary(), pa.large_binary(), pa.binary(3072)):
-        arr = shards.encode_images(images, image_type)
-        np.testing.assert_array_equal(shards.decode_images(arr.slice(2, 3)), images[2:5])
-        np.testing.assert_array_equal(shards.decode_images(pa.chunked_array([arr.slice(4), arr.slice(0, 2)])),
+        arr = shard_format.encode_images(images, image_type)
+        np.testing.assert_array_equal(shard_format.decode_images(arr.slice(2, 3)), images[2:5])
+        np.testing.assert_array_equal(shard_format.decode_images(pa.chunked_array([arr.slice(4), arr.slice(0, 2)])),
                                       images[[4, 5, 0, 1]])
     with pytest.raises(ShardError, match="3072 bytes"):
-        shards.decode_images(pa.array([b"\0" * 3072, b"\0" * 3071]))
+        shard_format.decode_images(pa.array([b"\0" * 3072, b"\0" * 3071]))
     with pytest.raises(ShardError, match="not binary"):
-        shards.decode_images(pa.array([1, 2]))
+        shard_format.decode_images(pa.array([1, 2]))
 
 
 def test_empty_store_reads_empty(store):

@@ -10,7 +10,8 @@ from raylab.data.datasets import load_splits
 from raylab.generate.checkpoint import META_FILE, MODEL_FILE, load_generator
 from raylab.generate.networks import make_network
 from raylab.generate.sample_local import (SampleError, class_plan, default_generator_path, resolve_generator_path,
-                                          sample_to_dir, tile, write_grid_png)
+                                          sample_to_dir, write_grid_png)
+from raylab.images import tile
 from raylab.generate.seeds import image_seed
 
 

@@ -14,7 +14,9 @@ from typing import Callable, Iterator
 import numpy as np
 import pytest
 
-from raylab.data.shards import MANIFEST_NAME, load_manifest, read_numpy, shard_name, temp_files, verify_store
+from raylab.data.shard_layout import MANIFEST_NAME, load_manifest, shard_name, temp_files
+from raylab.data.shards import read_numpy
+from raylab.data.shard_verify import verify_store
 from raylab.pipeline.actors import SamplerActor, ScorerActor, write_shards
 from raylab.pipeline.generate_job import DEFAULT_SCORER, plan_job, run_generate
 from tests.pipeline.test_generate_job import digits_config, shard_hashes

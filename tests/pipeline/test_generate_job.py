@@ -7,7 +7,9 @@ import pytest
 
 from raylab import cli
 from raylab.config import make_config, override
-from raylab.data.shards import load_manifest, read_numpy, shard_name, verify_store
+from raylab.data.shard_layout import load_manifest, shard_name
+from raylab.data.shards import read_numpy
+from raylab.data.shard_verify import verify_store
 from raylab.io import sha256_file
 from raylab.pipeline.generate_job import DEFAULT_SCORER, run_generate
 from raylab.tracking import client_for, get_run

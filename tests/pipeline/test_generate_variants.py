@@ -7,12 +7,16 @@ import pytest
 
 from raylab import cli
 from raylab.config import EDMConfig
-from raylab.data.shards import load_manifest, read_numpy, verify_store
+from raylab.data.shard_layout import load_manifest
+from raylab.data.shards import read_numpy
+from raylab.data.shard_verify import verify_store
 from raylab.generate.checkpoint import save_edm
 from raylab.generate.networks import build_edm
 from raylab.pipeline import generate_job
 from raylab.pipeline.gaussian import load_gaussian
-from raylab.pipeline.generate_job import GenerateError, plan_job, run_generate, score_store
+from raylab.pipeline.generators import GenerateError
+from raylab.pipeline.generate_job import plan_job, run_generate
+from raylab.pipeline.scoring import score_store
 from raylab.pipeline.select import load_scores, scores_path
 from raylab.pipeline.quality import scorer_identity
 from tests.pipeline.helpers import TINY_EDM, job_config
@@ -102,7 +106,8 @@ def test_bad_generator_settings_fail_before_any_compute(assets, tmp_path, no_def
 def test_each_stage_gets_its_own_resources_and_device_in_the_built_pipeline(assets, tmp_path, ray_session):
     """GPU by configuration alone: the lazy plan (not executed, so no GPU is needed) carries the scorer's GPUs on
     the scorer stage only, and hands the scorer actors a spec that asks for a GPU device."""
-    from raylab.pipeline.generate_job import ScorerActor, SamplerActor, build_pipeline
+    from raylab.pipeline.actors import SamplerActor, ScorerActor
+    from raylab.pipeline.generate_job import build_pipeline
 
     cfg = job_config(assets, tmp_path, {"resources.scorer_gpus_per_actor": 0.5,
                                         "resources.scorer_cpus_per_actor": 2.0, "resources.max_failures": 3})

@@ -1,7 +1,8 @@
 """One `raylab generate` per store: a second job fails at once, naming the store, before any compute."""
 import pytest
 
-from raylab.pipeline.generate_job import LOCK_FILE, GenerateError, run_generate, store_lock
+from raylab.pipeline.generate_job import LOCK_FILE, run_generate, store_lock
+from raylab.pipeline.generators import GenerateError
 from raylab.io import exclusive
 from tests.pipeline.helpers import job_config
 

@@ -2,7 +2,8 @@
 from pathlib import Path
 
 from raylab.config import GenerateConfig
-from raylab.pipeline.generate_job import GenerateOutcome, JobSpec
+from raylab.pipeline.generate_job import GenerateOutcome
+from raylab.pipeline.actors import JobSpec
 
 
 def outcome(**kw) -> GenerateOutcome:

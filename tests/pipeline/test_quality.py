@@ -86,7 +86,8 @@ class _NoFeatures(torch.nn.Module):
 
 
 def test_bad_inception_weights_fail_in_plan_job_before_any_store_exists(assets, tmp_path):
-    from raylab.pipeline.generate_job import GenerateError, plan_job
+    from raylab.pipeline.generators import GenerateError
+    from raylab.pipeline.generate_job import plan_job
     from tests.pipeline.helpers import job_config
 
     torch.save({"w": torch.zeros(3)}, tmp_path / "pickled.pt")  # a state dict, not TorchScript

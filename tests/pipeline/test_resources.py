@@ -3,7 +3,8 @@ and GPUs, so a GPU run is a configuration change alone."""
 import pytest
 
 from raylab.config import make_config
-from raylab.pipeline.generate_job import GenerateError, actor_resources, stage_resources
+from raylab.pipeline.generators import GenerateError
+from raylab.pipeline.pools import actor_resources, stage_resources
 
 
 def test_defaults_ask_for_one_cpu_and_no_gpu_in_both_pools():

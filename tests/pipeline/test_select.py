@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from raylab.config import SelectConfig
-from raylab.data.shards import ShardStore, read_numpy
+from raylab.data.shards import ShardStore
 from raylab.pipeline.select import (SelectError, balanced_prefix, build_view, describe, load_scores, load_view,
                                     open_generated, save_scores, scores_path, select_rows,
                                     top_fraction_per_class)
@@ -156,7 +156,8 @@ def test_data_describe_prints_the_score_quantiles_of_the_view(tmp_path, capsys):
 
 def test_second_scores_is_none_unless_agreement_and_agreement_needs_a_second_checkpoint(tmp_path):
     from raylab.config import make_config
-    from raylab.pipeline.select import check_second, second_scores
+    from raylab.pipeline.select import check_second
+    from raylab.pipeline.scoring import second_scores
 
     assert second_scores(make_config("tiny", {"select.policy": "topk"}), tmp_path / "no-store") is None
     cfg = make_config("tiny", {"select.policy": "agreement"})

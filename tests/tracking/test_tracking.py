@@ -18,6 +18,7 @@ from mlflow import MlflowClient
 
 from raylab import config
 from raylab.config import TrackingConfig
+from raylab.images import tile
 from raylab.tracking import plots
 from raylab.tracking.mlflow_store import (PARAM_VALUE_LIMIT, NullTracker, Tracker, TrackingError, child_runs,
                                           client_for, ensure_experiment, find_runs, get_run_metrics_history,
@@ -237,7 +238,7 @@ def _png_bytes(fig: Figure) -> bytes:
 
 def test_plots_render_and_validate():
     images = np.stack([np.full((4, 4, 3), 10 * (i + 1), np.uint8) for i in range(5)])
-    grid = plots.tile_images(images, nrow=3, pad=2)
+    grid = tile(images, 3, pad=2)
     assert grid.shape == (2 * 6 + 2, 3 * 6 + 2, 3)
     assert grid[2, 2, 0] == 10 and grid[8, 2 + 6, 0] == 50 and grid[8, 14, 0] == 255  # 5th image; empty slot
     for fig in (plots.image_grid(images, nrow=3), plots.histogram(np.arange(100.0), bins=10, title="h"),
