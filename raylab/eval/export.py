@@ -28,6 +28,7 @@ Results go to `<checkpoint dir>/eval/<fingerprint>/` (or `--out DIR`); the table
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any, Sequence
@@ -151,4 +152,62 @@ def export_robustbench(run_dir: str | os.PathLike, out_path: str | os.PathLike, 
                           "source": str(weights.resolve()), "source_sha256": sha256_file(weights)}}
     out = Path(out_path)
     atomic_write(out, lambda tmp: torch.save(payload, tmp))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# RobustBench model-info JSON (the stub of `model_info/<dataset>/<threat model>/<name>.json` in RobustBench's zoo).
+
+EXPORT_NAME, INFO_NAME = "model.pt", "model_info.json"
+THREAT_MODELS = {"linf": "Linf", "l2": "L2"}
+
+
+def _evaluation(run: Path, which: str) -> dict[str, Any] | None:
+    """The newest `eval/*/summary.json` of checkpoint `which` in the run directory, if any."""
+    found = []
+    for path in run.glob("eval/*/summary.json"):
+        summary = json.loads(path.read_text())
+        if summary.get("header", {}).get("checkpoint") == which:
+            found.append((path.stat().st_mtime, summary))
+    return max(found, key=lambda f: f[0])[1] if found else None
+
+
+def _percent(value: Any) -> str:
+    return "" if value is None else f"{100 * float(value):.2f}"
+
+
+def model_info(run_dir: str | os.PathLike, which: str = "best") -> dict[str, Any]:
+    """The fields RobustBench's model-info files carry (threat model, eps, dataset, architecture, clean and
+    AutoAttack accuracy), filled from the run's config and its evaluation when present; `raylab` says over how
+    many test images and which AutoAttack version the numbers were measured (RobustBench lists standard AA over
+    the full test set only: anything else is marked in the footnote)."""
+    run = Path(run_dir)
+    cfg = from_json((run / "config.json").read_text())
+    ev = _evaluation(run, which)
+    header, metrics = (ev or {}).get("header", {}), (ev or {}).get("metrics", {})
+    prefix = "eval_last_" if which == "last" else "eval_"
+    aa = next((v for k, v in metrics.items() if k.startswith(f"{prefix}aa_") and k.endswith("_acc")
+               and "_after_" not in k), None)
+    n = (ev or {}).get("n")
+    version = header.get("autoattack")
+    depth, width = cfg.model.name.split("-")[1:3] if cfg.model.name.startswith("wrn-") else ("?", "?")
+    eps = header.get("eps", cfg.attack.eps)
+    footnote = ("not evaluated yet (run `raylab eval`)" if ev is None else
+                f"raylab evaluation of {n} test images, AutoAttack version {version}"
+                + ("" if version == "standard" else " (not the standard version RobustBench lists)"))
+    return {"link": "", "name": f"raylab {run.name}", "authors": "", "additional_data": cfg.train.ratio < 1.0,
+            "number_forward_passes": 1, "dataset": cfg.data.dataset,
+            "threat_model": THREAT_MODELS[header.get("norm", cfg.attack.norm)],
+            "eps": f"{round(eps * 255)}/255" if abs(eps * 255 - round(eps * 255)) < 1e-6 else f"{eps:g}",
+            "architecture": f"WideResNet-{depth}-{width}" + ("-SiLU" if cfg.model.activation == "silu" else ""),
+            "clean_acc": _percent(metrics.get(f"{prefix}clean_acc")), "reported": _percent(aa),
+            "autoattack_acc": _percent(aa), "unreliable": False, "footnote": footnote,
+            "raylab": {"checkpoint": which, "epoch": header.get("epoch"), "test_images": n,
+                       "autoattack_version": version, "autoattack_attacks": header.get("attacks"),
+                       "pgd_steps": header.get("pgd_steps"), "model": cfg.model.name}}
+
+
+def write_model_info(run_dir: str | os.PathLike, out_path: str | os.PathLike, which: str = "best") -> Path:
+    out = Path(out_path)
+    atomic_write(out, lambda tmp: Path(tmp).write_text(json.dumps(model_info(run_dir, which), indent=2) + "\n"))
     return out

@@ -381,3 +381,39 @@ def generated_lineage(path: str | os.PathLike) -> dict[str, Any]:
               "scorer": scorer.get("sha256", "none") if isinstance(scorer, dict) else str(scorer)}
     return {"manifest_hash": identity, "name": "generated", "source_path": str(source), "num_rows": int(rows),
             "extra": extra}
+
+
+def selection_samples(view_path: str | os.PathLike, per_class: int = 6) -> tuple[np.ndarray, np.ndarray]:
+    """(selected, rejected) uint8 images of shape (classes, per_class, 32, 32, 3): per class, the view's
+    highest-scored rows and the highest-scored rows of the store it left out (what the filter refused); rows
+    without a sample are white. Reads only those rows' images."""
+    view = load_view(view_path)
+    cols, names, counts = store_columns(view.store)
+    shard = np.repeat(np.arange(len(names)), counts)
+    row = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
+    kept = np.isin(cols["seed"], view.seed)
+    score = cols["score"] if "score" in cols else np.zeros(len(kept), np.float32)
+    classes = np.unique(cols["label"])
+    panels = []
+    for mask in (kept, ~kept):
+        picks = [np.flatnonzero(mask & (cols["label"] == c)) for c in classes]
+        picks = [p[np.argsort(-score[p], kind="stable")[:per_class]] for p in picks]
+        chosen = np.concatenate(picks) if picks else np.array([], np.int64)
+        images = _images_at(view.store, names, shard[chosen], row[chosen])
+        panel = np.full((len(classes), per_class, 32, 32, 3), 255, np.uint8)
+        at = 0
+        for ci, p in enumerate(picks):
+            panel[ci, :len(p)] = images[at:at + len(p)]
+            at += len(p)
+        panels.append(panel)
+    return panels[0], panels[1]
+
+
+def _images_at(store: Path, names: Sequence[str], shard: np.ndarray, row: np.ndarray) -> np.ndarray:
+    """Images at (shard, row) positions, in the order given."""
+    out = np.zeros((len(shard), 32, 32, 3), np.uint8)
+    for s in np.unique(shard):
+        where = np.flatnonzero(shard == s)
+        table = read_numpy(store, columns=["image"], rows={names[s]: row[where]})
+        out[where] = table["image"]  # read_table takes rows in the order asked
+    return out

@@ -1,8 +1,9 @@
 """A sweep's table and figures in the papers' layouts, rebuilt from MLflow alone.
 
-Every trial is a nested run of the sweep's parent run; its params are the flat config and its `final_*` metrics
-the evaluation. `report_sweep` reads them back, prints the table, and logs table + figures to the parent run, so
-`raylab report SWEEP` reproduces a report long after the cluster is gone.
+Every trial is a nested run of the sweep's parent run; its params are the flat config, its metrics name what ran
+(`eval_pgd{k}_acc`, `eval_aa_<version>_acc`, `eval_last_*`, `best_epoch`, `fd_scorer_features`). `report_sweep`
+reads them back, prints the table, and logs table, Markdown report and figures to the parent run, so `raylab report
+SWEEP` reproduces a report (and writes it to `<root>/reports/<sweep>/`) long after the cluster is gone.
 """
 from __future__ import annotations
 
@@ -14,33 +15,55 @@ from raylab.config import TrackingConfig
 
 
 @dataclass(frozen=True)
+class Names:
+    """The metric keys of what actually ran in a sweep's trials (from their params): `eval_pgd{k}_acc`,
+    `eval_aa_<version>_acc`, and the table headers that say the same ("PGD-10", "AA (apgd-ce)")."""
+    pgd_steps: int = 40
+    aa: str = "eval_aa_standard_acc"
+    aa_header: str = "AA"
+
+    @classmethod
+    def from_params(cls, params: dict[str, str]) -> "Names":
+        from raylab.eval.report import aa_metric_name
+
+        version = params.get("eval.autoattack", "standard")
+        attacks = [a for a in params.get("eval.aa_attacks", "").split(",") if a]
+        return cls(int(params.get("eval.pgd_steps", 40)), aa_metric_name(version, attacks), aa_label(params))
+
+    def pgd(self, last: bool = False) -> str:
+        from raylab.eval.report import pgd_metric_name
+
+        return pgd_metric_name(self.pgd_steps, "eval_last_" if last else "eval_")
+
+
+@dataclass(frozen=True)
 class Column:
     header: str
-    value: Callable[[dict[str, Any]], Any]
+    value: Callable[[dict[str, Any], Names], Any]
     percent: bool = True
 
 
-def _m(key: str) -> Callable[[dict[str, Any]], Any]:
-    return lambda row: row.get(f"final_{key}", math.nan)
+def _m(key: str | Callable[[Names], str]) -> Callable[[dict[str, Any], Names], Any]:
+    return lambda row, names: row.get(key(names) if callable(key) else key, math.nan)
 
 
-def _diff(a: str, b: str) -> Callable[[dict[str, Any]], Any]:
-    return lambda row: _m(a)(row) - _m(b)(row)
+def _diff(a: Callable, b: Callable) -> Callable[[dict[str, Any], Names], Any]:
+    return lambda row, names: a(row, names) - b(row, names)
 
 
+CLEAN, CLEAN_LAST = _m("eval_clean_acc"), _m("eval_last_clean_acc")
+PGD, PGD_LAST, AA = _m(lambda n: n.pgd()), _m(lambda n: n.pgd(last=True)), _m(lambda n: n.aa)
 BEST_LAST = [
     Column("Best epoch", _m("best_epoch"), percent=False),
-    Column("Clean best", _m("eval_clean_acc")), Column("Clean last", _m("last_clean_acc")),
-    Column("Clean diff", _diff("eval_clean_acc", "last_clean_acc")),
-    Column("PGD-40 best", _m("eval_pgd40_acc")), Column("PGD-40 last", _m("last_pgd40_acc")),
-    Column("PGD-40 diff", _diff("eval_pgd40_acc", "last_pgd40_acc")),
-    Column("AA", _m("eval_aa_acc")),
+    Column("Clean best", CLEAN), Column("Clean last", CLEAN_LAST), Column("Clean diff", _diff(CLEAN, CLEAN_LAST)),
+    Column("PGD-40 best", PGD), Column("PGD-40 last", PGD_LAST), Column("PGD-40 diff", _diff(PGD, PGD_LAST)),
+    Column("AA", AA),
 ]
-PLAIN = [Column("Clean", _m("eval_clean_acc")), Column("PGD-40", _m("eval_pgd40_acc")), Column("AA", _m("eval_aa_acc"))]
+PLAIN = [Column("Clean", CLEAN), Column("PGD-40", PGD), Column("AA", AA)]
 
 # Wang et al. 2023 Table 7 (steps: FD + accuracies), Tables 4-5 (epochs, amount: best/last/diff), the rest plain.
 LAYOUTS: dict[str, list[Column]] = {
-    "steps": [Column("FD (scorer feats)", _m("fd"), percent=False), *PLAIN],
+    "steps": [Column("FD (scorer feats)", _m("fd_scorer_features"), percent=False), *PLAIN],
     "best_last": BEST_LAST,
     "plain": [Column("Best epoch", _m("best_epoch"), percent=False), *PLAIN],
 }
@@ -62,23 +85,33 @@ def _sort_key(value: str) -> tuple:
 
 
 def build_rows(runs: Sequence[Any], knobs: Sequence[str]) -> list[dict[str, Any]]:
-    """One row per finished trial run: its swept knob values (from params) and its metrics."""
-    rows = [{**{k: run.params.get(k, "?") for k in knobs}, **run.metrics, "run_id": run.run_id}
-            for run in runs if any(k.startswith("final_") for k in run.metrics)]
+    """One row per evaluated trial run: its swept knob values (from params), its metrics, id and name."""
+    rows = [{**{k: run.params.get(k, "?") for k in knobs}, **run.metrics, "run_id": run.run_id,
+             "run_name": getattr(run, "name", run.run_id)} for run in runs if "eval_clean_acc" in run.metrics]
     return sorted(rows, key=lambda r: tuple(_sort_key(str(r[k])) for k in knobs))
 
 
-def format_table(rows: Sequence[dict[str, Any]], knobs: Sequence[str], layout: str, pgd_steps: int = 40,
-                 aa_label: str = "AA") -> str:
+def _cells(rows: Sequence[dict[str, Any]], knobs: Sequence[str], layout: str, names: Names):
+    header = [*knobs, *(names.aa_header if c.header == "AA" else c.header.replace("PGD-40", f"PGD-{names.pgd_steps}")
+                        for c in LAYOUTS[layout])]
+    body = [[str(r[k]) for k in knobs] + [_cell(c.value(r, names), c.percent) for c in LAYOUTS[layout]]
+            for r in rows]
+    return header, body
+
+
+def format_table(rows: Sequence[dict[str, Any]], knobs: Sequence[str], layout: str, names: Names = Names()) -> str:
     """The table; headers name what actually ran: "PGD-40" the steps (tiny presets run fewer), "AA" the version
     when it is not the standard one (e.g. "AA (apgd-ce)")."""
-    columns = LAYOUTS[layout]
-    names = {"AA": aa_label}
-    header = [*knobs, *(names.get(c.header, c.header).replace("PGD-40", f"PGD-{pgd_steps}") for c in columns)]
-    body = [[str(r[k]) for k in knobs] + [_cell(c.value(r), c.percent) for c in columns] for r in rows]
+    header, body = _cells(rows, knobs, layout, names)
     widths = [max(len(h), *(len(line[i]) for line in body)) if body else len(h) for i, h in enumerate(header)]
     fmt = lambda cells: " | ".join(c.rjust(w) for c, w in zip(cells, widths))  # noqa: E731
     return "\n".join([fmt(header), "-+-".join("-" * w for w in widths), *map(fmt, body)])
+
+
+def markdown_table(rows: Sequence[dict[str, Any]], knobs: Sequence[str], layout: str, names: Names) -> str:
+    header, body = _cells(rows, knobs, layout, names)
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---:" for _ in header) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(line) + " |" for line in body])
 
 
 def aa_label(params: dict[str, str]) -> str:
@@ -98,55 +131,130 @@ def default_layout(knobs: Sequence[str]) -> str:
     return "plain"
 
 
-def _figures(tracker: Any, uri: str, rows: list[dict[str, Any]], knobs: Sequence[str]) -> None:
-    """Metric vs knob, and per-epoch train/validation robust accuracy per trial (Wang et al. 2023 Figure 2)."""
-    from raylab.tracking import get_run_metrics_history, line_plot
-
-    xs = [str(r[knobs[0]]) for r in rows]
-    ys = {name: [100 * r.get(f"final_{key}", math.nan) for r in rows]
-          for name, key in (("Clean", "eval_clean_acc"), ("PGD-40", "eval_pgd40_acc"), ("AA", "eval_aa_acc"))}
-    tracker.log_figure(line_plot(xs, ys, knobs[0], "accuracy (%)", "accuracy vs " + knobs[0]), "metric_vs_knob.png")
-    for metric in ("train_robust_acc", "val_robust_acc"):
-        curves = {}
-        for r in rows:
-            hist = get_run_metrics_history(uri, r["run_id"], metric)
-            curves[f"{knobs[0]}={r[knobs[0]]}"] = [100 * v for _, v in hist]
-        longest = max((len(c) for c in curves.values()), default=0)
-        if longest:
-            padded = {k: v + [math.nan] * (longest - len(v)) for k, v in curves.items()}
-            tracker.log_figure(line_plot(list(range(1, longest + 1)), padded, "epoch", f"{metric} (%)", metric),
-                               f"curves_{metric}.png")
+def arm(row: dict[str, Any], knobs: Sequence[str]) -> str:
+    return ",".join(f"{k.rsplit('.', 1)[-1]}={row[k]}" for k in knobs)
 
 
-def report_sweep(tracking: TrackingConfig, parent_run_id: str, knobs: Sequence[str],
-                 layout: str | None = None) -> tuple[list[dict[str, Any]], str]:
-    """Read the trials back from MLflow, print the table, log it (CSV/JSON/text) and figures to the parent run."""
-    from raylab.tracking import Tracker, child_runs, resolve_tracking_uri
+def _figures(uri: str, rows: list[dict[str, Any]], knobs: Sequence[str], names: Names) -> dict[str, Any]:
+    """{file name: figure}: clean vs robust per arm, validation robust accuracy per epoch with best and last
+    marked (Wang et al. 2023 Fig. 2), the AutoAttack cascade, and selected vs rejected generated samples."""
+    from raylab.tracking import get_run_metrics_history, plots
+
+    labels = [arm(r, knobs) for r in rows]
+    robust_key, robust_name = (names.aa, names.aa_header) if any(names.aa in r for r in rows) else \
+        (names.pgd(), f"PGD-{names.pgd_steps}")
+    figs = {"clean_vs_robust.png": plots.scatter_labelled(
+        [100 * r.get(robust_key, math.nan) for r in rows], [100 * r.get("eval_clean_acc", math.nan) for r in rows],
+        labels, f"{robust_name} accuracy (%)", "clean accuracy (%)", "clean vs robust accuracy, one point per arm")}
+    val_key = next((k for k in rows[0] if k.startswith("val_pgd") and k.endswith("_acc")), None) if rows else None
+    if val_key:
+        curves = {label: [(s, 100 * v) for s, v in get_run_metrics_history(uri, r["run_id"], val_key)]
+                  for label, r in zip(labels, rows)}
+        figs["val_robust_per_epoch.png"] = plots.best_last_curves(
+            curves, f"validation PGD-{val_key[7:-4]} accuracy (%)", "validation robust accuracy per epoch")
+    cascade = {label: [("clean", 100 * r["eval_clean_acc"])] + [
+        (k[len("eval_aa_after_"):], 100 * v) for k, v in r.items() if k.startswith("eval_aa_after_")]
+        for label, r in zip(labels, rows)}
+    if any(len(c) > 1 for c in cascade.values()):
+        figs["autoattack_cascade.png"] = plots.grouped_bars(
+            cascade, "accuracy (%)", f"AutoAttack cascade ({names.aa_header}): accuracy after each attack")
+    return figs
+
+
+def _selection_figure(runs: Sequence[Any]) -> Any:
+    """Selected vs rejected generated samples per class, from the first trial's view still on disk (None when
+    no trial trained on generated data or its view is gone)."""
+    from pathlib import Path
+
+    from raylab.pipeline.select import SelectError, selection_samples
+    from raylab.tracking import plots
+
+    for run in runs:
+        view = run.tags.get("dataset.generated.source")
+        if view and (Path(view) / "view.json").is_file():
+            try:
+                selected, rejected = selection_samples(view)
+            except (SelectError, OSError, ValueError):
+                continue
+            return plots.selected_rejected_grid(selected, rejected, f"selected (left) vs rejected (right) "
+                                                                      f"generated samples per class ({run.name})")
+    return None
+
+
+def report_sweep(tracking: TrackingConfig, parent_run_id: str, knobs: Sequence[str], layout: str | None = None,
+                 out_dir: Any = None) -> tuple[list[dict[str, Any]], str]:
+    """Read the trials back from MLflow, print the table, log it (CSV/JSON/text/Markdown) and the figures to the
+    parent run, and with `out_dir` also write `report.md` and the figures there."""
+    from raylab.tracking import Tracker, child_runs, get_run, resolve_tracking_uri
 
     uri = resolve_tracking_uri(tracking)
     runs = [r for r in child_runs(uri, parent_run_id) if r.tags.get("raylab.stage") == "train"]
     rows = build_rows(runs, knobs)
     layout = layout or default_layout(knobs)
-    params = runs[0].params if runs else {}
-    table = format_table(rows, knobs, layout, pgd_steps=int(params.get("eval.pgd_steps", 40)),
-                         aa_label=aa_label(params))
+    names = Names.from_params(runs[0].params if runs else {})
+    table = format_table(rows, knobs, layout, names)
     print(table, flush=True)
     tracker = Tracker.attach(uri, parent_run_id)
     tracker.log_text(table + "\n", "sweep_table.txt")
+    figs = _figures(uri, rows, knobs, names) if rows else {}
+    selection = _selection_figure(runs)
+    if selection is not None:
+        figs["selected_vs_rejected.png"] = selection
+    markdown = report_markdown(get_run(uri, parent_run_id), runs, rows, knobs, layout, names, list(figs))
+    tracker.log_text(markdown, "report.md")
     if rows:
         tracker.log_table(rows, "sweep_table")
-        _figures(tracker, uri, rows, knobs)
+    for name, fig in figs.items():
+        tracker.log_figure(fig, f"figures/{name}")
+    if out_dir is not None:
+        write_report(out_dir, markdown, figs)
     return rows, table
 
 
-def report_by_name(tracking: TrackingConfig, sweep: str, layout: str | None = None) -> tuple[list, str]:
-    """`raylab report SWEEP`: find the sweep's parent run in MLflow by its name and rebuild the report."""
+def write_report(out_dir: Any, markdown: str, figs: dict[str, Any]) -> None:
+    from pathlib import Path
+
+    from raylab.io import atomic_write, atomic_write_text
+
+    out = Path(out_dir)
+    for name, fig in figs.items():
+        atomic_write(out / name, lambda tmp, fig=fig: fig.savefig(tmp, format="png", dpi=100))
+    atomic_write_text(out / "report.md", markdown)
+
+
+def report_markdown(parent: Any, runs: Sequence[Any], rows: list[dict[str, Any]], knobs: Sequence[str],
+                    layout: str, names: Names, figures: Sequence[str]) -> str:
+    """The sweep's report: what ran (attacks, test images), the table, the trials' MLflow runs, the figures."""
+    params = runs[0].params if runs else {}
+    n_test = {int(r.get("eval_num_test", 0)) for r in rows}
+    lines = [f"# Sweep {parent.tags.get('raylab.sweep', parent.name)}", "",
+             f"MLflow parent run `{parent.run_id}` ({parent.name}), status {parent.status}; "
+             f"{len(rows)} of {len(runs)} trials evaluated; swept: {', '.join(f'`{k}`' for k in knobs)}.", "",
+             f"Evaluation: clean, PGD-{names.pgd_steps} and {names.aa_header} on "
+             f"{', '.join(map(str, sorted(n_test))) or '?'} test images per trial; model `{params.get('model.name', '?')}`"
+             f", {params.get('train.epochs', '?')} epochs, dataset `{params.get('data.dataset', '?')}`, "
+             f"eps {params.get('attack.eps', '?')}. Accuracies in %.", "",
+             markdown_table(rows, knobs, layout, names), "", "| arm | MLflow run | status |", "|---|---|---|"]
+    lines += [f"| {r.name} | `{r.run_id}` | {r.status} |" for r in runs]
+    lines += ["", *[f"![{name}]({name})" for name in figures], ""]
+    return "\n".join(lines)
+
+
+def report_by_name(tracking: TrackingConfig, sweep: str, layout: str | None = None) -> tuple[list, str, Any]:
+    """`raylab report SWEEP`: find the sweep's parent run in MLflow by its name, rebuild the report, and write
+    `report.md` and the figures into `<tracking.root>/reports/<sweep>/`. Returns (rows, table, that folder)."""
+    from pathlib import Path
+
     from raylab.tracking import find_runs, resolve_tracking_uri
 
     uri = resolve_tracking_uri(tracking)
     parents = [r for r in find_runs(uri, tracking.experiment, "tags.`raylab.stage` = 'sweep'")
                if r.tags.get("raylab.sweep") == sweep or r.tags.get("raylab.sweep", "").startswith(sweep + "-")]
     if not parents:
-        raise ValueError(f"sweep {sweep!r}: no such sweep in experiment {tracking.experiment!r} of {uri}")
+        raise ValueError(f"sweep {sweep!r}: no such sweep in experiment {tracking.experiment!r} of {uri} "
+                         "(`raylab runs --sweeps` lists them)")
     parent = parents[-1]
-    return report_sweep(tracking, parent.run_id, parent.tags["raylab.sweep_keys"].split(","), layout=layout)
+    out = Path(tracking.root).resolve() / "reports" / parent.tags["raylab.sweep"]
+    rows, table = report_sweep(tracking, parent.run_id, parent.tags["raylab.sweep_keys"].split(","), layout=layout,
+                               out_dir=out)
+    return rows, table, out

@@ -1,15 +1,15 @@
 """Sweep tables in the papers' layouts (pure: rows as MLflow returns them)."""
 from types import SimpleNamespace
 
-from raylab.tune.report import build_rows, default_layout, format_table
+from raylab.tune.report import Names, build_rows, default_layout, format_table
 
 
 def run(steps, clean, pgd, aa, fd=None, finished=True):
-    metrics = {"final_eval_clean_acc": clean, "final_eval_pgd40_acc": pgd, "final_eval_aa_acc": aa,
-               "final_best_epoch": 3.0, "final_last_clean_acc": clean - 0.01, "final_last_pgd40_acc": pgd - 0.05}
+    metrics = {"eval_clean_acc": clean, "eval_pgd40_acc": pgd, "eval_aa_standard_acc": aa,
+               "best_epoch": 3.0, "eval_last_clean_acc": clean - 0.01, "eval_last_pgd40_acc": pgd - 0.05}
     if fd is not None:
-        metrics["final_fd"] = fd
-    return SimpleNamespace(params={"generate.steps": str(steps)}, metrics=metrics if finished else {"lr": 0.1},
+        metrics["fd_scorer_features"] = fd
+    return SimpleNamespace(params={"generate.steps": str(steps)}, metrics=metrics if finished else {"lr": 0.1}, name=f"steps={steps}",
                            run_id=f"r{steps}")
 
 
@@ -37,8 +37,13 @@ def test_headers_name_the_attacks_that_actually_ran():
     from raylab.tune.report import aa_label
 
     assert aa_label({}) == "AA" and aa_label({"eval.autoattack": "plus"}) == "AA (plus)"
-    label = aa_label({"eval.autoattack": "custom", "eval.aa_attacks": "apgd-ce"})
-    table = format_table(build_rows([run(2, 0.9, 0.6, 0.5)], ["generate.steps"]), ["generate.steps"], "plain",
-                         pgd_steps=10, aa_label=label)
+    params = {"eval.autoattack": "custom", "eval.aa_attacks": "apgd-ce", "eval.pgd_steps": "10"}
+    names = Names.from_params(params)
+    assert names.aa == "eval_aa_apgd-ce_acc" and names.pgd() == "eval_pgd10_acc"
+    assert names.pgd(last=True) == "eval_last_pgd10_acc" and names.aa_header == aa_label(params) == "AA (apgd-ce)"
+    trial = run(2, 0.9, 0.6, 0.5)
+    trial.metrics.update({"eval_pgd10_acc": 0.3, "eval_aa_apgd-ce_acc": 0.25})
+    table = format_table(build_rows([trial], ["generate.steps"]), ["generate.steps"], "plain", names)
     header = [c.strip() for c in table.splitlines()[0].split("|")]
     assert header[-2:] == ["PGD-10", "AA (apgd-ce)"] and "AA" not in header and "PGD-40" not in header
+    assert [c.strip() for c in table.splitlines()[2].split("|")][-2:] == ["30.00", "25.00"]  # the keys that ran
