@@ -3,7 +3,7 @@ from raylab.tune.experiment import PAPER_1M, Ablation, run_ablation
 
 ABLATION = Ablation(
     key="train.augment", title="augmentation ablation (Wang et al. 2023 Table 9, Rebuffi et al. 2021)",
-    values={"default": ["none", "crop", "cutmix"], "smoke": ["none"],
+    values={"tiny": ["none", "crop", "cutmix"], "smoke": ["none"],
             "paper": ["none", "crop_flip", "cutout", "cutmix", "mixup"]},
     overrides={"paper": PAPER_1M},
 )

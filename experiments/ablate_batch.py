@@ -3,7 +3,7 @@ from raylab.tune.experiment import Ablation, run_ablation
 
 ABLATION = Ablation(
     key="train.batch_size", title="batch size ablation (Wang et al. 2023 Table 8 left)",
-    values={"default": [32, 64], "smoke": [16], "paper": [128, 256, 512, 1024, 2048]},
+    values={"tiny": [32, 64], "smoke": [16], "paper": [128, 256, 512, 1024, 2048]},
     overrides={"paper": {"generate.per_class": 500_000, "select.policy": "none"}},
 )
 

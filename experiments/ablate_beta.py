@@ -3,7 +3,7 @@ from raylab.tune.experiment import PAPER_1M, Ablation, run_ablation
 
 ABLATION = Ablation(
     key="train.beta", title="TRADES beta ablation (Wang et al. 2023 Table 8 right)",
-    values={"default": [2.0, 5.0, 8.0], "smoke": [2.0], "paper": [2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0]},
+    values={"tiny": [2.0, 5.0, 8.0], "smoke": [2.0], "paper": [2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0]},
     overrides={"paper": PAPER_1M},
 )
 

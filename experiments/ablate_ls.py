@@ -3,7 +3,7 @@ from raylab.tune.experiment import PAPER_1M, Ablation, run_ablation
 
 ABLATION = Ablation(
     key="train.label_smoothing", title="label smoothing ablation (Wang et al. 2023 Table 8 middle)",
-    values={"default": [0.0, 0.1, 0.2], "smoke": [0.0], "paper": [0.0, 0.1, 0.2, 0.3, 0.4]},
+    values={"tiny": [0.0, 0.1, 0.2], "smoke": [0.0], "paper": [0.0, 0.1, 0.2, 0.3, 0.4]},
     overrides={"paper": PAPER_1M},
 )
 

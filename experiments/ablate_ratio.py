@@ -3,7 +3,7 @@ from raylab.tune.experiment import PAPER_1M, Ablation, run_ablation
 
 ABLATION = Ablation(
     key="train.ratio", title="mixing ratio ablation (original fraction of every batch)",
-    values={"default": [0.2, 0.5, 1.0], "smoke": [1.0], "paper": [0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 1.0]},
+    values={"tiny": [0.2, 0.5, 1.0], "smoke": [1.0], "paper": [0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 1.0]},
     overrides={"paper": PAPER_1M},
 )
 

@@ -10,7 +10,13 @@ import argparse
 import sys
 from typing import Callable
 
-from raylab.config import ConfigError, ExperimentConfig, make_config, parse_assignments, pin_paths, to_flat
+import json
+import pickle
+import shlex
+from pathlib import Path
+
+from raylab.config import (PRESETS, ConfigError, ExperimentConfig, all_keys, explain, from_json, make_config,
+                           override, parse_assignments, pin_paths, to_flat)
 
 VERBS: dict[str, tuple[Callable[[argparse.Namespace], int], Callable[[argparse.ArgumentParser], None], str]] = {}
 
@@ -24,19 +30,41 @@ def verb(name: str, help: str, args: Callable[[argparse.ArgumentParser], None] =
 
 
 def config_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--preset", default="tiny", help="tiny (2 CPU cores) or paper (Wang et al. 2023 recipe)")
+    parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS),
+                        help="tiny (2 CPU cores), smoke (CI) or paper (Wang et al. 2023 recipe)")
+    parser.add_argument("--config", default=None, metavar="FILE",
+                        help="start from a run's config.json instead of a preset (--set applies on top)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a flat config key, e.g. --set train.lr=0.2 --set attack.eps=8/255")
 
 
 def config_from(ns: argparse.Namespace) -> ExperimentConfig:
-    return pin_paths(make_config(ns.preset, parse_assignments(ns.overrides)))  # Ray workers have their own cwd
+    overrides = parse_assignments(ns.overrides)
+    if getattr(ns, "config", None):
+        path = Path(ns.config)
+        if not path.is_file():
+            raise ConfigError(f"--config: {path} is not a file (a run directory's config.json)")
+        try:
+            cfg = override(from_json(path.read_text()), overrides)
+        except (json.JSONDecodeError, UnicodeDecodeError, TypeError, KeyError) as err:
+            raise ConfigError(f"--config: {path} is not a raylab config.json ({type(err).__name__}: {err})") from None
+        return pin_paths(cfg)
+    return pin_paths(make_config(ns.preset, overrides))  # Ray workers have their own cwd
 
 
 # ---------------------------------------------------------------------------------------------------------------
 
-@verb("config", "print the resolved flat config (validates it; a dry run for every stage)", config_args)
+def _config_args(p: argparse.ArgumentParser) -> None:
+    config_args(p)
+    p.add_argument("--explain", metavar="KEY", default=None,
+                   help="show KEY's documentation, type, default and allowed range ('all' for every key)")
+
+
+@verb("config", "print the resolved flat config (validates it; a dry run for every stage)", _config_args)
 def _config(ns: argparse.Namespace) -> int:
+    if ns.explain:
+        print("\n".join(explain(k) for k in (all_keys() if ns.explain == "all" else [ns.explain])))
+        return 0
     for key, value in to_flat(config_from(ns)).items():
         print(f"{key}={value}")
     return 0
@@ -128,10 +156,13 @@ def _train(ns: argparse.Namespace) -> int:
     from raylab.cluster import init_ray
     from raylab.train.job import run_training
 
+    from raylab.pipeline.select import generated_lineage
+
     cfg = config_from(ns)
     generated = _generated_input(ns.generated)  # a bad view or store stops here, before Ray starts
+    lineage = generated_lineage(ns.generated) if ns.generated else None
     init_ray()
-    _print_training(run_training(cfg, generated=generated))
+    _print_training(run_training(cfg, generated=generated, lineage=lineage))
     return 0
 
 
@@ -180,7 +211,23 @@ def _report_args(p: argparse.ArgumentParser) -> None:
 def _report(ns: argparse.Namespace) -> int:
     from raylab.tune.report import report_by_name
 
-    report_by_name(config_from(ns).tracking, ns.sweep, layout=ns.layout)
+    _, _, out = report_by_name(config_from(ns).tracking, ns.sweep, layout=ns.layout)
+    print(f"report: {out / 'report.md'} (figures beside it; also logged to the sweep's MLflow parent run)")
+    return 0
+
+
+def _runs_args(p: argparse.ArgumentParser) -> None:
+    config_args(p)
+    p.add_argument("--sweeps", action="store_true", help="list sweeps (the names `raylab report` takes)")
+    p.add_argument("--limit", type=int, default=20, help="most recent N (default 20)")
+
+
+@verb("runs", "list recent runs (or sweeps) with their key metrics, from MLflow", _runs_args)
+def _runs(ns: argparse.Namespace) -> int:
+    from raylab.tracking.listing import list_runs
+
+    for line in list_runs(config_from(ns).tracking, sweeps=ns.sweeps, limit=ns.limit):
+        print(line)
     return 0
 
 
@@ -310,9 +357,12 @@ def _export_args(p: argparse.ArgumentParser) -> None:
 def _export(ns: argparse.Namespace) -> int:
     from raylab.eval.export import export_robustbench
 
+    from raylab.eval.export import write_model_info
+
     run, out = ns.robustbench
     path = export_robustbench(run, out, ns.which, normalization_buffers=ns.normalization_buffers)
-    print(f"{path}: RobustBench DMWideResNet checkpoint ({ns.which} of {run}); evaluate it with "
+    info = write_model_info(run, Path(path).with_suffix(".json"), ns.which)
+    print(f"{path}: RobustBench DMWideResNet checkpoint ({ns.which} of {run}); model info {info}; evaluate it with "
           f"`raylab eval {path} --set model.name=... --set data.dataset=...`")
     return 0
 
@@ -335,13 +385,41 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Errors that are bad input (a key, a file, a refused checkpoint: torch's weights_only and raylab's allowlist
+# unpickler raise UnpicklingError): one line, no traceback, also when Ray wraps them (RayTaskError.cause).
+ONE_LINE = (ConfigError, ValueError, FileNotFoundError, pickle.UnpicklingError)
+# What Ctrl-C leaves behind, per verb; rerunning the same command resumes every one of them.
+KEPT = {"train": "checkpoints of the finished epochs in the run directory",
+        "scorer train": "checkpoints of the finished epochs in the run directory",
+        "edm train": "the latest checkpoint in the run directory",
+        "generate": "every shard already renamed into the store", "sweep": "Tune's state and every finished trial",
+        "eval": "every finished chunk", "select": "nothing half-written (views appear atomically)"}
+
+
+def _one_line(err: BaseException) -> BaseException | None:
+    seen = 0
+    while err is not None and seen < 8:
+        if isinstance(err, ONE_LINE):
+            return err
+        err, seen = getattr(err, "cause", None) or err.__cause__, seen + 1
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     ns = build_parser().parse_args(argv)
     try:
         return ns.func(ns)
-    except (ConfigError, ValueError, FileNotFoundError) as err:
-        # Bad input: one line, no traceback, non-zero exit (the error classes carry the key/file).
-        print(f"raylab: error: {err}", file=sys.stderr)
+    except KeyboardInterrupt:
+        name = " ".join(w for w in (ns.verb, getattr(ns, "sub", None)) if w)
+        print(f"raylab {name}: interrupted; kept: {KEPT.get(name, 'what was finished')}; resume with: raylab "
+              f"{' '.join(map(shlex.quote, argv))}", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - bad input is one line; anything else keeps its traceback
+        cause = _one_line(err)
+        if cause is None:
+            raise
+        print(f"raylab: error: {' '.join(str(cause).split())}", file=sys.stderr)
         return 2
 
 

@@ -480,6 +480,31 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+# `smoke` shrinks `tiny` further so a whole sweep runs in CI in a minute or two per trial (every verb and every
+# experiment script takes the same three names: tiny | smoke | paper).
+PRESETS["smoke"] = {
+    **PRESETS["tiny"], "generate.per_class": 12, "generate.shard_size": 60, "generate.steps": 4,
+    "select.top_fraction": 0.5, "data.max_train": 128, "data.val_size": 32, "train.epochs": 1,
+    "train.batch_size": 32, "attack.steps": 1, "train.val_pgd_steps": 2, "eval.num_test": 32, "eval.pgd_steps": 2,
+    "eval.chunk_size": 16,
+}
+
+
+def explain(key: str) -> str:
+    """`raylab config --explain KEY`: the key's documentation, type, default and allowed range or choices."""
+    section, name = _split_key(key)
+    f = next(f for f in fields(STAGES[section]) if f.name == name)
+    meta, (base, optional) = f.metadata, _base_type(typing.get_type_hints(STAGES[section])[name])
+    allowed = (f"one of {', '.join(map(str, meta['choices']))}" if meta.get("choices") else
+               " and ".join(part for part in (
+                   f"{'>' if meta.get('lo_open') else '>='} {meta['lo']}" if meta.get("lo") is not None else "",
+                   f"<= {meta['hi']}" if meta.get("hi") is not None else "") if part) or "any")
+    kind = getattr(base, "__name__", str(base)) + (" or none" if optional else "")
+    doc = meta.get("doc") or "(no documentation)"
+    return "\n".join([f"{key}: {doc}", f"  type: {kind}; default (paper): {f.default!r}; "
+                      f"tiny: {PRESETS['tiny'].get(key, f.default)!r}", f"  allowed: {allowed}"])
+
+
 def make_config(preset: str = "tiny", overrides: Mapping[str, Any] | None = None) -> ExperimentConfig:
     if preset not in PRESETS:
         raise ConfigError(f"preset: {preset!r} is not one of {', '.join(PRESETS)}")

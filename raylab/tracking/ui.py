@@ -96,19 +96,36 @@ def serve_ui(cfg_tracking: TrackingConfig, port: Optional[int] = None, host: str
                                 stdin=subprocess.DEVNULL, env=env, start_new_session=True)
     url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{port}"
     _wait_healthy(url, proc, log, timeout_s)
-    print(f"MLflow UI: {url}/  (store {uri}; log {log})", flush=True)
+    print(f"MLflow UI: {runs_page(url, cfg_tracking)}  (store {uri}; log {log})", flush=True)
     if block:
         _serve_until_interrupted(proc)
     return url, proc
 
 
+def runs_page(url: str, cfg_tracking: TrackingConfig) -> str:
+    """The experiment's training-runs page: MLflow 3 opens on GenAI pages unless the URL asks for the machine
+    learning workflow (its `workflowType` query; the experiment also carries the model-training kind tag)."""
+    try:
+        experiment = client_for(resolve_tracking_uri(cfg_tracking)).get_experiment_by_name(cfg_tracking.experiment)
+    except Exception:  # noqa: BLE001 - the URL is a convenience; the server runs either way
+        experiment = None
+    where = f"#/experiments/{experiment.experiment_id}/runs" if experiment is not None else "#/experiments"
+    return f"{url}/{where}?workflowType=machine_learning"
+
+
 def _serve_until_interrupted(proc: subprocess.Popen) -> None:
+    """Serve until Ctrl-C or SIGTERM (a service manager, `kill`): either stops the server's whole process group,
+    so no MLflow server outlives `raylab ui`."""
+    def on_term(signum, frame):  # noqa: ARG001
+        raise KeyboardInterrupt
+    previous = signal.signal(signal.SIGTERM, on_term)
     try:
         proc.wait()
     except KeyboardInterrupt:
         pass
     finally:
         stop_ui(proc)
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _group_alive(pgid: int) -> bool:

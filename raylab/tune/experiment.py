@@ -1,23 +1,20 @@
 """What every `experiments/ablate_*.py` script shares: three presets, `--set` overrides, one sweep call.
 
-- no arguments: the embedded default (digits, the committed tiny EDM and scorer, 2 CPU cores, offline);
-- `--smoke`: the same, smaller still (CI runs it);
+- no arguments (`--preset tiny`): the embedded default (digits, the committed tiny EDM and scorer, 2 CPU cores,
+  offline);
+- `--preset smoke` (or `--smoke`): the same, smaller still (CI runs it);
 - `--preset paper`: the papers' values for a GPU cluster (`ray job submit -- python experiments/... --preset paper`).
 """
 from __future__ import annotations
 
 import argparse
+import shlex
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from raylab.config import ConfigError, make_config, parse_assignments
 
-# Shrinks the tiny preset further so a whole sweep runs in CI in a minute or two per trial.
-SMOKE: dict[str, Any] = {
-    "generate.per_class": 12, "generate.shard_size": 60, "generate.steps": 4, "select.top_fraction": 0.5,
-    "data.max_train": 128, "data.val_size": 32, "train.epochs": 1, "train.batch_size": 32, "attack.steps": 1,
-    "train.val_pgd_steps": 2, "eval.num_test": 32, "eval.pgd_steps": 2, "eval.chunk_size": 16,
-}
 # The embedded main job (`python experiments/ablate_steps.py`): the tiny preset cut to fit 10 minutes on 2 cores.
 # Trials run one after another, so each stage may use both cores: 2 torch threads in the train worker, 2 eval
 # actors (one chunk each: APGD-CE on one 50-image chunk took 50 s of one core, session 2).
@@ -39,7 +36,7 @@ CLUSTER: dict[str, Any] = {
 class Ablation:
     """One swept key with its values per preset, plus overrides that make the ablation match its paper table."""
     key: str
-    values: dict[str, Sequence[Any]]  # "default", "smoke", "paper"
+    values: dict[str, Sequence[Any]]  # per preset: "tiny", "smoke", "paper"
     title: str
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
     layout: str | None = None
@@ -47,18 +44,19 @@ class Ablation:
 
 def parse_args(ablation: Ablation, argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=ablation.title)
-    parser.add_argument("--smoke", action="store_true", help="tiny and fast (CI)")
-    parser.add_argument("--preset", choices=("default", "paper"), default="default")
+    parser.add_argument("--preset", choices=("tiny", "smoke", "paper"), default="tiny",
+                        help="tiny (2 CPU cores, the default), smoke (CI), paper (GPU cluster); as every verb's")
+    parser.add_argument("--smoke", action="store_true", help="same as --preset smoke")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--values", default=None, help=f"comma-separated values of {ablation.key}")
     return parser.parse_args(argv)
 
 
 def compose(ablation: Ablation, mode: str, overrides: dict[str, Any]):
-    """(config, values) of `ablation` for mode default/smoke/paper, with user overrides last."""
-    base = {"default": ("tiny", {}), "smoke": ("tiny", SMOKE), "paper": ("paper", CLUSTER)}[mode]
-    flat = {**base[1], "sweep.name": ablation.key.split(".")[-1], **ablation.overrides.get(mode, {}), **overrides}
-    return make_config(base[0], flat), list(ablation.values[mode])
+    """(config, values) of `ablation` for preset tiny/smoke/paper, with user overrides last."""
+    flat = {**(CLUSTER if mode == "paper" else {}), "sweep.name": ablation.key.split(".")[-1],
+            **ablation.overrides.get(mode, {}), **overrides}
+    return make_config(mode, flat), list(ablation.values[mode])
 
 
 def run_ablation(ablation: Ablation, argv: Sequence[str] | None = None) -> int:
@@ -79,6 +77,10 @@ def run_ablation(ablation: Ablation, argv: Sequence[str] | None = None) -> int:
     except SweepError as err:
         print(f"error: {err}")
         return 1
+    except KeyboardInterrupt as err:  # Ctrl-C: Tune kept its state; the same command restores the sweep
+        kept = str(err) or "Tune's state and every finished trial are kept"
+        print(f"interrupted: {kept}; resume with: python {' '.join(map(shlex.quote, sys.argv))}", flush=True)
+        return 130
     print(f"\nsweep {out.name}: {len(out.rows)} trials; MLflow parent run {out.parent_run_id}")
     print(f"compare the runs: raylab ui --set tracking.root={cfg.tracking.root}  (then open the printed URL)")
     return 0
