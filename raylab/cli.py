@@ -46,7 +46,7 @@ def config_from(ns: argparse.Namespace) -> ExperimentConfig:
             raise ConfigError(f"--config: {path} is not a file (a run directory's config.json)")
         try:
             cfg = override(from_json(path.read_text()), overrides)
-        except (json.JSONDecodeError, UnicodeDecodeError, TypeError, KeyError) as err:
+        except (json.JSONDecodeError, UnicodeDecodeError, TypeError, KeyError, AttributeError) as err:
             raise ConfigError(f"--config: {path} is not a raylab config.json ({type(err).__name__}: {err})") from None
         return pin_paths(cfg)
     return pin_paths(make_config(ns.preset, overrides))  # Ray workers have their own cwd

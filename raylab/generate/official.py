@@ -148,7 +148,10 @@ def flatten_state(node: Any, prefix: str = "") -> dict[str, torch.Tensor]:
 def read_snapshot(path: str | os.PathLike) -> dict[str, Any]:
     """The top-level dict of an EDM snapshot (`ema`, `loss_fn`, `augment_pipe`, `dataset_kwargs`), as nodes."""
     with open(path, "rb") as f:
-        data = AllowlistUnpickler(f).load()
+        try:
+            data = AllowlistUnpickler(f).load()
+        except UnsafePickleError as err:  # name the file: the refusal reaches the user as one line
+            raise UnsafePickleError(f"{path}: {err}") from None
     if not isinstance(data, dict):
         raise OfficialFormatError(f"{path}: top level is a {type(data).__name__}, expected a dict of snapshots")
     return data
