@@ -1,11 +1,12 @@
 """Every experiments/ablate_*.py in its --smoke mode, end to end on the session Ray (CI runs these), plus the
 sweep machinery they stand on: artifact reuse across trials and sweeps, lineage, restore without reruns."""
+import json
 import runpy
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
-from raylab.config import make_config
 from raylab.config import TrackingConfig
 from raylab.tracking import child_runs, find_runs, resolve_tracking_uri
 
@@ -39,26 +40,116 @@ def test_every_experiment_composes_valid_configs_for_every_preset(path):
     assert compose(ab, "paper", {})[0].model.name == "wrn-28-10"
 
 
-@pytest.mark.ray
-def test_steps_smoke_runs_end_to_end(ray_session, root, capsys, monkeypatch):
-    """The main job's smoke mode, one step count of its two (.ci/run runs every experiment's full --smoke as its
-    own process; one trial here keeps the suite short). The run root is relative, as the README's default `runs`:
+@pytest.fixture(scope="module")
+def steps_sweep(ray_session, root):
+    """The main job's smoke mode, one step count of its two, run once for this module's tests (.ci/run runs every
+    experiment's full --smoke as its own process). The run root is relative, as the README's default `runs`:
     trials run in Tune's trial directories, so the driver must pin it."""
+    import contextlib
+    import io
+
     from raylab.tune.experiment import run_ablation
 
     ab = ablation(next(p for p in EXPERIMENTS if p.stem == "ablate_steps"))
-    monkeypatch.chdir(root.parent)
-    assert run_ablation(ab, ["--smoke", "--values", SMOKE_STEPS, "--set", f"tracking.root={root.name}"]) == 0
-    out = capsys.readouterr().out
-    assert "raylab ui" in out
+    out = io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(out):
+        mp.chdir(root.parent)
+        code = run_ablation(ab, ["--preset", "smoke", "--values", SMOKE_STEPS, "--set", f"tracking.root={root.name}"])
     uri, parents = sweep_parents(root)
     parent = [p for p in parents if p.tags["raylab.sweep_keys"] == ab.key][-1]
     trials = [r for r in child_runs(uri, parent.run_id) if r.tags.get("raylab.stage") == "train"]
-    assert [r.params[ab.key] for r in trials] == [SMOKE_STEPS]
-    for trial in trials:
-        assert 0.0 <= trial.metrics["final_eval_clean_acc"] <= 1.0
-        if make_config("tiny", {ab.key: trial.params[ab.key]}).train.ratio < 1:
-            assert trial.tags["dataset.identity"]  # lineage: the generated set's manifest hash
+    return SimpleNamespace(code=code, out=out.getvalue(), uri=uri, parent=parent, trials=trials, key=ab.key)
+
+
+@pytest.mark.ray
+def test_steps_smoke_runs_end_to_end(steps_sweep):
+    assert steps_sweep.code == 0 and "raylab ui" in steps_sweep.out
+    assert steps_sweep.parent.status == "FINISHED" and steps_sweep.parent.end_time  # not RUNNING forever
+    assert [r.params[steps_sweep.key] for r in steps_sweep.trials] == [SMOKE_STEPS]
+    assert [r.name for r in steps_sweep.trials] == [f"steps={SMOKE_STEPS}"]  # the arm, not a hash
+    for trial in steps_sweep.trials:
+        assert trial.status == "FINISHED" and 0.0 <= trial.metrics["eval_clean_acc"] <= 1.0
+        assert trial.tags["raylab.git_commit"] and trial.tags["raylab.version"]
+
+
+@pytest.mark.ray
+def test_metric_names_say_what_ran(steps_sweep):
+    trial = steps_sweep.trials[0]
+    p = trial.params  # smoke: validation PGD-2, evaluation PGD-2, AutoAttack APGD-CE only
+    val, pgd = f"val_pgd{p['train.val_pgd_steps']}_acc", f"pgd{p['eval.pgd_steps']}"
+    aa = f"eval_aa_{p['eval.aa_attacks']}_acc" if p["eval.autoattack"] == "custom" else f"eval_aa_{p['eval.autoattack']}_acc"
+    expected = {val, f"best_{val}", f"eval_{pgd}_acc", aa, f"eval_last_{pgd}_acc", "eval_last_clean_acc",
+                "best_epoch", "fd_scorer_features"}
+    assert expected <= set(trial.metrics)
+    stale = [k for k in trial.metrics if k.startswith("final_") or "pgd40" in k or k in ("val_robust_acc",
+                                                                                          "eval_aa_acc")]
+    assert not stale
+
+
+@pytest.mark.ray
+def test_trial_logs_its_inputs_with_content_identity(steps_sweep):
+    from raylab.tracking import client_for
+
+    run = client_for(steps_sweep.uri).get_run(steps_sweep.trials[0].run_id)
+    inputs = {d.dataset.name: d.dataset for d in run.inputs.dataset_inputs}
+    assert set(inputs) == {"original", "generated"}
+    generated = json.loads(inputs["generated"].profile)
+    assert generated["store"] and generated["scorer"] != "none" and generated["store_identity"]
+    assert inputs["generated"].digest == generated["identity"][:36] and len(inputs["original"].digest) >= 32
+
+
+@pytest.mark.ray
+def test_the_model_comes_back_from_mlflow_alone(steps_sweep, tmp_path):
+    import torch
+
+    from raylab.eval.export import load_robustbench_checkpoint
+    from raylab.tracking.mlflow_store import download_artifacts
+
+    trial = steps_sweep.trials[0]
+    run_dir = Path(trial.tags["raylab.run_dir"])
+    best = download_artifacts(steps_sweep.uri, trial.run_id, "checkpoints/best.pt", tmp_path / "dl")
+    export = download_artifacts(steps_sweep.uri, trial.run_id, "robustbench/model.pt", tmp_path / "dl")
+    assert best.is_file() and best.read_bytes() == (run_dir / "best.pt").read_bytes()
+    x = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    name, data = trial.params["model.name"], trial.params["data.dataset"]
+    act = trial.params["model.activation"]
+    with torch.no_grad():
+        local = load_robustbench_checkpoint(run_dir / "best.pt", name, data, activation=act)(x)
+        for path in (best, export):
+            assert torch.equal(load_robustbench_checkpoint(path, name, data, activation=act)(x), local)
+    info = json.loads(download_artifacts(steps_sweep.uri, trial.run_id, "robustbench/model_info.json",
+                                         tmp_path / "dl").read_text())
+    assert info["raylab"]["test_images"] == int(trial.params["eval.num_test"])
+
+
+@pytest.mark.ray
+def test_report_writes_markdown_and_figures_and_export_writes_model_info(steps_sweep, root, tmp_path, capsys):
+    from raylab import cli
+    from raylab.tracking import client_for
+
+    name = steps_sweep.parent.tags["raylab.sweep"]
+    assert cli.main(["report", name.split("-")[0], "--set", f"tracking.root={root}"]) == 0
+    out = Path(root) / "reports" / name
+    report = (out / "report.md").read_text()
+    assert f"steps={SMOKE_STEPS}" in report and "PGD-2" in report and "AA (apgd-ce)" in report
+    figures = ["clean_vs_robust.png", "val_robust_per_epoch.png", "autoattack_cascade.png",
+               "selected_vs_rejected.png"]
+    for fig in figures:
+        assert (out / fig).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and (out / fig).stat().st_size > 5000
+        assert f"![{fig}]({fig})" in report
+    logged = {Path(a.path).name for a in client_for(steps_sweep.uri).list_artifacts(steps_sweep.parent.run_id,
+                                                                                    "figures")}
+    assert set(figures) <= logged
+    print(report)  # the note quotes it
+    run_dir = steps_sweep.trials[0].tags["raylab.run_dir"]
+    assert cli.main(["export", "--robustbench", run_dir, str(tmp_path / "m.pt")]) == 0
+    info = json.loads((tmp_path / "m.json").read_text())
+    metrics = steps_sweep.trials[0].metrics
+    assert info["threat_model"] == "Linf" and info["eps"] == "8/255" and info["dataset"] == "digits"
+    assert info["architecture"].startswith("WideResNet-16-2")
+    assert info["clean_acc"] == f"{100 * metrics['eval_clean_acc']:.2f}"
+    assert info["autoattack_acc"] == f"{100 * metrics['eval_aa_apgd-ce_acc']:.2f}"
+    assert info["raylab"]["test_images"] == 32 and "apgd-ce" in info["footnote"] + str(info["raylab"])
 
 
 @pytest.mark.ray
@@ -75,3 +166,46 @@ def test_a_finished_sweep_restores_without_rerunning_and_generations_are_shared(
     generations = sorted((Path(root) / "artifacts").glob("generate-*"))
     generations = [g for g in generations if g.is_dir()]
     assert len(generations) == 1  # one generation per step count
+
+
+@pytest.mark.ray
+def test_the_mlflow_ui_opens_on_the_sweep_in_a_real_browser(steps_sweep, root, tmp_path):
+    """`raylab ui` on the smoke sweep's store, loaded in headless Debian chromium: the printed URL opens the
+    training-runs view (MLflow 3 otherwise opens on its GenAI overview), the parent run is finished, and its
+    nested trials are listed by their swept values. Screenshots are kept as test output."""
+    import re
+    import signal
+    import subprocess
+    import sys
+
+    from tests.tracking import browser
+    from tests.tracking.test_ui import _group_gone, _line_matching
+
+    if browser.chromium() is None:
+        pytest.fail("Debian chromium is not installed (.ci/run installs it: apt-get install -y chromium)")
+    shots = browser.output_dir(tmp_path) / "mlflow-ui"
+    proc = subprocess.Popen([sys.executable, "-m", "raylab", "ui", "--port", "0", "--set", f"tracking.root={root}"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        url = _line_matching(proc, r"^MLflow UI: (\S+) ", timeout_s=120)[1]
+        assert "workflowType=machine_learning" in url and "/runs" in url
+        runs_page = browser.dump_dom(url)
+        text = re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", re.sub(r"<(script|style).*?</\1>", "", runs_page, flags=re.S)))
+        assert all(col in text for col in ("Run Name", "Created", "Dataset", "Duration", "Source"))
+        assert "Model registry" in text and "Token Usage" not in text  # the ML side bar, not GenAI's overview
+        assert steps_sweep.parent.name in text
+        browser.screenshot(url, shots / "runs.png")
+        base = url.split("#")[0]
+        run_url = f"{base}#/experiments/{steps_sweep.parent.experiment_id}/runs/{steps_sweep.parent.run_id}" \
+                  "?workflowType=machine_learning"
+        page = browser.dump_dom(run_url)
+        text = re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", re.sub(r"<(script|style).*?</\1>", "", page, flags=re.S)))
+        assert "Status Finished" in text
+        children = re.search(r"Child runs (.*?) Source", text)[1]
+        assert f"steps={SMOKE_STEPS}" in children
+        browser.screenshot(run_url, shots / "parent_run.png")
+        assert all((shots / f).stat().st_size > 10_000 for f in ("runs.png", "parent_run.png"))
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=30)
+    assert code == 0 and _group_gone(proc.pid)

@@ -38,7 +38,8 @@ def list_runs(cfg: TrackingConfig, sweeps: bool = False, limit: int = 20) -> lis
         lines = []
         for run in _recent(cfg, "tags.`raylab.stage` = 'sweep'", limit):
             trials = len(client_for(resolve_tracking_uri(cfg)).search_runs(
-                [run.info.experiment_id], f"tags.`mlflow.parentRunId` = '{run.info.run_id}'", max_results=1000))
+                [run.info.experiment_id], f"tags.`mlflow.parentRunId` = '{run.info.run_id}' and tags.`raylab.stage` = 'train'",
+                max_results=1000))
             lines.append(f"{run.data.tags.get('raylab.sweep', run.info.run_name)}  {run.info.status}  "
                          f"{trials} trials  {_when(run.info.start_time)}  keys={run.data.tags.get('raylab.sweep_keys')}"
                          f"  run {run.info.run_id}   (raylab report {run.data.tags.get('raylab.sweep', '?')})")

@@ -188,6 +188,15 @@ def package_version() -> str:
         return __version__
 
 
+def _user() -> str:
+    import getpass
+
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry (containers)
+        return "unknown"
+
+
 @functools.lru_cache(maxsize=1)
 def code_version_tags() -> dict[str, str]:
     """Tags every run gets: package version, git commit and dirty flag of the checkout raylab is imported from
@@ -196,7 +205,7 @@ def code_version_tags() -> dict[str, str]:
     root = Path(__file__).resolve().parents[2]
     version = package_version()
     tags = {"raylab.version": version, "mlflow.source.type": "LOCAL",
-            "mlflow.source.name": Path(sys.argv[0]).name or "python"}
+            "mlflow.source.name": Path(sys.argv[0]).name or "python", "mlflow.user": _user()}
     top = _git(root, "rev-parse", "--show-toplevel")
     commit = _git(root, "rev-parse", "HEAD") if top and Path(top).resolve() == root else None
     if commit is None:

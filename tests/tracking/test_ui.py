@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -64,13 +65,28 @@ def _line_matching(proc: subprocess.Popen, pattern: str, timeout_s: float) -> re
             return found
 
 
-def test_cli_ui_on_port_0_serves_the_store_with_nested_runs_and_stops(tcfg):
+def _servers_on(port: int) -> list[int]:
+    """Pids of live processes whose command line serves `port` (the MLflow server and its workers)."""
+    pids = []
+    for proc_dir in Path("/proc").glob("[0-9]*"):
+        try:
+            args = (proc_dir / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"--port" in args and str(port).encode() in args:
+            pids.append(int(proc_dir.name))
+    return pids
+
+
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_cli_ui_on_port_0_serves_the_store_with_nested_runs_and_stops(tcfg, stop):
     """`raylab ui --port 0` as a user runs it: 0 means any free port, never the configured one (held busy here);
-    the server shows the store's parent and nested runs, and Ctrl-C stops its whole process group."""
+    the server shows the store's parent and nested runs, and Ctrl-C or SIGTERM (a service manager, `kill`) stops
+    its whole process group: no MLflow server is left behind."""
     with Tracker.start(tcfg, "parent", params={"sweep.name": "s"}, config_json="{}") as parent:
         with Tracker.start(tcfg, "child", params={"train.beta": 6.0}, config_json="{}",
                            parent_run_id=parent.run_id) as child:
-            child.log_metrics({"val_robust_acc": 0.42}, step=2)
+            child.log_metrics({"val_pgd5_acc": 0.42}, step=2)
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
@@ -80,7 +96,8 @@ def test_cli_ui_on_port_0_serves_the_store_with_nested_runs_and_stops(tcfg):
                                  "--set", f"tracking.ui_port={configured}"],
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
         try:
-            found = _line_matching(proc, r"^MLflow UI: (http://127\.0\.0\.1:(\d+)/) ", timeout_s=120)
+            found = _line_matching(proc, r"^MLflow UI: (http://127\.0\.0\.1:(\d+)/)\S*workflowType=machine_learning ",
+                                   timeout_s=120)
             url, port = found[1], int(found[2])
             assert port not in (0, configured)
             with urllib.request.urlopen(f"{url}health", timeout=10) as resp:
@@ -91,15 +108,16 @@ def test_cli_ui_on_port_0_serves_the_store_with_nested_runs_and_stops(tcfg):
             runs = {r["info"]["run_id"]: r for r in found["runs"]}
             assert set(runs) == {parent.run_id, child.run_id}
             child_data = runs[child.run_id]["data"]
-            assert {m["key"]: m["value"] for m in child_data["metrics"]} == {"val_robust_acc": 0.42}
+            assert {m["key"]: m["value"] for m in child_data["metrics"]} == {"val_pgd5_acc": 0.42}
+            assert _servers_on(port)
             assert {t["key"]: t["value"] for t in child_data["tags"]}["mlflow.parentRunId"] == parent.run_id
         finally:
-            proc.send_signal(signal.SIGINT)  # Ctrl-C: the verb stops the server's process group, then exits
+            proc.send_signal(stop)  # the verb stops the server's process group, then exits
             try:
                 code = proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 raise
-    assert code == 0 and _group_gone(proc.pid)
+    assert code == 0 and _group_gone(proc.pid) and not _servers_on(port)
     with pytest.raises(OSError):
         urllib.request.urlopen(f"{url}health", timeout=2)
