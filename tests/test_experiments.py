@@ -1,6 +1,7 @@
 """Every experiments/ablate_*.py in its --smoke mode, end to end on the session Ray (CI runs these), plus the
 sweep machinery they stand on: artifact reuse across trials and sweeps, lineage, restore without reruns."""
 import json
+import re
 import runpy
 from pathlib import Path
 from types import SimpleNamespace
@@ -34,7 +35,7 @@ def test_every_experiment_composes_valid_configs_for_every_preset(path):
     from raylab.tune.sweep import check_space
 
     ab = ablation(path)
-    for mode in ("default", "smoke", "paper"):
+    for mode in ("tiny", "smoke", "paper"):
         cfg, values = compose(ab, mode, {})
         check_space(cfg, {ab.key: values})
     assert compose(ab, "paper", {})[0].model.name == "wrn-28-10"
@@ -209,3 +210,36 @@ def test_the_mlflow_ui_opens_on_the_sweep_in_a_real_browser(steps_sweep, root, t
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(timeout=30)
     assert code == 0 and _group_gone(proc.pid)
+
+
+@pytest.mark.ray
+def test_train_on_a_generated_view_logs_its_lineage(steps_sweep, root, capsys):
+    """`raylab train --generated VIEW` records the view like a sweep trial does: content identity, store, scorer."""
+    from raylab import cli
+    from raylab.pipeline.select import generated_lineage
+    from raylab.tracking import client_for
+
+    view = steps_sweep.trials[0].tags["dataset.generated.source"]
+    assert cli.main(["train", "--preset", "smoke", "--generated", view, "--set", f"tracking.root={root}",
+                     "--set", "train.seed=7"]) == 0
+    run_id = re.search(r"MLflow run: (\w+)", capsys.readouterr().out)[1]
+    run = client_for(steps_sweep.uri).get_run(run_id)
+    inputs = {d.dataset.name: d.dataset for d in run.inputs.dataset_inputs}
+    expected = generated_lineage(view)
+    assert inputs["generated"].digest == expected["manifest_hash"][:36] and "original" in inputs
+    profile = json.loads(inputs["generated"].profile)
+    assert profile["store"] == str(expected["extra"]["store"]) and profile["scorer"] == expected["extra"]["scorer"]
+    assert run.data.tags["dataset.generated.scorer"] == profile["scorer"] != "none"
+
+
+def test_an_interrupted_sweep_exits_130_with_one_line(monkeypatch, capsys):
+    from raylab.tune import sweep
+    from raylab.tune.experiment import run_ablation
+
+    def interrupted(*args, **kwargs):
+        raise sweep.SweepInterrupted("sweep steps-x: interrupted after 1 of 2 trials; Tune state kept in /r/tune/x")
+    monkeypatch.setattr(sweep, "run_sweep", interrupted)
+    ab = ablation(next(p for p in EXPERIMENTS if p.stem == "ablate_steps"))
+    assert run_ablation(ab, ["--preset", "smoke"]) == 130
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith("interrupted: sweep steps-x: interrupted after 1 of 2") and "resume with: python" in line

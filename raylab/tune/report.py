@@ -169,7 +169,7 @@ def _selection_figure(runs: Sequence[Any]) -> Any:
     from raylab.pipeline.select import SelectError, selection_samples
     from raylab.tracking import plots
 
-    for run in runs:
+    for run in reversed(runs):  # the newest arm (often the largest value of the swept key)
         view = run.tags.get("dataset.generated.source")
         if view and (Path(view) / "view.json").is_file():
             try:
@@ -232,12 +232,21 @@ def report_markdown(parent: Any, runs: Sequence[Any], rows: list[dict[str, Any]]
              f"{len(rows)} of {len(runs)} trials evaluated; swept: {', '.join(f'`{k}`' for k in knobs)}.", "",
              f"Evaluation: clean, PGD-{names.pgd_steps} and {names.aa_header} on "
              f"{', '.join(map(str, sorted(n_test))) or '?'} test images per trial; model `{params.get('model.name', '?')}`"
-             f", {params.get('train.epochs', '?')} epochs, dataset `{params.get('data.dataset', '?')}`, "
-             f"eps {params.get('attack.eps', '?')}. Accuracies in %.", "",
+             f", `train.epochs` {params.get('train.epochs', '?')}, dataset `{params.get('data.dataset', '?')}`, "
+             f"{params.get('eval.norm', 'linf')} eps {_eps(params)}. Accuracies in %.", "",
              markdown_table(rows, knobs, layout, names), "", "| arm | MLflow run | status |", "|---|---|---|"]
     lines += [f"| {r.name} | `{r.run_id}` | {r.status} |" for r in runs]
     lines += ["", *[f"![{name}]({name})" for name in figures], ""]
     return "\n".join(lines)
+
+
+def _eps(params: dict[str, str]) -> str:
+    from raylab.eval.report import format_eps
+
+    try:
+        return format_eps(float(params["eval.eps"]), params.get("eval.norm", "linf"))
+    except (KeyError, ValueError):
+        return "?"
 
 
 def report_by_name(tracking: TrackingConfig, sweep: str, layout: str | None = None) -> tuple[list, str, Any]:
