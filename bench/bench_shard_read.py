@@ -47,7 +47,8 @@ from raylab.data import shard_format, shard_layout, shards  # noqa: E402
 
 def _list_array(images: np.ndarray) -> pa.Array:
     flat = pa.array(images.reshape(-1), type=pa.uint8())
-    return pa.ListArray.from_arrays(pa.array(np.arange(len(images) + 1, dtype=np.int32) * shard_format.IMAGE_BYTES), flat)
+    offsets = pa.array(np.arange(len(images) + 1, dtype=np.int32) * shard_format.IMAGE_BYTES)
+    return pa.ListArray.from_arrays(offsets, flat)
 
 
 def _decode_list(col: pa.ChunkedArray) -> np.ndarray:

@@ -223,7 +223,7 @@ def test_untrained_wrn_is_not_robust_at_large_eps_and_the_run_gets_the_report(ru
     uri = cfg.tracking.uri
     logged = get_run(uri, out.mlflow_run_id)
     assert logged.status == "FINISHED"  # attached, not reopened
-    assert logged.metrics["eval_clean_acc"] == r.clean_acc and logged.metrics["eval_aa_acc"] == 0.0
+    assert logged.metrics["eval_clean_acc"] == r.clean_acc and logged.metrics["eval_aa_apgd-ce_acc"] == 0.0
     assert logged.metrics["eval_pgd2_acc"] == r.pgd_acc and "eval_aa_after_apgd-ce" in logged.metrics
     folder = f"eval/best-{out.out_dir.name}"
     names = {Path(a.path).name for a in client_for(uri).list_artifacts(out.mlflow_run_id, folder)}

@@ -75,7 +75,7 @@ def test_sweep_hierarchy_roundtrip(tcfg, tmp_path):
             cfg = config.override(base, {"train.beta": beta})
             with _start(tcfg, f"beta={beta}", cfg, parent.run_id) as child:
                 for epoch in range(3):
-                    child.log_metrics({"val_robust_acc": 0.1 * epoch + beta / 100, "loss": np.float32(1.5)},
+                    child.log_metrics({"val_pgd5_acc": 0.1 * epoch + beta / 100, "loss": np.float32(1.5)},
                                       step=epoch)
                 child.log_dataset_lineage(HASH, "generated", tmp_path / "shards", num_rows=600)
             children[child.run_id] = cfg
@@ -93,7 +93,7 @@ def test_sweep_hierarchy_roundtrip(tcfg, tmp_path):
         assert json.loads(Path(client.download_artifacts(run_id, "config.json", str(tmp_path))).read_text()) \
             == json.loads(config.to_json(cfg))
         beta = cfg.train.beta
-        steps, values = zip(*get_run_metrics_history(client.tracking_uri, run_id, "val_robust_acc"))
+        steps, values = zip(*get_run_metrics_history(client.tracking_uri, run_id, "val_pgd5_acc"))
         assert steps == (0, 1, 2) and values == pytest.approx([beta / 100, 0.1 + beta / 100, 0.2 + beta / 100])
         assert [m.step for m in client.get_metric_history(run_id, "loss")] == [0, 1, 2]
         assert run.data.tags["dataset.identity"] == HASH and run.data.tags["dataset.generated.rows"] == "600"

@@ -91,7 +91,8 @@ def test_local_mode_training_with_generated_mix_logs_to_mlflow(ray_session, tmp_
         weights = torch.load(out.run.path / name, weights_only=True)
         assert "model" in weights and weights["epoch"] >= 1
     assert (out.run.path / "config.json").exists()
-    history = get_run_metrics_history(resolve_tracking_uri(cfg.tracking), out.mlflow_run_id, "val_robust_acc")
+    history = get_run_metrics_history(resolve_tracking_uri(cfg.tracking), out.mlflow_run_id,
+                                      f"val_pgd{cfg.train.val_pgd_steps}_acc")
     assert [step for step, _ in history] == [1, 2]
 
 
