@@ -227,7 +227,8 @@ class AttackConfig(_Stage):
     SECTION = "attack"
     norm: str = knob("linf", choices=("linf", "l2"))
     eps: float = knob(8 / 255, lo=0.0)
-    step: float = knob(2 / 255, lo=0.0)
+    step: Optional[float] = knob(None, lo=0.0, doc="None: eps/4 for linf (2/255 at 8/255), 2*eps/steps for l2 (the "
+                                 "reference's l2-pgd); also the validation PGD's step")
     steps: int = knob(10, lo=1)
 
 
@@ -359,7 +360,7 @@ class ExperimentConfig:
         if self.edm.batch_size % workers:
             raise ConfigError(f"edm.batch_size: {self.edm.batch_size} is not divisible by "
                               f"resources.num_workers={self.resources.num_workers}")
-        if self.attack.step > 0 and self.attack.eps == 0 and self.train.loss in ("trades", "pgd_at"):
+        if self.attack.step != 0 and self.attack.eps == 0 and self.train.loss in ("trades", "pgd_at"):
             raise ConfigError("attack.eps: 0 makes adversarial training a no-op; use train.loss=ce")
 
 

@@ -23,7 +23,7 @@ def test_paper_preset_is_the_papers_recipe():
     assert (c.model.name, c.model.activation, c.train.batch_size, c.train.epochs) == ("wrn-28-10", "silu", 512, 400)
     assert (c.train.lr, c.train.momentum, c.train.nesterov, c.train.weight_decay) == (0.2, 0.9, True, 5e-4)
     assert (c.train.beta, c.train.label_smoothing, c.train.ema_tau, c.train.ratio) == (5.0, 0.1, 0.995, 0.3)
-    assert (c.attack.steps, c.attack.eps, c.attack.step) == (10, 8 / 255, 2 / 255)
+    assert (c.attack.steps, c.attack.eps, c.attack.step) == (10, 8 / 255, None)  # None: attacks.default_step
     assert (c.generate.steps, c.select.top_fraction, c.select.policy) == (20, 0.2, "topk")
     assert c.generate.per_class == 500_000  # 5M generated CIFAR-10 images before the top-20% filter
     assert (c.train.scheduler, c.train.warmup_frac) == ("onecycle", 0.025)

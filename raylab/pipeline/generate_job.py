@@ -53,7 +53,7 @@ from raylab.pipeline.generators import GENERATORS, GenerateError, GeneratorKind,
 from raylab.pipeline.plan import SeedPlan, set_identity
 from raylab.pipeline.quality import (FD_LABEL, FID_LABEL, InceptionFeatures, QualityError, Scorer, inception_fid,
                                      scorer_fd, scorer_identity)
-from raylab.pipeline.select import load_scores, save_scores, scores_path
+from raylab.pipeline.select import check_policy, load_scores, save_scores, scores_path
 from raylab.runs import run_dir
 
 __all__ = [
@@ -132,6 +132,7 @@ def plan_job(cfg: ExperimentConfig, out_dir: str | os.PathLike | None = None,
     if label_dim == 0 and scorer is None:
         raise GenerateError("unconditional generator: its images need scorer pseudo-labels, set "
                             "select.scorer_checkpoint=PATH (" + note + ")")
+    check_policy(cfg.select, scorer is not None, note)
     if scorer is not None and get_dataset(scorer["dataset"]).num_classes != num_classes:
         raise GenerateError(f"select.scorer_checkpoint: scorer of {scorer['dataset']}, data.dataset is "
                             f"{cfg.data.dataset}")

@@ -176,6 +176,22 @@ def check_second(cfg: SelectConfig) -> None:
                           "two-classifier filter); set it to a classifier checkpoint or run directory")
 
 
+SCORER_COLUMNS = ("score", "pred", "confidence")  # what a scoring pass adds to the shards
+
+
+def check_policy(cfg: SelectConfig, scored: bool, why_unscored: str = "") -> None:
+    """Before any generation: select.policy exists, and a policy that ranks by the scorer's outputs has a scorer
+    (without one, CIFAR-10 would sample every image and only then fail in selection)."""
+    if cfg.policy not in POLICIES:
+        raise SelectError(f"select.policy: {cfg.policy!r} is not one of {', '.join(POLICIES)}")
+    check_second(cfg)
+    needs = [c for c in POLICY_COLUMNS[cfg.policy] if c in SCORER_COLUMNS]
+    if needs and not scored:
+        raise SelectError(f"select.policy={cfg.policy}: ranks by the scorer's {'/'.join(needs)}; set "
+                          "select.scorer_checkpoint=PATH, or select.policy=none (" +
+                          (why_unscored or "nothing scores the images") + ")")
+
+
 def second_scores(cfg: ExperimentConfig, store: str | os.PathLike) -> Optional[Path]:
     """The second scorer's scores file of `store` for select.policy=agreement (scored with
     select.second_checkpoint on Ray once, then reused from the cache beside the shards); None for other policies.
