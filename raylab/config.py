@@ -282,6 +282,8 @@ class EvalConfig(_Stage):
     aa_attacks: str = knob("apgd-ce,apgd-t", doc="attacks of the custom version")
     norm: str = knob("linf", choices=("linf", "l2"))
     eps: float = knob(8 / 255, lo=0.0)
+    transfer: bool = knob(False, doc="a threat model other than the training attack's is intended (transfer "
+                          "evaluation): reported as such instead of as a mismatch warning")
     chunk_size: int = knob(500, lo=1, doc="test images per resumable chunk")
     batch_size: int = knob(250, lo=1)
     seed: int = knob(0, lo=0)

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from raylab.attacks import NORMS, OBJECTIVES, pgd
+from raylab.attacks.pgd import default_step
 
 
 class EvalError(ValueError):
