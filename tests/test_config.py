@@ -111,3 +111,15 @@ def test_every_stage_is_in_the_experiment():
     assert set(STAGES) == {f for f in ExperimentConfig.__dataclass_fields__}
     with pytest.raises(ConfigError, match="preset"):
         make_config("huge")
+
+
+def test_the_paper_preset_takes_each_datasets_own_values():
+    """CIFAR-100 at 25 steps and 50K per class (5M, not 50M); SVHN at 25 steps, 1M, unfiltered; --set still wins."""
+    c100 = make_config("paper", {"data.dataset": "cifar100"})
+    assert (c100.generate.steps, c100.generate.per_class, c100.select.policy) == (25, 50_000, "topk")
+    svhn = make_config("paper", {"data.dataset": "svhn"})
+    assert (svhn.generate.steps, svhn.generate.per_class, svhn.select.policy) == (25, 100_000, "none")
+    c10 = make_config("paper", {"data.dataset": "cifar10"})
+    assert (c10.generate.steps, c10.generate.per_class) == (20, 500_000)
+    assert make_config("paper", {"data.dataset": "cifar100", "generate.steps": 30}).generate.steps == 30
+    assert make_config("tiny", {"data.dataset": "cifar100"}).generate.steps == 10  # other presets: unchanged

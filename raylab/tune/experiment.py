@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from raylab.config import ConfigError, make_config, parse_assignments
 
@@ -43,6 +43,8 @@ class Ablation:
     title: str
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
     layout: str | None = None
+    coupled: dict[str, Callable[[Any], dict[str, Any]]] = field(default_factory=dict)  # per preset: keys that
+    # follow the swept value (`raylab.tune.sweep.Coupling`)
 
 
 def parse_args(ablation: Ablation, argv: Sequence[str] | None) -> argparse.Namespace:
@@ -75,7 +77,7 @@ def run_ablation(ablation: Ablation, argv: Sequence[str] | None = None) -> int:
         return 2
     print(f"{ablation.title}: {ablation.key} in {values} ({mode}; runs under {cfg.tracking.root})", flush=True)
     try:
-        out = run_sweep(cfg, {ablation.key: values}, layout=ablation.layout)
+        out = run_sweep(cfg, {ablation.key: values}, layout=ablation.layout, coupled=ablation.coupled.get(mode))
     except SweepError as err:
         print(f"error: {err}")
         return 1
