@@ -69,16 +69,26 @@ def register_policy(name: str, needs: tuple[str, ...] = ()):
     return wrap
 
 
-def top_fraction_per_class(labels: np.ndarray, score: np.ndarray, seed: np.ndarray, fraction: float) -> np.ndarray:
-    """Mask of the ceil(fraction · n_c) highest-scoring rows of every class c (ties: lower seed first)."""
+def _top_per_class(labels: np.ndarray, score: np.ndarray, seed: np.ndarray,
+                   count: Callable[[int], int]) -> np.ndarray:
+    """Mask of the count(n_c) highest-scoring rows of every class c of n_c rows (ties: lower seed first)."""
     keep = np.zeros(len(labels), bool)
     order = np.lexsort((seed, -score.astype(np.float64), labels))  # by class, then score desc, then seed
     sorted_labels = labels[order]
     starts = np.flatnonzero(np.r_[True, sorted_labels[1:] != sorted_labels[:-1]])
     for start, end in zip(starts, np.r_[starts[1:], len(order)]):
-        k = math.ceil(fraction * (end - start) - 1e-9)
-        keep[order[start:start + k]] = True
+        keep[order[start:start + count(end - start)]] = True
     return keep
+
+
+def top_fraction_per_class(labels: np.ndarray, score: np.ndarray, seed: np.ndarray, fraction: float) -> np.ndarray:
+    """Mask of the ceil(fraction · n_c) highest-scoring rows of every class c."""
+    return _top_per_class(labels, score, seed, lambda n: math.ceil(fraction * n - 1e-9))
+
+
+def top_k_per_class(labels: np.ndarray, score: np.ndarray, seed: np.ndarray, k: int) -> np.ndarray:
+    """Mask of the k highest-scoring rows of every class (all of a class with fewer)."""
+    return _top_per_class(labels, score, seed, lambda n: min(k, n))
 
 
 @register_policy("none")
@@ -94,8 +104,12 @@ def _topk(cols: Mapping[str, np.ndarray], cfg: SelectConfig) -> Selection:
 
 @register_policy("pseudo", needs=("pred", "confidence"))
 def _pseudo(cols: Mapping[str, np.ndarray], cfg: SelectConfig) -> Selection:
+    """The same k most confident rows of every pseudo-class, k = top_fraction · N / K: Wang et al. 2023 App. A keeps
+    the top 100K per class of 5M unconditional samples. A fraction of each pseudo-class would inherit the scorer's
+    class imbalance."""
     labels = cols["pred"].astype(np.int16)
-    return Selection(top_fraction_per_class(labels, cols["confidence"], cols["seed"], cfg.top_fraction), labels)
+    k = math.ceil(cfg.top_fraction * len(labels) / max(len(np.unique(labels)), 1) - 1e-9)
+    return Selection(top_k_per_class(labels, cols["confidence"], cols["seed"], k), labels)
 
 
 @register_policy("agreement", needs=("pred", "confidence", "pred2", "confidence2"))
