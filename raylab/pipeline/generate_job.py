@@ -281,6 +281,8 @@ def _generate_locked(cfg: ExperimentConfig, store_dir: Path,
     spec = plan_job(cfg, store_dir, fault_after_shards)
     store = ShardStore(spec.store)
     remove_temp_files(store.root)
+    for line in store.set_aside_corrupt(spec.plan.shards()):  # a rerun repairs what it finds, it does not trust
+        print(line, flush=True)
     todo = store.missing(spec.plan.shards())
     start = time.perf_counter()
     if todo:
