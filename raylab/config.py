@@ -295,6 +295,18 @@ class EvalConfig(_Stage):
 
 
 @dataclass(frozen=True)
+class CostConfig(_Stage):
+    """Per-device throughput behind `raylab plan`'s device-hours. Defaults: the A100 figures Wang et al. 2023 publish
+    (App. B.2); `raylab.cost` documents how each is derived."""
+    SECTION = "cost"
+    device: str = knob("A100", doc="the device the figures describe (a label in plans)")
+    sample_nfe_per_s: float = knob(1240.0, lo=0.0, lo_open=True, doc="EDM network evaluations (images x NFE) per "
+                                   "second per device; Table 10: 5M images at 20 steps (39 NFE) on 4 A100 in 10.92 h")
+    train_img_per_s: float = knob(0.0, lo=0.0, doc="TRADES training images per second per device at attack.steps=10; "
+                                  "0 = the model's published figure (raylab.cost.TRAIN_IMG_PER_S)")
+
+
+@dataclass(frozen=True)
 class SweepConfig(_Stage):
     SECTION = "sweep"
     name: str = knob("sweep")
@@ -337,7 +349,7 @@ class ResourcesConfig(_Stage):
 
 STAGES: dict[str, type[_Stage]] = {cls.SECTION: cls for cls in (
     DataConfig, EDMConfig, GenerateConfig, SelectConfig, ModelConfig, AttackConfig, TrainConfig, EvalConfig,
-    SweepConfig, TrackingConfig, ResourcesConfig)}
+    SweepConfig, CostConfig, TrackingConfig, ResourcesConfig)}
 
 
 @dataclass(frozen=True)
@@ -351,6 +363,7 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
+    cost: CostConfig = field(default_factory=CostConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
 
@@ -432,8 +445,9 @@ def _under(key: str, prefixes: Sequence[str]) -> bool:
 
 
 # Where inputs and outputs live, not what a run computes: kept out of content addresses, so a run or a sweep is
-# found again from another working directory (sweep drivers pin them to absolute paths for their trials).
-LOCATION_KEYS = ("data.root", "data.download", "tracking")
+# found again from another working directory (sweep drivers pin them to absolute paths for their trials). The cost
+# figures only feed plans, so they stay out too.
+LOCATION_KEYS = ("data.root", "data.download", "tracking", "cost")
 
 
 def pin_paths(cfg: ExperimentConfig) -> ExperimentConfig:

@@ -53,6 +53,8 @@ def parse_args(ablation: Ablation, argv: Sequence[str] | None) -> argparse.Names
     parser.add_argument("--preset", choices=("default", "paper"), default="default")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--values", default=None, help=f"comma-separated values of {ablation.key}")
+    parser.add_argument("--plan", action="store_true", help="print what the sweep would generate, keep, train and "
+                        "spend (device-hours), and exit")
     return parser.parse_args(argv)
 
 
@@ -75,6 +77,11 @@ def run_ablation(ablation: Ablation, argv: Sequence[str] | None = None) -> int:
     except ConfigError as err:
         print(f"error: {err}")
         return 2
+    if ns.plan:
+        from raylab.cost import make_plan
+
+        print("\n".join(make_plan(cfg, {ablation.key: values}, ablation.coupled.get(mode)).lines()))
+        return 0
     print(f"{ablation.title}: {ablation.key} in {values} ({mode}; runs under {cfg.tracking.root})", flush=True)
     try:
         out = run_sweep(cfg, {ablation.key: values}, layout=ablation.layout, coupled=ablation.coupled.get(mode))
