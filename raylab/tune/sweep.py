@@ -264,14 +264,19 @@ def run_sweep(cfg: ExperimentConfig, space: dict[str, Sequence[Any]], *, layout:
 @contextlib.contextmanager
 def _parent_status(cfg: ExperimentConfig, parent: str):
     """End the sweep's parent run honestly: FINISHED, FAILED (a trial or the driver failed) or KILLED (Ctrl-C,
-    also when Tune caught it). A restored sweep reopens the run first."""
-    from raylab.tracking import Tracker, resolve_tracking_uri
+    also when Tune caught it). A restored sweep reopens the run first. Trial runs Tune stopped mid-way (their actor
+    killed, no Python left to end them) end KILLED with it; a restored trial reopens its own run."""
+    from raylab.tracking import Tracker, child_runs, resolve_tracking_uri
 
-    tracker = Tracker.resume(resolve_tracking_uri(cfg.tracking), parent)
+    uri = resolve_tracking_uri(cfg.tracking)
+    tracker = Tracker.resume(uri, parent)
     status: dict[str, str] = {}
     try:
         yield status
     except BaseException as exc:
         tracker.end(status.get("end") or ("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"))
+        for run in child_runs(uri, parent):
+            if run.status == "RUNNING":
+                Tracker.attach(uri, run.run_id).end("KILLED")
         raise
     tracker.end("FINISHED")

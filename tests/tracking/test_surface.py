@@ -65,12 +65,15 @@ def test_a_sweeps_parent_run_ends_with_an_honest_status(tcfg, raised, status):
 
     cfg = make_config("tiny", {"tracking.root": tcfg.root})
     parent = Tracker.start(cfg.tracking, "sweep:s", params={}, config_json="{}")
+    trial = Tracker.start(cfg.tracking, "beta=2.0", params={}, config_json="{}", parent_run_id=parent.run_id)
     with pytest.raises(type(raised)) if raised else __import__("contextlib").nullcontext():
         with _parent_status(cfg, parent.run_id):
             if raised:
                 raise raised
+            trial.end()
     run = get_run(parent.uri, parent.run_id)
     assert run.status == status and run.end_time is not None
+    assert get_run(parent.uri, trial.run_id).status == ("FINISHED" if raised is None else "KILLED")
 
 
 def test_runs_listing_shows_names_metrics_and_the_report_name(tcfg, capsys):
