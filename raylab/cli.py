@@ -195,9 +195,13 @@ def _sweep_args(p: argparse.ArgumentParser) -> None:
 
 @verb("sweep", "a Ray Tune sweep over one config key (each trial: generate, select, train, evaluate)", _sweep_args)
 def _sweep(ns: argparse.Namespace) -> int:
-    from raylab.tune.sweep import run_sweep
+    from raylab.tune.sweep import SweepError, run_sweep
 
-    run_sweep(config_from(ns), {ns.key: [v.strip() for v in ns.values.split(",")]}, layout=ns.layout)
+    try:
+        run_sweep(config_from(ns), {ns.key: [v.strip() for v in ns.values.split(",")]}, layout=ns.layout)
+    except SweepError as err:  # some trials failed: the report of the others is printed and logged; exit non-zero
+        print(f"raylab sweep: {err}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -134,6 +134,17 @@ def test_ctrl_c_on_a_verb_prints_one_line_with_what_was_kept_and_the_resume_comm
     assert err[0].endswith("resume with: raylab generate --preset smoke --out '/tmp/x y'")
 
 
+def test_a_sweep_with_failed_trials_exits_1_with_one_line(monkeypatch, capsys):
+    from raylab.tune import sweep
+
+    def failed(*args, **kwargs):
+        raise sweep.SweepError("sweep beta-x: 1 of 2 trials failed; first error: RuntimeError: boom")
+    monkeypatch.setattr(sweep, "run_sweep", failed)
+    assert cli.main(["sweep", "--preset", "smoke", "--key", "train.beta", "--values", "2,3"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["raylab sweep: sweep beta-x: 1 of 2 trials failed; first error: RuntimeError: boom"]
+
+
 def test_a_hostile_checkpoint_through_generate_is_one_line(tmp_path, capsys):
     import pickle
 
