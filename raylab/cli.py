@@ -195,9 +195,29 @@ def _sweep_args(p: argparse.ArgumentParser) -> None:
 
 @verb("sweep", "a Ray Tune sweep over one config key (each trial: generate, select, train, evaluate)", _sweep_args)
 def _sweep(ns: argparse.Namespace) -> int:
-    from raylab.tune.sweep import run_sweep
+    from raylab.tune.sweep import SweepError, run_sweep
 
-    run_sweep(config_from(ns), {ns.key: [v.strip() for v in ns.values.split(",")]}, layout=ns.layout)
+    try:
+        run_sweep(config_from(ns), {ns.key: [v.strip() for v in ns.values.split(",")]}, layout=ns.layout)
+    except SweepError as err:  # some trials failed: the report of the others is printed and logged; exit non-zero
+        print(f"raylab sweep: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _plan_args(p: argparse.ArgumentParser) -> None:
+    config_args(p)
+    p.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2,...",
+                   help="a swept key and its values (repeat for a grid)")
+
+
+@verb("plan", "a dry run: images, shards, bytes, steps and device-hours per stage, before spending", _plan_args)
+def _plan(ns: argparse.Namespace) -> int:
+    from raylab.cost import make_plan
+
+    space = {k: [v.strip() for v in vs.split(",")] for k, vs in parse_assignments(ns.sweep).items()}
+    for line in make_plan(config_from(ns), space).lines():
+        print(line)
     return 0
 
 

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from raylab.attacks import NORMS, OBJECTIVES, pgd
+from raylab.attacks.pgd import default_step
 
 
 class EvalError(ValueError):
@@ -112,7 +113,7 @@ def pgd_flags(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm: str, 
     """Per-example bool: correct on the clean image AND on its PGD adversarial example.
 
     The clean image is itself a point of the eps-ball, so a point misclassified clean is never robust, whatever the
-    attack returned. `step` defaults to eps/4 (2/255 at L-inf 8/255, the papers' PGD-40; eps/4 at L2).
+    attack returned. `step` defaults to `attacks.pgd.default_step` (2/255 at L-inf 8/255, the papers' PGD-40; 2·eps/steps at L2).
     """
     require_eval_mode(model)
     check_images(x, y)
@@ -122,7 +123,7 @@ def pgd_flags(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm: str, 
     check_choice("objective", objective, OBJECTIVES)
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise EvalError(f"steps: {steps!r} must be an integer >= 1")
-    step = eps / 4 if step is None else step
+    step = default_step(norm, eps, steps) if step is None else step
     check_eps(step, "step")
     device = model_device(model)
     flags = []

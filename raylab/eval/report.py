@@ -69,6 +69,18 @@ class EvalHeader:
     seed: int
     chunk_size: int
     certify_sigma: Optional[float] = None
+    trained: Optional[tuple[str, float]] = None  # the training attack's (norm, eps), when the run is known
+    transfer: bool = False                       # eval.transfer: a different threat model is intended
+
+    def mismatch(self) -> Optional[str]:
+        """'trained against linf eps=8/255, evaluated against l2 eps=0.5' when the threat models differ."""
+        if self.trained is None:
+            return None
+        norm, eps = self.trained
+        if norm == self.norm and math.isclose(eps, self.eps, rel_tol=1e-9, abs_tol=1e-12):
+            return None
+        return (f"trained against {norm} eps={format_eps(eps, norm)}, evaluated against {self.norm} "
+                f"eps={format_eps(self.eps, self.norm)}")
 
     def lines(self, n: int) -> list[str]:
         epoch = f" (epoch {self.epoch})" if self.epoch is not None else ""
@@ -155,6 +167,11 @@ class EvalResult:
         and inconsistencies between the attacks."""
         lines = [f"WARNING gradient-masking check {c.name} FAILED: {c.message}" for c in self.checks
                  if not c.passed]
+        mismatch = self.header.mismatch()
+        if mismatch:  # a robust accuracy at another norm/eps is not the one the paper tables report
+            lines.append(f"transfer evaluation: {mismatch} (eval.transfer=true)" if self.header.transfer else
+                         f"WARNING threat model mismatch: {mismatch}; these are not the model's robust accuracies"
+                         " at its own threat model (set eval.norm/eval.eps, or eval.transfer=true if intended)")
         if self.aa is None:
             return lines
         lines += [f"WARNING AutoAttack: {w}" for w in self.aa.warnings]

@@ -54,6 +54,7 @@ from raylab.pipeline.pools import actor_pool, stage_resources
 from raylab.pipeline.plan import SeedPlan, set_identity
 from raylab.pipeline.quality import (FD_LABEL, FID_LABEL, InceptionFeatures, QualityError, Scorer, inception_fid,
                                      scorer_fd, scorer_identity)
+from raylab.pipeline.select import check_policy
 from raylab.runs import run_dir
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
@@ -119,6 +120,7 @@ def plan_job(cfg: ExperimentConfig, out_dir: str | os.PathLike | None = None,
     if label_dim == 0 and scorer is None:
         raise GenerateError("unconditional generator: its images need scorer pseudo-labels, set "
                             "select.scorer_checkpoint=PATH (" + note + ")")
+    check_policy(cfg.select, scorer is not None, note)
     if scorer is not None and get_dataset(scorer["dataset"]).num_classes != num_classes:
         raise GenerateError(f"select.scorer_checkpoint: scorer of {scorer['dataset']}, data.dataset is "
                             f"{cfg.data.dataset}")
@@ -220,6 +222,8 @@ def _generate_locked(cfg: ExperimentConfig, store_dir: Path,
     spec = plan_job(cfg, store_dir, fault_after_shards)
     store = ShardStore(spec.store)
     remove_temp_files(store.root)
+    for line in store.set_aside_corrupt(spec.plan.shards()):  # a rerun repairs what it finds, it does not trust
+        print(line, flush=True)
     todo = store.missing(spec.plan.shards())
     start = time.perf_counter()
     if todo:

@@ -107,6 +107,9 @@ def run_training(cfg: ExperimentConfig, *, generated: RowIndex | None = None, na
     worker's fault-injection drill (raylab.train.worker._fault_drill); `trace`: a directory where every rank
     records the generated rows of each batch (tests, `data mix-stats`)."""
     _check_inputs(cfg, generated)
+    if cfg.data.val_size == 0:
+        print("data.val_size=0: no validation set, so best.pt is the last epoch's weights (never chosen by test "
+              "accuracy)", flush=True)
     run = run_dir(cfg, stage, name)
     tracker = open_tracker(cfg, run, parent_run_id, tags, run_name)
     log_inputs(tracker, cfg, lineage)

@@ -14,7 +14,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from raylab.config import (ExperimentConfig, fingerprint, from_flat, identity_flat, override, pin_paths, to_flat,
                            to_json)
@@ -24,6 +24,9 @@ from raylab.runs import write_config
 PARENT_FILE = "mlflow_parent_run_id"
 TRIAL_KEYS = ["data", "generate", "select", "model", "attack", "train"]
 FD_METRIC = "fd_scorer_features"  # the generation's Frechet distance on scorer features (not Inception FID)
+# Keys that follow the swept value of a one-key sweep (a paper rule: Wang et al. 2023 Table 5 selects the top 20%
+# and mixes at 0.3 up to 1M generated images, takes all of them at 0.2 above): value -> {key: value}.
+Coupling = Callable[[Any], dict[str, Any]]
 
 
 class SweepError(RuntimeError):
@@ -44,38 +47,51 @@ class SweepOutcome:
     table: str
 
 
-def sweep_name(cfg: ExperimentConfig, space: dict[str, Sequence[Any]]) -> str:
+def _coupled_table(space: dict[str, Sequence[Any]], coupled: Optional[Coupling]) -> dict[str, dict]:
+    if coupled is None:
+        return {}
+    (values,) = space.values()
+    return {str(v): coupled(v) for v in values}
+
+
+def sweep_name(cfg: ExperimentConfig, space: dict[str, Sequence[Any]], coupled: Optional[Coupling] = None) -> str:
     """Deterministic: rerunning the same sweep finds (and restores) it; another config or space is another sweep."""
-    text = json.dumps({"config": identity_flat(cfg), "space": {k: list(v) for k, v in space.items()}}, sort_keys=True,
+    text = json.dumps({"config": identity_flat(cfg), "space": {k: list(v) for k, v in space.items()},
+                       **({"coupled": _coupled_table(space, coupled)} if coupled else {})}, sort_keys=True,
                       default=str)
     return f"{cfg.sweep.name}-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
 
 
-def sweep_dir(cfg: ExperimentConfig, space: dict[str, Sequence[Any]]) -> Path:
+def sweep_dir(cfg: ExperimentConfig, space: dict[str, Sequence[Any]], coupled: Optional[Coupling] = None) -> Path:
     """`<tracking.root>/tune/<sweep name>/`, Tune's experiment directory, created holding the resolved base config
     (`config.json`; the swept keys are in the MLflow parent run's `sweep_space.json`)."""
-    path = Path(cfg.tracking.root).resolve() / "tune" / sweep_name(cfg, space)
+    path = Path(cfg.tracking.root).resolve() / "tune" / sweep_name(cfg, space, coupled)
     write_config(path, cfg)
     return path
 
 
-def check_space(cfg: ExperimentConfig, space: dict[str, Sequence[Any]]) -> None:
-    """Every value of every swept key makes a valid config: fail before any compute, naming the key."""
+def check_space(cfg: ExperimentConfig, space: dict[str, Sequence[Any]], coupled: Optional[Coupling] = None) -> None:
+    """Every value of every swept key (with the keys coupled to it) makes a valid config: fail before any compute,
+    naming the key."""
     if not space:
         raise ValueError("sweep: the search space is empty (name at least one key and its values)")
+    if coupled is not None and len(space) != 1:
+        raise ValueError(f"sweep: coupled keys follow one swept key, not {len(space)} ({', '.join(space)})")
     for key, values in space.items():
         if not list(values):
             raise ValueError(f"{key}: the sweep gives it no values")
         for value in values:
-            override(cfg, {key: value})
+            override(cfg, {key: value, **(coupled(value) if coupled else {})})
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # One trial (runs inside a Tune trial actor).
 
-def run_trial(trial_config: dict[str, Any], *, flat: dict[str, Any], parent_run_id: str, sweep: str) -> None:
-    """One trial: `trial_config` holds only the swept keys (what Tune shows); the base config, the sweep's MLflow
-    parent run and its name come through `tune.with_parameters`."""
+def run_trial(trial_config: dict[str, Any], *, flat: dict[str, Any], parent_run_id: str, sweep: str,
+              swept: Sequence[str] = ()) -> None:
+    """One trial: `trial_config` holds only the swept keys and the keys coupled to them (what Tune shows); the base
+    config, the sweep's MLflow parent run, its name and its swept keys (the trial's run name) come through
+    `tune.with_parameters`."""
     import ray.data
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -95,7 +111,7 @@ def run_trial(trial_config: dict[str, Any], *, flat: dict[str, Any], parent_run_
 
         generated = load_view(view.view_path).row_index()
     out = run_training(cfg, generated=generated, name=f"{sweep}-{fingerprint(cfg, TRIAL_KEYS)}",
-                       run_name=trial_label(cfg, trial_config), parent_run_id=parent_run_id,
+                       run_name=trial_label(cfg, swept or trial_config), parent_run_id=parent_run_id,
                        callbacks=[TuneReportCallback()], tags={"raylab.sweep": sweep},
                        lineage=view.lineage() if view is not None else None)
     final = {"best_epoch": float(out.best.get("epoch", -1)), **evaluate_trial(cfg, out.run.path)}
@@ -106,10 +122,10 @@ def run_trial(trial_config: dict[str, Any], *, flat: dict[str, Any], parent_run_
     tune.report(final)
 
 
-def trial_label(cfg: ExperimentConfig, trial_config: dict[str, Any]) -> str:
+def trial_label(cfg: ExperimentConfig, keys: Sequence[str]) -> str:
     """The trial's MLflow run name: its swept values, e.g. `steps=8` or `beta=2.0,ratio=0.5` (resolved values)."""
     flat = to_flat(cfg)
-    return ",".join(f"{key.rsplit('.', 1)[-1]}={_short(flat[key])}" for key in sorted(trial_config) if key in flat)
+    return ",".join(f"{key.rsplit('.', 1)[-1]}={_short(flat[key])}" for key in sorted(keys) if key in flat)
 
 
 def _short(value: Any) -> str:
@@ -161,14 +177,24 @@ def _log_trial(cfg: ExperimentConfig, out: Any, final: dict[str, float]) -> None
 # ---------------------------------------------------------------------------------------------------------------
 # The driver.
 
-def _search(cfg: ExperimentConfig, space: dict[str, Sequence[Any]]) -> tuple[dict, Any]:
+def _coupled_entries(space: dict[str, Sequence[Any]], coupled: Optional[Coupling]) -> dict[str, Any]:
+    """Tune's conditional search space: each coupled key is resolved from the trial's swept value."""
+    from ray import tune
+
+    if coupled is None:
+        return {}
+    (key, values), = space.items()
+    return {k: tune.sample_from(lambda spec, k=k: coupled(spec.config[key])[k]) for k in coupled(list(values)[0])}
+
+
+def _search(cfg: ExperimentConfig, space: dict[str, Sequence[Any]], coupled: Optional[Coupling]) -> tuple[dict, Any]:
     """(param_space entries, scheduler) for sweep.search: grid (default), random, asha."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
     if cfg.sweep.search == "grid":
-        return {k: tune.grid_search(list(v)) for k, v in space.items()}, None
-    entries = {k: tune.choice(list(v)) for k, v in space.items()}
+        return {**{k: tune.grid_search(list(v)) for k, v in space.items()}, **_coupled_entries(space, coupled)}, None
+    entries = {**{k: tune.choice(list(v)) for k, v in space.items()}, **_coupled_entries(space, coupled)}
     if cfg.sweep.search == "random":
         return entries, None
     return entries, ASHAScheduler(time_attr="training_iteration", max_t=cfg.train.epochs, grace_period=1,
@@ -191,15 +217,15 @@ def _parent_run(cfg: ExperimentConfig, path: Path, name: str, space: dict) -> st
     return tracker.run_id
 
 
-def _tuner(cfg: ExperimentConfig, space: dict, name: str, storage: Path, parent: str):
+def _tuner(cfg: ExperimentConfig, space: dict, name: str, storage: Path, parent: str, coupled: Optional[Coupling]):
     from ray import tune
 
-    trainable = tune.with_resources(tune.with_parameters(run_trial, flat=to_flat(cfg), parent_run_id=parent, sweep=name),
-                                    {"CPU": 0, "trial_driver": 1})
+    trainable = tune.with_resources(tune.with_parameters(run_trial, flat=to_flat(cfg), parent_run_id=parent, sweep=name,
+                                                         swept=list(space)), {"CPU": 0, "trial_driver": 1})
     if tune.Tuner.can_restore(str(storage / name)):
         return tune.Tuner.restore(str(storage / name), trainable=trainable, resume_unfinished=True,
                                   resume_errored=True)
-    entries, scheduler = _search(cfg, space)
+    entries, scheduler = _search(cfg, space, coupled)
     param_space = entries
     tune_config = tune.TuneConfig(metric=cfg.sweep.metric, mode=cfg.sweep.mode, scheduler=scheduler,
                                   num_samples=cfg.sweep.num_samples, max_concurrent_trials=cfg.sweep.max_concurrent)
@@ -208,19 +234,21 @@ def _tuner(cfg: ExperimentConfig, space: dict, name: str, storage: Path, parent:
     return tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config)
 
 
-def run_sweep(cfg: ExperimentConfig, space: dict[str, Sequence[Any]], *, layout: str | None = None) -> SweepOutcome:
-    """Run (or restore and finish) the sweep of `space` over `cfg`; print and log its table and figures."""
+def run_sweep(cfg: ExperimentConfig, space: dict[str, Sequence[Any]], *, layout: str | None = None,
+              coupled: Optional[Coupling] = None) -> SweepOutcome:
+    """Run (or restore and finish) the sweep of `space` over `cfg`; print and log its table and figures.
+    `coupled`: keys that follow the value of a one-key sweep (`Coupling`)."""
     from raylab.cluster import init_ray
     from raylab.tune.report import report_sweep
 
-    check_space(cfg, space)
+    check_space(cfg, space, coupled)
     cfg = pin_paths(cfg)  # trials run in Tune's trial directories, not in this cwd
-    path = sweep_dir(cfg, space)
+    path = sweep_dir(cfg, space, coupled)
     name, storage = path.name, path.parent
     init_ray()
     parent = _parent_run(cfg, path, name, space)
     with _parent_status(cfg, parent) as status:
-        results = _tuner(cfg, space, name, storage, parent).fit()
+        results = _tuner(cfg, space, name, storage, parent, coupled).fit()
         rows, table = report_sweep(cfg.tracking, parent, list(space), layout=layout)
         if results.num_terminated + results.num_errors < len(results):  # Tune caught Ctrl-C and saved its state
             status["end"] = "KILLED"
@@ -236,14 +264,19 @@ def run_sweep(cfg: ExperimentConfig, space: dict[str, Sequence[Any]], *, layout:
 @contextlib.contextmanager
 def _parent_status(cfg: ExperimentConfig, parent: str):
     """End the sweep's parent run honestly: FINISHED, FAILED (a trial or the driver failed) or KILLED (Ctrl-C,
-    also when Tune caught it). A restored sweep reopens the run first."""
-    from raylab.tracking import Tracker, resolve_tracking_uri
+    also when Tune caught it). A restored sweep reopens the run first. Trial runs Tune stopped mid-way (their actor
+    killed, no Python left to end them) end KILLED with it; a restored trial reopens its own run."""
+    from raylab.tracking import Tracker, child_runs, resolve_tracking_uri
 
-    tracker = Tracker.resume(resolve_tracking_uri(cfg.tracking), parent)
+    uri = resolve_tracking_uri(cfg.tracking)
+    tracker = Tracker.resume(uri, parent)
     status: dict[str, str] = {}
     try:
         yield status
     except BaseException as exc:
         tracker.end(status.get("end") or ("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"))
+        for run in child_runs(uri, parent):
+            if run.status == "RUNNING":
+                Tracker.attach(uri, run.run_id).end("KILLED")
         raise
     tracker.end("FINISHED")

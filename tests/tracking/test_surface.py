@@ -65,12 +65,15 @@ def test_a_sweeps_parent_run_ends_with_an_honest_status(tcfg, raised, status):
 
     cfg = make_config("tiny", {"tracking.root": tcfg.root})
     parent = Tracker.start(cfg.tracking, "sweep:s", params={}, config_json="{}")
+    trial = Tracker.start(cfg.tracking, "beta=2.0", params={}, config_json="{}", parent_run_id=parent.run_id)
     with pytest.raises(type(raised)) if raised else __import__("contextlib").nullcontext():
         with _parent_status(cfg, parent.run_id):
             if raised:
                 raise raised
+            trial.end()
     run = get_run(parent.uri, parent.run_id)
     assert run.status == status and run.end_time is not None
+    assert get_run(parent.uri, trial.run_id).status == ("FINISHED" if raised is None else "KILLED")
 
 
 def test_runs_listing_shows_names_metrics_and_the_report_name(tcfg, capsys):
@@ -129,6 +132,17 @@ def test_ctrl_c_on_a_verb_prints_one_line_with_what_was_kept_and_the_resume_comm
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "interrupted" in err[0] and "shard" in err[0]
     assert err[0].endswith("resume with: raylab generate --preset smoke --out '/tmp/x y'")
+
+
+def test_a_sweep_with_failed_trials_exits_1_with_one_line(monkeypatch, capsys):
+    from raylab.tune import sweep
+
+    def failed(*args, **kwargs):
+        raise sweep.SweepError("sweep beta-x: 1 of 2 trials failed; first error: RuntimeError: boom")
+    monkeypatch.setattr(sweep, "run_sweep", failed)
+    assert cli.main(["sweep", "--preset", "smoke", "--key", "train.beta", "--values", "2,3"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["raylab sweep: sweep beta-x: 1 of 2 trials failed; first error: RuntimeError: boom"]
 
 
 def test_a_hostile_checkpoint_through_generate_is_one_line(tmp_path, capsys):
