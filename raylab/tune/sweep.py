@@ -250,15 +250,24 @@ def run_sweep(cfg: ExperimentConfig, space: dict[str, Sequence[Any]], *, layout:
     with _parent_status(cfg, parent) as status:
         results = _tuner(cfg, space, name, storage, parent, coupled).fit()
         rows, table = report_sweep(cfg.tracking, parent, list(space), layout=layout)
-        if results.num_terminated + results.num_errors < len(results):  # Tune caught Ctrl-C and saved its state
+        unfinished = _unfinished(path)
+        if unfinished:  # Tune caught Ctrl-C, saved its state and returned as if done
             status["end"] = "KILLED"
-            raise SweepInterrupted(f"sweep {name}: interrupted after {results.num_terminated} of {len(results)} "
-                                   f"trials; Tune state kept in {path}")
+            raise SweepInterrupted(f"sweep {name}: interrupted with {unfinished} trial(s) unfinished; Tune state "
+                                   f"kept in {path}")
         if results.errors:  # a failed trial fails the sweep (after the report of those that finished)
             status["end"] = "FAILED"
             raise SweepError(f"sweep {name}: {len(results.errors)} of {len(results)} trials failed; first error: "
                              f"{str(results.errors[0]).strip().splitlines()[-1]}")
     return SweepOutcome(name, path, parent, rows, table)
+
+
+def _unfinished(path: Path) -> int:
+    """Trials the saved experiment state still has to run. After Ctrl-C, Tune's `fit()` returns normally and its
+    result grid shows the stopped trials TERMINATED; the state it saved for `Tuner.restore` keeps them PENDING."""
+    from ray.tune import ExperimentAnalysis
+
+    return sum(t.status not in ("TERMINATED", "ERROR") for t in ExperimentAnalysis(str(path)).trials)
 
 
 @contextlib.contextmanager
