@@ -28,6 +28,7 @@ def _git(*args):
 
 
 def test_every_run_records_commit_dirty_flag_and_package_version(tcfg):
+    code_version_tags.cache_clear()  # read the checkout now (the cache holds it for the life of a process)
     with Tracker.start(tcfg, "r", params={}, config_json="{}") as tracker:
         pass
     tags = get_run(tracker.uri, tracker.run_id).tags
