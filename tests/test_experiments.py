@@ -80,6 +80,9 @@ def test_steps_smoke_runs_end_to_end(ray_session, root, capsys, monkeypatch):
     assert [r.params[ab.key] for r in trials] == [SMOKE_STEPS]
     for trial in trials:
         assert 0.0 <= trial.metrics["final_eval_clean_acc"] <= 1.0
+        ledger = {k: trial.metrics[f"final_cost_{k}"] for k in ("generate_device_s", "train_device_s",
+                                                                 "eval_device_s", "per_kept_image_s")}
+        assert all(v > 0 for v in ledger.values()), ledger  # the measured cost of the trial's stages
         if make_config("tiny", {ab.key: trial.params[ab.key]}).train.ratio < 1:
             assert trial.tags["dataset.identity"]  # lineage: the generated set's manifest hash
 

@@ -17,6 +17,7 @@ from typing import Any, Callable, Optional, Sequence
 
 from raylab.config import (ExperimentConfig, fingerprint, from_flat, identity_flat, override, pin_paths, to_flat,
                            to_json)
+from raylab.cost import ledger
 from raylab.io import atomic_write_text
 from raylab.runs import write_config
 
@@ -110,6 +111,9 @@ def run_trial(trial_config: dict[str, Any], *, flat: dict[str, Any], parent_run_
     if view is not None:
         _log_lineage(cfg, out.mlflow_run_id, view)
         final["fd"] = view.fd if view.fd is not None else math.nan
+    robust = final["eval_aa_acc"] if math.isfinite(final["eval_aa_acc"]) else final["eval_pgd40_acc"]
+    final.update(ledger(view.device_s if view else 0.0, view.rows if view else 0, out.device_s,
+                        final.pop("eval_device_s"), robust))
     _log_final(cfg, out.mlflow_run_id, final)
     tune.report(final)
 
@@ -130,8 +134,10 @@ def evaluate_trial(cfg: ExperimentConfig, run_path: Path) -> dict[str, float]:
     best = run_eval(run_path, {"eval.checkpoint": "best"})
     # last.pt holds the same EMA weights as best.pt when the best epoch is the last one: no second evaluation
     last = best if best_is_last(run_path) else run_eval(run_path, {"eval.checkpoint": "last", "eval.autoattack": "none"})
+    seconds = best.seconds + (last.seconds if last is not best else 0.0)
     values = {"eval_clean_acc": best.clean_acc, "eval_pgd40_acc": best.pgd_acc, "eval_aa_acc": best.aa_acc,
-              "last_clean_acc": last.clean_acc, "last_pgd40_acc": last.pgd_acc}
+              "last_clean_acc": last.clean_acc, "last_pgd40_acc": last.pgd_acc,
+              "eval_device_s": seconds * cfg.resources.eval_actors}
     return {k: math.nan if v is None else float(v) for k, v in values.items()}
 
 
