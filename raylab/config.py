@@ -123,7 +123,7 @@ class _Stage:
 # The stages. Names used as choices here are the keys of the registries in the stage rooms; tests check both agree.
 
 DATASETS = ("cifar10", "cifar100", "svhn", "digits")
-MODELS = ("wrn-16-2", "wrn-28-10", "wrn-34-10", "wrn-34-20", "wrn-70-16", "resnet18")
+MODELS = ("wrn-10-1", "wrn-10-2", "wrn-16-2", "wrn-28-10", "wrn-34-10", "wrn-34-20", "wrn-70-16", "resnet18")
 
 
 @dataclass(frozen=True)

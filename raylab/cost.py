@@ -210,6 +210,16 @@ def _stage_line(s: StagePlan) -> str:
     return f"{s.stage:<9}{parts}; {_hours(s.device_s)} device-h ({s.note})"
 
 
+def ledger(generate_s: float, kept: int, train_s: float, eval_s: float, robust_acc: float) -> dict[str, float]:
+    """What a trial measurably cost, as MLflow metrics (device-seconds: busy or held time x devices). The generation
+    is the shared artifact's whole cost, whichever trial built it."""
+    total = generate_s + train_s + eval_s
+    return {"cost_generate_device_s": generate_s, "cost_train_device_s": train_s, "cost_eval_device_s": eval_s,
+            "cost_total_device_s": total,
+            "cost_per_kept_image_s": generate_s / kept if kept else math.nan,
+            "cost_per_robust_point_s": total / (100 * robust_acc) if robust_acc > 0 else math.nan}
+
+
 def make_plan(cfg: ExperimentConfig, space: Optional[Mapping[str, Sequence[Any]]] = None,
               coupled: Optional[Callable[[Any], dict]] = None) -> Plan:
     arms = sweep_arms(cfg, space, coupled) if space else [("run", cfg)]

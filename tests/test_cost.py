@@ -62,3 +62,13 @@ def test_plan_verb_prints_each_stage_and_the_total(capsys):
     out = capsys.readouterr().out
     assert "5,000,000 images" in out  # CIFAR-100: 50K per class x 100 classes, not 50M
     assert out.count("[shared by 2 arms]") == 0 and out.strip().splitlines()[-1].startswith("total")
+
+
+def test_the_ledger_divides_measured_device_time_by_what_it_bought():
+    from raylab.cost import ledger
+
+    got = ledger(generate_s=100.0, kept=50, train_s=300.0, eval_s=100.0, robust_acc=0.25)
+    assert got["cost_total_device_s"] == 500.0 and got["cost_per_kept_image_s"] == 2.0
+    assert got["cost_per_robust_point_s"] == 20.0  # 500 device-s for 25 points of robust accuracy
+    assert ledger(0.0, 0, 1.0, 1.0, 0.0)["cost_per_robust_point_s"] != ledger(0.0, 0, 1.0, 1.0, 0.0)[
+        "cost_per_robust_point_s"]  # nan: no robust accuracy bought, no price per point

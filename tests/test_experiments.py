@@ -94,6 +94,9 @@ def test_steps_smoke_runs_end_to_end(steps_sweep):
     for trial in steps_sweep.trials:
         assert trial.status == "FINISHED" and 0.0 <= trial.metrics["eval_clean_acc"] <= 1.0
         assert trial.tags["raylab.git_commit"] and trial.tags["raylab.version"]
+        ledger = {k: trial.metrics[f"cost_{k}"] for k in ("generate_device_s", "train_device_s",
+                                                           "eval_device_s", "per_kept_image_s")}
+        assert all(v > 0 for v in ledger.values()), ledger  # the measured cost of the trial's stages
 
 
 @pytest.mark.ray

@@ -148,3 +148,21 @@ def _mean(flags: torch.Tensor) -> float:
     if flags.numel() == 0:
         raise EvalError("x: no images to evaluate (N = 0)")
     return flags.float().mean().item()
+
+
+def wilson_interval(accuracy: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of an accuracy measured on n images (Wilson 1927): unlike the normal
+    approximation it stays inside [0, 1] and is honest near 0% and 100%, where small test sets put toy models."""
+    if n <= 0 or not math.isfinite(accuracy):
+        return math.nan, math.nan
+    centre = (accuracy + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(accuracy * (1 - accuracy) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(centre - half, 0.0), min(centre + half, 1.0)
+
+
+def format_accuracy(accuracy: float, n: int) -> str:
+    """'84.00 [79.5, 87.7]': the accuracy in percent with its 95% Wilson interval over n images."""
+    if not math.isfinite(accuracy):
+        return "-"
+    low, high = wilson_interval(accuracy, n)
+    return f"{100 * accuracy:.2f} [{100 * low:.1f}, {100 * high:.1f}]"

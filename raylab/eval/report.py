@@ -14,6 +14,7 @@ import numpy as np
 
 from raylab.eval.autoattack import ROBUST, AAResult
 from raylab.eval.checks import CheckReport
+from raylab.eval.metrics import wilson_interval
 
 # Certified accuracy is tabulated at these multiples of sigma (Cohen et al. 2019 report radii up to ~4 sigma)
 # and drawn on a finer grid of the same span.
@@ -207,13 +208,19 @@ def _row(metric: str, flags: np.ndarray) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------------------------
 # Text.
 
+def _interval(row: dict[str, Any]) -> str:
+    low, high = wilson_interval(row["accuracy"], row["n"])
+    return "-" if math.isnan(low) else f"[{100 * low:.1f}, {100 * high:.1f}]"
+
+
 def format_table(result: EvalResult, notes: Sequence[str] = ()) -> str:
     """The printed report: header lines, the table, then notes and warnings (one per line)."""
     rows = result.rows()
     width = max(len(r["metric"]) for r in rows) + 2
     lines = result.header.lines(result.n)
-    lines.append(f"{'metric':<{width}}{'accuracy':>10}{'correct / n':>16}")
-    lines += [f"{r['metric']:<{width}}{r['accuracy']:>10.2%}{r['correct']:>9} / {r['n']:<5}" for r in rows]
+    lines.append(f"{'metric':<{width}}{'accuracy':>10}{'95% Wilson':>16}{'correct / n':>16}")
+    lines += [f"{r['metric']:<{width}}{r['accuracy']:>10.2%}{_interval(r):>16}{r['correct']:>9} / {r['n']:<5}"
+              for r in rows]
     lines += [f"check {c.name}: passed ({c.message})" for c in result.checks if c.passed]
     lines += list(notes) + result.warnings()
     return "\n".join(lines)

@@ -180,6 +180,11 @@ class GenerateOutcome:
     quality: dict[str, float] = field(default_factory=dict)  # QUALITY_METRICS measured for the MLflow report
 
     @property
+    def device_seconds(self) -> float:
+        """The device time this run spent: sampler and scorer actors' busy time (the cost ledger)."""
+        return self.sample_seconds + self.score_seconds
+
+    @property
     def images_per_s(self) -> float:
         return self.images_written / self.seconds if self.seconds > 0 else 0.0
 
@@ -323,7 +328,10 @@ def log_generation(cfg: ExperimentConfig, outcome: GenerateOutcome, parent_run_i
                              "shards_present": outcome.shards_present, "images_total": spec.plan.size,
                              "seconds": outcome.seconds, "images_per_s": outcome.images_per_s,
                              "sampler_busy_s": outcome.sample_seconds, "scorer_busy_s": outcome.score_seconds,
-                             "sampler_utilization": outcome.sampler_utilization}, step=0)
+                             "sampler_utilization": outcome.sampler_utilization,
+                             "cost_generate_device_s": outcome.device_seconds,
+                             "cost_per_generated_image_s": outcome.device_seconds / max(outcome.images_written, 1)},
+                            step=0)
         tracker.log_dict(spec.identity, "dataset/identity.json")
         tracker.log_artifact(store / "manifest.json", "dataset")
         tracker.log_metrics({f"class_count/{c}": n for c, n in report["class_counts"].items()}, step=0)

@@ -7,6 +7,7 @@ and passes the generated view's row index to the workers, which stream its rows 
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from raylab.runs import RunDir, run_dir
 from raylab.train.worker import train_worker
 
 MLFLOW_RUN_FILE = "mlflow_run_id"
+COST_FILE = "cost_device_s"  # device-seconds of every attempt at this run so far (a resumed run adds to it)
 
 
 @dataclass(frozen=True)
@@ -27,6 +29,7 @@ class TrainOutcome:
     history: list[dict[str, Any]]
     best: dict[str, Any]
     mlflow_run_id: str | None
+    device_s: float = 0.0  # the cost ledger: wall time of fit() x devices (workers), summed over attempts
 
     @property
     def last(self) -> dict[str, Any]:
@@ -117,13 +120,24 @@ def run_training(cfg: ExperimentConfig, *, generated: RowIndex | None = None, na
                    "mlflow_uri": tracker.uri, "mlflow_run_id": tracker.run_id, "crash": crash, "trace": trace}
     trainer = make_trainer(train_worker, loop_config, cfg, run, callbacks=callbacks)
     with tracker:
+        start = time.perf_counter()
         result = trainer.fit()
+        device_s = _add_cost(run, (time.perf_counter() - start) * max(cfg.resources.num_workers, 1))
         out = result.return_value or {}
         best = out.get("best", {})
         tracker.log_metrics({"best_epoch": best.get("epoch", -1), f"best_{best.get('metric', 'score')}":
-                             best.get("score", float("nan"))}, step=cfg.train.epochs)
+                             best.get("score", float("nan")), "cost_train_device_s": device_s}, step=cfg.train.epochs)
         log_model(run.path, tracker)
-    return TrainOutcome(run, out.get("history", []), best, tracker.run_id)
+    return TrainOutcome(run, out.get("history", []), best, tracker.run_id, device_s)
+
+
+def _add_cost(run: RunDir, seconds: float) -> float:
+    from raylab.io import atomic_write_text
+
+    path = run.path / COST_FILE
+    total = (float(path.read_text()) if path.is_file() else 0.0) + seconds
+    atomic_write_text(path, f"{total}\n")
+    return total
 
 
 def checkpoint_path(run_path: str | Path, which: str = "best") -> Path:

@@ -18,6 +18,7 @@ from typing import Any, Callable, Optional, Sequence
 
 from raylab.config import (ExperimentConfig, fingerprint, from_flat, identity_flat, override, pin_paths, to_flat,
                            to_json)
+from raylab.cost import ledger
 from raylab.io import atomic_write_text
 from raylab.runs import write_config
 
@@ -117,6 +118,10 @@ def run_trial(trial_config: dict[str, Any], *, flat: dict[str, Any], parent_run_
     final = {"best_epoch": float(out.best.get("epoch", -1)), **evaluate_trial(cfg, out.run.path)}
     if view is not None and view.fd is not None:
         final[FD_METRIC] = float(view.fd)  # Wang et al. 2023 Table 7's FD column, measured on scorer features
+    robust = next((v for k, v in final.items() if k.startswith("eval_aa_") and "_after_" not in k),
+                  final.get(f"eval_pgd{cfg.eval.pgd_steps}_acc", math.nan))
+    final.update(ledger(view.device_s if view else 0.0, view.rows if view else 0, out.device_s,
+                        final.pop("eval_device_s"), robust))
     _log_trial(cfg, out, final)
     final[sweep_metric(cfg)] = final.get(sweep_metric(cfg), float(out.best.get("score", math.nan)))
     tune.report(final)
@@ -145,12 +150,15 @@ def evaluate_trial(cfg: ExperimentConfig, run_path: Path) -> dict[str, float]:
     from raylab.eval.job import run_eval
 
     best = run_eval(run_path, {"eval.checkpoint": "best"})
+    seconds = best.seconds
     if best_is_last(run_path):  # last.pt holds the same EMA weights as best.pt: the same numbers, not re-run
         last = {k.replace("eval_", "eval_last_", 1): v for k, v in best.metrics.items()
                 if k.startswith(("eval_clean", "eval_pgd", "eval_num_test"))}
     else:
-        last = run_eval(run_path, {"eval.checkpoint": "last", "eval.autoattack": "none"}).metrics
-    return {k: float(v) for k, v in {**best.metrics, **last}.items() if v is not None}
+        last_run = run_eval(run_path, {"eval.checkpoint": "last", "eval.autoattack": "none"})
+        last, seconds = last_run.metrics, seconds + last_run.seconds
+    return {**{k: float(v) for k, v in {**best.metrics, **last}.items() if v is not None},
+            "eval_device_s": seconds * cfg.resources.eval_actors}
 
 
 def best_is_last(run_path: Path) -> bool:
@@ -169,8 +177,8 @@ def _log_trial(cfg: ExperimentConfig, out: Any, final: dict[str, float]) -> None
     if not out.mlflow_run_id:
         return
     tracker = Tracker.attach(resolve_tracking_uri(cfg.tracking), out.mlflow_run_id)
-    tracker.log_metrics({k: v for k, v in final.items() if k.startswith(("fd_", "eval_last_")) and math.isfinite(v)},
-                        step=cfg.train.epochs)
+    tracker.log_metrics({k: v for k, v in final.items() if k.startswith(("fd_", "eval_last_", "cost_"))
+                         and math.isfinite(v)}, step=cfg.train.epochs)
     log_model_info(out.run.path, tracker)
 
 

@@ -167,6 +167,11 @@ def test_constant_class_model_keeps_exactly_its_clean_accuracy(tmp_path):
     # Accuracy that does not fall with eps is the gradient-masking signature: the report says so.
     assert not r.checks[0].passed
     assert "WARNING gradient-masking check accuracy_vs_eps FAILED" in format_table(r)
+    from raylab.eval.metrics import wilson_interval
+
+    low, high = wilson_interval(r.clean_acc, 16)
+    clean_line = next(line for line in format_table(r).splitlines() if line.startswith("clean "))
+    assert f"[{100 * low:.1f}, {100 * high:.1f}]" in clean_line and "95% Wilson" in format_table(r)
 
 
 def test_train_mode_model_is_rejected_before_any_compute(data, tmp_path):

@@ -80,6 +80,7 @@ def test_mlflow_run_has_throughput_identity_grids_balance_and_scores(digits_run,
     assert run.status == "FINISHED" and run.tags["dataset.identity"] == out.identity_hash
     assert run.metrics["images_total"] == 10 * PER_CLASS and run.metrics["shards_present"] == 5
     assert {"images_per_s", "sampler_utilization", "sampler_busy_s"} <= set(run.metrics)
+    assert run.metrics["cost_generate_device_s"] == 0.0  # the ledger: reopening a complete store samples nothing
     assert run.metrics["class_count/3"] == PER_CLASS and run.metrics["fd_scorer_features"] >= 0
     assert run.params["generate.per_class"] == str(PER_CLASS)
     client = client_for(mlflow_uri)

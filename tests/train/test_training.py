@@ -94,6 +94,8 @@ def test_local_mode_training_with_generated_mix_logs_to_mlflow(ray_session, tmp_
     history = get_run_metrics_history(resolve_tracking_uri(cfg.tracking), out.mlflow_run_id,
                                       f"val_pgd{cfg.train.val_pgd_steps}_acc")
     assert [step for step, _ in history] == [1, 2]
+    cost = get_run_metrics_history(resolve_tracking_uri(cfg.tracking), out.mlflow_run_id, "cost_train_device_s")
+    assert cost == [(2, pytest.approx(out.device_s))] and out.device_s > 0  # the ledger: fit() time x devices
 
 
 @pytest.mark.ray
