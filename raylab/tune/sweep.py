@@ -134,8 +134,11 @@ def trial_label(cfg: ExperimentConfig, keys: Sequence[str]) -> str:
 
 
 def _short(value: Any) -> str:
-    return ",".join(map(str, value)) if isinstance(value, (tuple, list)) else f"{value:g}" \
-        if isinstance(value, float) and value != int(value) else str(value)
+    if isinstance(value, (tuple, list)):
+        return ",".join(map(str, value))
+    if isinstance(value, float) and math.isfinite(value) and value != int(value):
+        return f"{value:g}"
+    return str(value)
 
 
 def sweep_metric(cfg: ExperimentConfig) -> str:

@@ -77,6 +77,15 @@ def test_a_sweeps_parent_run_ends_with_an_honest_status(tcfg, raised, status):
     assert get_run(parent.uri, trial.run_id).status == ("FINISHED" if raised is None else "KILLED")
 
 
+def test_trial_names_carry_the_swept_values():
+    from raylab.tune.sweep import trial_label
+
+    cfg = make_config("tiny", {"train.beta": 2, "train.ratio": 0.5, "generate.steps": 8, "generate.s_max": "inf"})
+    assert trial_label(cfg, ["generate.steps"]) == "steps=8"
+    assert trial_label(cfg, ["train.ratio", "train.beta"]) == "beta=2.0,ratio=0.5"
+    assert trial_label(cfg, ["generate.s_max"]) == "s_max=inf"
+
+
 def test_runs_listing_shows_names_metrics_and_the_report_name(tcfg, capsys):
     with Tracker.start(tcfg, "sweep:steps", params={}, config_json="{}",
                        tags={"raylab.stage": "sweep", "raylab.sweep": "steps-abc", "raylab.sweep_keys": "generate.steps"}) as p:
