@@ -86,7 +86,7 @@ def _data_mix_stats(ns: argparse.Namespace) -> int:
     if ns.batches < 1:
         raise ValueError(f"--batches: {ns.batches} must be >= 1")
     index = _generated_input(ns.target)  # a bad store or view stops here, before Ray starts
-    init_ray()
+    init_ray(shared_root=cfg.tracking.root)
     stats = mix_stats(generated_label_batches(index, cfg, ns.batches), index)
     for line in _mix_lines(ns.target, cfg, index, stats):
         print(line)
@@ -130,7 +130,7 @@ def _train(ns: argparse.Namespace) -> int:
 
     cfg = config_from(ns)
     generated = _generated_input(ns.generated)  # a bad view or store stops here, before Ray starts
-    init_ray()
+    init_ray(shared_root=cfg.tracking.root)
     _print_training(run_training(cfg, generated=generated))
     return 0
 
@@ -150,7 +150,7 @@ def _scorer_train(ns: argparse.Namespace) -> int:
     from raylab.train.job import run_scorer_training
 
     cfg = config_from(ns)
-    init_ray()
+    init_ray(shared_root=cfg.tracking.root)
     _print_training(run_scorer_training(cfg))
     return 0
 
@@ -250,7 +250,7 @@ def _edm_train(ns: argparse.Namespace) -> int:
 
     cfg = config_from(ns)
     check_inputs(cfg)  # before Ray starts
-    init_ray()
+    init_ray(shared_root=cfg.tracking.root)
     out = train_edm(cfg)
     print(f"run: {out.run_dir}\nnetwork: {out.network_dir}\nfinal loss: {out.final_loss:.4f} "
           f"after {out.history[-1]['kimg'] if out.history else 0:g} kimg\nMLflow run: {out.mlflow_run_id}")

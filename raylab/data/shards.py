@@ -26,7 +26,6 @@ and re-exports the rest, so `from raylab.data.shards import ...` reaches all of 
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -41,7 +40,7 @@ from raylab.data.shard_layout import (_MAX_SEED, _META_HASH, _META_IDENTITY, FOR
                                       _manifest_lock, _sorted_entries, canonical_json, identity_hash, load_manifest,
                                       remove_temp_files, shard_name, temp_files)
 from raylab.data.shard_verify import _integrity_problem, verify_store
-from raylab.io import atomic_write_json, sha256_file
+from raylab.io import atomic_write_json, mkstemp_umask, sha256_file
 
 __all__ = [
     # shard_format
@@ -144,7 +143,7 @@ class ShardStore:
         _check_fits(manifest, name, first_seed, last_seed, table.column_names)
         table = table.replace_schema_metadata({_META_IDENTITY: canonical_json(manifest["identity"]),
                                                _META_HASH: manifest["identity_hash"]})
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=self.root)
+        fd, tmp = mkstemp_umask(prefix=f".{name}.", suffix=".tmp", dir=self.root)
         os.close(fd)
         try:
             write_shard_file(table, tmp)

@@ -15,7 +15,7 @@ are not seed-addressed and a retried task could leave a second copy.
 
 Resumable: only shards missing from the store are planned. Elastic: the bytes of a shard depend only on the set's
 identity (raylab.pipeline.plan), not on actor count, batch size or retries; actors are restarted and their
-in-flight shard retried by Ray (`max_restarts` / `max_task_retries` = resources.max_failures). GPU by
+in-flight shard retried by Ray Data's actor-pool defaults (unlimited restarts and retries). GPU by
 configuration alone: samplers and scorers are separate actor pools, each with its own resources
 (resources.cpus_per_actor / gpus_per_actor for samplers, resources.scorer_cpus_per_actor / scorer_gpus_per_actor
 for scorers; `actor_resources`). All paths (checkpoints, the store) must be on a filesystem every node sees.
@@ -203,10 +203,9 @@ def _pool(ds: Any, cls: type, kwargs: dict[str, Any], stage: str, res: Resources
     return ds.map_batches(
         cls, fn_constructor_kwargs=kwargs, batch_size=1, batch_format=batch_format,
         compute=ray.data.ActorPoolStrategy(size=stage_res.actors, max_tasks_in_flight_per_actor=1),
-        **stage_res.ray_args(),
-        # A lost actor is restarted and its shard retried; passed as remote args because map_batches has no
-        # named parameter for them in Ray 2.60 (this path is deprecated there, removal planned for 2.64).
-        max_restarts=res.max_failures, max_task_retries=res.max_failures)
+        # A lost actor is restarted and its shard retried by Ray Data's defaults (unlimited): passing
+        # max_restarts/max_task_retries as remote args is deprecated (removal in 2.64) and only lowered them.
+        **stage_res.ray_args())
 
 
 def build_pipeline(spec: JobSpec, todo: Sequence[tuple[int, int]], res: ResourcesConfig) -> Any:
@@ -283,7 +282,7 @@ def _generate_locked(cfg: ExperimentConfig, store_dir: Path,
     todo = store.missing(spec.plan.shards())
     start = time.perf_counter()
     if todo:
-        init_ray()  # only now: every check above runs before a Ray instance starts
+        init_ray(shared_root=cfg.tracking.root)  # only now: every check above runs before Ray starts
     written = build_pipeline(spec, todo, cfg.resources).take_all() if todo else []
     outcome = GenerateOutcome(
         store.root, store.identity_hash, spec, shards_written=len(written), shards_present=len(spec.plan.shards())
@@ -427,7 +426,7 @@ def score_store(cfg: ExperimentConfig, store: str | os.PathLike, checkpoint: str
     if not entries:
         raise GenerateError(f"{store}: the store has no shards to score")
     res = cfg.resources
-    init_ray()
+    init_ray(shared_root=cfg.tracking.root)
     kwargs = {"store": str(store), "scorer": scorer, "use_gpu": stage_resources(res, "scorer").use_gpu}
     ds = _pool(ray.data.from_items(entries, override_num_blocks=len(entries)), ShardScorerActor, kwargs, "scorer",
                res, "numpy")

@@ -204,7 +204,7 @@ def run_sweep(cfg: ExperimentConfig, space: dict[str, Sequence[Any]], *, layout:
     cfg = pin_paths(cfg)  # trials run in Tune's trial directories, not in this cwd
     path = sweep_dir(cfg, space)
     name, storage = path.name, path.parent
-    init_ray()
+    init_ray(shared_root=cfg.tracking.root)  # every node must see the run root, before any compute
     parent = _parent_run(cfg, path, name, space)
     results = _tuner(cfg, space, name, storage, parent).fit()
     rows, table = report_sweep(cfg.tracking, parent, list(space), layout=layout)
