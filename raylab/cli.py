@@ -316,6 +316,31 @@ def _export(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _rehearse_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--nodes", type=int, default=3, help="head + worker nodes (>= 3; default 3)")
+    p.add_argument("--cluster-yaml", default="cluster.yaml", help="the start commands to rehearse")
+    p.add_argument("--workdir", default="", help="rehearsal directory (default /var/tmp/raylab-rehearse-<id>)")
+    p.add_argument("--no-fault", dest="fault", action="store_false", help="do not kill a worker node")
+    p.add_argument("--expect-trials", type=int, default=None, help="trial runs the job must leave in MLflow")
+    p.add_argument("--unshared-node", default="", help="drill: this worker (e.g. worker2) gets an empty local "
+                   "directory where the shared root should be")
+    p.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND... ({shared} = the shared root; "
+                   "default: the main ablation's smoke as a cluster runs it)")
+
+
+@verb("rehearse", "a real multi-node Ray cluster on this machine (root): run a job, lose a node, check the "
+      "cluster contract", _rehearse_args)
+def _rehearse(ns: argparse.Namespace) -> int:
+    from raylab.rehearse.run import Options, rehearse
+
+    command = ns.command[1:] if ns.command[:1] == ["--"] else ns.command
+    opts = Options(nodes=ns.nodes, cluster_yaml=ns.cluster_yaml, workdir=ns.workdir, fault=ns.fault,
+                   expect_trials=ns.expect_trials, unshared_node=ns.unshared_node)
+    if command:
+        opts.command = command
+    return rehearse(opts)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
