@@ -11,10 +11,13 @@ A local instance starts with its dashboard: Ray's State API lives in it, and wit
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import secrets
 import socket
+import sys
 from pathlib import Path
+from typing import Iterator, TextIO
 
 from raylab.io import atomic_write_text
 
@@ -51,6 +54,59 @@ def _connect(address: str | None, **kwargs) -> None:
     cpus = max(MIN_LOCAL_CPUS, os.cpu_count() or 1)
     kwargs.setdefault("include_dashboard", True)
     ray.init(num_cpus=cpus, resources={"trial_driver": cpus}, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Ray's chatter in the driver's terminal.
+
+# Exact substrings of Ray's own lines that are not about anything raylab does. core_worker.cc logs this at E level
+# whenever an actor with restarts gets an ObjectRef constructor argument: Ray Data's actor pools pass their own
+# DataContext and map transformer as ObjectRefs (actor_pool_map_operator.py) with unlimited restarts, and Ray
+# Train's PreemptionWatcher does the same; none of it is an argument of ours.
+RAY_CHATTER = ("has constructor arguments in the object store and max_restarts > 0",)
+
+
+class ChatterFilter(io.TextIOBase):
+    """A text stream that passes every line on to `stream` except Ray's chatter (RAY_CHATTER), whole lines only."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream, self._partial = stream, ""
+
+    def write(self, text: str) -> int:
+        *lines, self._partial = (self._partial + text).split("\n")
+        kept = [line for line in lines if not any(p in line for p in RAY_CHATTER)]
+        if kept:
+            self.stream.write("\n".join(kept) + "\n")
+        return len(text)
+
+    def flush(self) -> None:
+        if self._partial and not any(p in self._partial for p in RAY_CHATTER):
+            self.stream.write(self._partial)
+        self._partial = ""
+        self.stream.flush()
+
+    def isatty(self) -> bool:
+        return self.stream.isatty()
+
+    def fileno(self) -> int:
+        return self.stream.fileno()
+
+    @property
+    def encoding(self) -> str:
+        return getattr(self.stream, "encoding", "utf-8")
+
+
+@contextlib.contextmanager
+def quiet_ray_chatter() -> Iterator[None]:
+    """While the block runs, the driver's stdout and stderr (where Ray prints its workers' logs) drop RAY_CHATTER."""
+    saved = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = ChatterFilter(saved[0]), ChatterFilter(saved[1])
+    try:
+        yield
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        sys.stdout, sys.stderr = saved
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -44,3 +44,19 @@ def test_files_written_atomically_follow_the_umask(tmp_path):
     finally:
         os.umask(previous)
     assert stat.S_IMODE(path.stat().st_mode) == 0o664  # group-readable and -writable, as the team's other files
+
+
+def test_rays_chatter_is_dropped_and_everything_else_kept():
+    import io
+
+    from raylab.cluster import ChatterFilter
+
+    sink = io.StringIO()
+    out = ChatterFilter(sink)
+    out.write("(run_trial pid=1) [E core_worker.cc:2465: Actor with class name: 'MapWorker' and ID: 'x' has "
+              "constructor arguments in the object store and max_restarts > 0. If the arguments ...\n")
+    out.write("(run_trial pid=1) E RuntimeError: a real error\nepoch 1/3")
+    out.write("  loss 0.5\n")
+    out.write("partial")
+    out.flush()
+    assert sink.getvalue() == "(run_trial pid=1) E RuntimeError: a real error\nepoch 1/3  loss 0.5\npartial"

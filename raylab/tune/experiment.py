@@ -64,7 +64,7 @@ def compose(ablation: Ablation, mode: str, overrides: dict[str, Any]):
 
 
 def run_ablation(ablation: Ablation, argv: Sequence[str] | None = None) -> int:
-    from raylab.cluster import SharedRootError
+    from raylab.cluster import SharedRootError, quiet_ray_chatter
     from raylab.tune.sweep import SweepError, run_sweep
 
     ns = parse_args(ablation, argv)
@@ -78,7 +78,8 @@ def run_ablation(ablation: Ablation, argv: Sequence[str] | None = None) -> int:
         return 2
     print(f"{ablation.title}: {ablation.key} in {values} ({mode}; runs under {cfg.tracking.root})", flush=True)
     try:
-        out = run_sweep(cfg, {ablation.key: values}, layout=ablation.layout)
+        with quiet_ray_chatter():
+            out = run_sweep(cfg, {ablation.key: values}, layout=ablation.layout)
     except SweepError as err:
         print(f"error: {err}")
         return 1
