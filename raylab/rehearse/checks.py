@@ -13,8 +13,9 @@ EPOCH_METRIC = "train_loss"
 # What a later stage reads: shards and manifests, views, Train checkpoints and weights, Tune/Train storage, MLflow.
 OUTPUT_PATTERNS = ("*.parquet", "manifest.json", "view.json", "rows.npz", "checkpoint_*", "best.pt", "last.pt",
                    "state.pt", "ray_results", "experiment_state-*.json", "mlflow.db", "mlartifacts")
-# Ray's per-node caches: the job's code (working_dir, carrying raylab's committed assets) and session logs.
-NODE_CACHES = ("runtime_resources", "logs")
+# Ray's per-node caches: the job's code (working_dir, carrying raylab's committed assets), session logs, and Tune's
+# driver-side staging copy of its experiment state (synced to the storage_path on the shared root, read from there).
+NODE_CACHES = ("runtime_resources", "logs", "driver_artifacts")
 
 
 @dataclass(frozen=True)

@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Callable
 
 from raylab.rehearse import checks, nodes
-from raylab.rehearse.spec import HEAD_HOME, OBJECT_STORE_BYTES, SHARED_PATH, WORKER_CPUS, ClusterSpec, load_spec, \
-    resources_env
+from raylab.rehearse.spec import (HEAD_HOME, OBJECT_STORE_BYTES, SHARED_PATH, WORKER_CPUS, ClusterSpec, load_spec,
+                                  resources_env)
 
 MLFLOW_URL = "http://127.0.0.1:5000"
 DASHBOARD = "http://127.0.0.1:8265"
