@@ -123,18 +123,22 @@ class Cluster:
         nodes.create_network(self.layout, self.count)
         nodes.write_hosts(self.layout, self.names)
         env = nodes.node_env(self.layout, self.token)
-        for index, name in enumerate(self.names):
-            self.running.append(nodes.start_node(self.layout, index, name, self.script(index, name), env))
+        self.running.append(nodes.start_node(self.layout, 0, "head", self.script(0, "head"), env))
         if self.head.init_pid is None:
             raise nodes.NodeError(f"the head did not start (see {self.layout.log('head')})")
+        self.wait_ready(1)  # as the launcher does: workers join a head that is up (they give up on a slow one)
+        for index, name in enumerate(self.names[1:], start=1):
+            self.running.append(nodes.start_node(self.layout, index, name, self.script(index, name), env))
+        self.wait_ready(self.count)
 
     def on_head(self, argv: list[str], **kwargs) -> subprocess.Popen:
         env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token, "RAY_USAGE_STATS_ENABLED": "0"}
         return subprocess.Popen(nodes.on_node(self.head, argv, str(self.checkout)), env=env,
                                 stdin=subprocess.DEVNULL, start_new_session=True, **kwargs)
 
-    def wait_ready(self) -> None:
-        probe = self.on_head([sys.executable, "-m", "raylab.rehearse.probe", str(self.count), str(READY_TIMEOUT_S),
+    def wait_ready(self, count: int) -> None:
+        """Until `count` Ray nodes are alive and the head's MLflow server answers."""
+        probe = self.on_head([sys.executable, "-m", "raylab.rehearse.probe", str(count), str(READY_TIMEOUT_S),
                               MLFLOW_URL], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         out, _ = probe.communicate()
         if probe.returncode:
@@ -253,7 +257,6 @@ def _rehearse(opts: Options, cluster: Cluster) -> int:
     previous = {s: signal.signal(s, _raise_interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         cluster.up()
-        cluster.wait_ready()
         timings.nodes_up = time.monotonic() - timings.start
         print(f"rehearsal: {opts.nodes} nodes up in {timings.nodes_up:.0f} s ({cluster.layout.base})", flush=True)
         rc = run_job(cluster, opts, timings)
