@@ -6,7 +6,7 @@ Every node (head included) gets:
   tmpfs; on worker nodes the head's local disk (MLflow's store), every other node's disk and the checkout are
   hidden, and the Python environment stays visible read-only (every node of a real cluster runs the same image);
   the shared root is visible at the same path everywhere (what NFS/EFS is on a real cluster);
-- a PID namespace whose init is the node's `ray start --block`: killing that one process kills every process of
+- a PID namespace whose init is the node's start script: killing that one process kills every process of
   the node at once, as when a machine vanishes; and a UTS namespace (its own hostname).
 
 Layout of a rehearsal directory `base` (never under /tmp or /dev/shm, which nodes replace):

@@ -50,6 +50,7 @@ class Timings:
     nodes_up: float = float("nan")
     killed_at: float | None = None
     recovered: float | None = None
+    open_cluster: bool = False  # the head answered a request without the Ray token
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -135,6 +136,18 @@ class Cluster:
         env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token, "RAY_USAGE_STATS_ENABLED": "0"}
         return subprocess.Popen(nodes.on_node(self.head, argv, str(self.checkout)), env=env,
                                 stdin=subprocess.DEVNULL, start_new_session=True, **kwargs)
+
+    def refuses_anonymous(self) -> bool:
+        """Token auth holds: `ray job list` on the head without the token (and with no token file) is refused."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+        env.update(RAY_AUTH_MODE="disabled", HOME=str(self.layout.base / "anonymous"))
+        argv = nodes.on_node(self.head, [str(Path(sys.executable).parent / "ray"), "job", "list", "--address",
+                                         DASHBOARD], str(self.checkout))
+        try:
+            out = subprocess.run(argv, env=env, capture_output=True, timeout=120, stdin=subprocess.DEVNULL)
+        except subprocess.TimeoutExpired:
+            return True
+        return out.returncode != 0
 
     def wait_ready(self, count: int) -> None:
         """Until `count` Ray nodes are alive and the head's MLflow server answers."""
@@ -259,6 +272,7 @@ def _rehearse(opts: Options, cluster: Cluster) -> int:
         cluster.up()
         timings.nodes_up = time.monotonic() - timings.start
         print(f"rehearsal: {opts.nodes} nodes up in {timings.nodes_up:.0f} s ({cluster.layout.base})", flush=True)
+        timings.open_cluster = not cluster.refuses_anonymous()
         rc = run_job(cluster, opts, timings)
     except KeyboardInterrupt:
         print(f"rehearsal: interrupted; cluster torn down (logs in {cluster.layout.base})", flush=True)
@@ -280,6 +294,8 @@ def report(cluster: Cluster, opts: Options, timings: Timings, job_rc: int) -> in
     private = [layout.node_dir(name) / "tmp" for name in cluster.names]
     problems = ([] if job_rc == 0 else [f"job: ray job submit exited {job_rc}"]) + checks.contract_lines(
         trials, checks.shared_outputs(layout.shared), checks.stray_outputs(private), opts.expect_trials)
+    if timings.open_cluster:
+        problems.append("auth: the head answered `ray job list` without the cluster's Ray token")
     if opts.fault and (timings.killed_at is None or timings.recovered is None):
         problems.append("fault: no worker node was killed mid-training, or its trial never checkpointed again")
     for line in problems:

@@ -3,8 +3,7 @@ and custom resources, and the head's other start commands (the MLflow server).
 
 Only what names the machine changes: launcher-only options (`--autoscaling-config`, written by `ray up`) are
 dropped, cloud paths are mapped onto the rehearsal's directories (`/mnt/raylab` -> the shared root, `/home/ubuntu`
--> the head's local disk), and each node gets its address, a 256 MiB object store and `--block` (the node lives as
-long as its `ray start`).
+-> the head's local disk), and each node gets its address and a 256 MiB object store.
 """
 from __future__ import annotations
 
@@ -35,12 +34,15 @@ class NodeSpec:
     resources: dict[str, float] = field(default_factory=dict)
 
     def script(self, extra: tuple[str, ...], env: Mapping[str, str], paths: Mapping[str, str]) -> list[str]:
-        """Shell lines: the commands before `ray start`, then `exec ray start ... --block` (the node's lifetime),
-        with cloud paths and launcher variables (`$RAY_HEAD_IP`) replaced by `paths`."""
+        """Shell lines: the commands before `ray start`, `ray start`, then the node idles until killed, with cloud
+        paths and launcher variables (`$RAY_HEAD_IP`) replaced by `paths`. Not `ray start --block`: it kills the
+        whole node when any one Ray process exits, and on a loaded machine the head's Ray client server timed out
+        waiting for node info and took the head down with it."""
         assign = " ".join(f"{k}={shlex.quote(v)}" for k, v in {**self.env, **env}.items())
         options = [localize(o, paths) for o in self.options]
-        start = shlex.join(["ray", "start", *options, *extra, "--block"])
-        return [*(localize(line, paths) for line in self.before), f"exec env {assign} {start}"]
+        start = shlex.join(["ray", "start", *options, *extra])
+        return [*(localize(line, paths) for line in self.before), f"env {assign} {start} || exit 1",
+                "exec sleep infinity"]
 
 
 @dataclass(frozen=True)
