@@ -44,8 +44,8 @@ def test_start_commands_come_from_cluster_yaml():
     assert not any(o.startswith("--autoscaling-config") for o in spec.head.options)
     assert any("mlflow server" in line for line in spec.head.before)
     lines = spec.worker.script(("--node-ip-address=10.0.0.2",), {"X": "1"}, {"$RAY_HEAD_IP": "10.0.0.1"})
-    assert lines[-2].startswith("env RAY_AUTH_MODE=token X=1 ray start --address=10.0.0.1:6379")
-    assert lines[-2].endswith("--node-ip-address=10.0.0.2 || exit 1") and lines[-1] == "exec sleep infinity"
+    assert "env RAY_AUTH_MODE=token X=1 ray start --address=10.0.0.1:6379 --node-ip-address=10.0.0.2 && break" \
+        in lines[-2] and lines[-1] == "exec sleep infinity"
     assert resources_env({"CPU": 0.0, "trial_driver": 16.0}) == '{"CPU": 0, "trial_driver": 16}'
 
 

@@ -19,6 +19,7 @@ SHARED_PATH, HEAD_HOME = "/mnt/raylab", "/home/ubuntu"
 OBJECT_STORE_BYTES = 256 * 1024**2
 # A rehearsal worker stands in for one GPU node: 4 logical CPUs, no GPU (the Ray resources a job asks for).
 WORKER_CPUS = 4
+START_TRIES = 3
 
 
 class SpecError(ValueError):
@@ -37,12 +38,15 @@ class NodeSpec:
         """Shell lines: the commands before `ray start`, `ray start`, then the node idles until killed, with cloud
         paths and launcher variables (`$RAY_HEAD_IP`) replaced by `paths`. Not `ray start --block`: it kills the
         whole node when any one Ray process exits, and on a loaded machine the head's Ray client server timed out
-        waiting for node info and took the head down with it."""
+        waiting for node info and took the head down with it. Tried START_TRIES times: Ray gives a node 30 s
+        (hard-coded) to register, which a 2-core machine under load does not always meet."""
         assign = " ".join(f"{k}={shlex.quote(v)}" for k, v in {**self.env, **env}.items())
         options = [localize(o, paths) for o in self.options]
         start = shlex.join(["ray", "start", *options, *extra])
-        return [*(localize(line, paths) for line in self.before), f"env {assign} {start} || exit 1",
-                "exec sleep infinity"]
+        stop = f"env {assign} ray stop --force >/dev/null 2>&1; sleep 5"
+        return [*(localize(line, paths) for line in self.before),
+                f"for try in {' '.join(map(str, range(1, START_TRIES + 1)))}; do env {assign} {start} && break; "
+                f"[ $try = {START_TRIES} ] && exit 1; {stop}; done", "exec sleep infinity"]
 
 
 @dataclass(frozen=True)
