@@ -9,7 +9,7 @@ import urllib.request
 
 def mlflow_up(url: str) -> bool:
     try:
-        with urllib.request.urlopen(f"{url}/health", timeout=2) as reply:
+        with urllib.request.urlopen(f"{url}/health", timeout=10) as reply:
             return reply.status == 200
     except OSError:
         return False

@@ -24,7 +24,7 @@ from raylab.rehearse.spec import (HEAD_HOME, OBJECT_STORE_BYTES, SHARED_PATH, WO
 
 MLFLOW_URL = "http://127.0.0.1:5000"
 DASHBOARD = "http://127.0.0.1:8265"
-READY_TIMEOUT_S = 300.0
+READY_TIMEOUT_S = 600.0  # a node of a loaded 2-core machine took minutes to come up
 TOOLS = ("ip", "nsenter", "unshare", "mount")
 # The default job: the main ablation's smoke, as a cluster runs it. 3 epochs so a node can die between two
 # checkpoints; the trainer's 2 workers spread over 2 worker nodes; every actor lands on a worker (the head has no CPU).
