@@ -75,11 +75,12 @@ needs_namespaces = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("ip") is
 
 @needs_namespaces
 @pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_a_worker_that_does_not_see_the_shared_root_stops_the_job_in_one_line():
     """A real 3-node cluster where worker2 has an empty local directory at the shared root's path: the job's
     shared-root check names that node and the path, before any compute; the cluster is torn down."""
     out = subprocess.run([sys.executable, "-m", "raylab.cli", "rehearse", "--no-fault", "--unshared-node", "worker2"],
-                         capture_output=True, text=True, cwd=ROOT, timeout=900)
+                         capture_output=True, text=True, cwd=ROOT, timeout=1700)
     text = out.stdout + out.stderr
     assert out.returncode == 1, text[-3000:]
     line = next(line for line in text.splitlines() if "shared root: node" in line)
