@@ -172,16 +172,22 @@ class Cluster:
 # ---------------------------------------------------------------------------------------------------------------
 # The fault: one worker node dies after a trial's first Train checkpoint.
 
+SNAPSHOT = "checkpoint_manager_snapshot.json"
+
+
 def checkpoints(shared: Path) -> dict[str, set[str]]:
-    """Ray Train run name -> its checkpoint directories, under the shared root's Train storage."""
+    """Ray Train run name -> its checkpoint directories, under the shared root's Train storage, for runs whose
+    controller has registered a checkpoint (its snapshot file exists: a directory alone may still be in flight, and
+    a node lost then restarts the run from scratch, not from that checkpoint)."""
     out: dict[str, set[str]] = {}
     for ckpt in shared.glob("**/ray_results/*/checkpoint_*"):
-        out.setdefault(ckpt.parent.name, set()).add(ckpt.name)
+        if (ckpt.parent / SNAPSHOT).exists():
+            out.setdefault(ckpt.parent.name, set()).add(ckpt.name)
     return out
 
 
 def watch_and_kill(cluster: Cluster, timings: Timings, done: Callable[[], bool], poll: float = 0.5) -> None:
-    """Kill the last worker node once some run has a checkpoint; then time until that run checkpoints again."""
+    """Kill the last worker node once some run has a registered checkpoint; then time until it checkpoints again."""
     victim, run, seen = cluster.running[-1], None, set()
     while not done():
         found = checkpoints(cluster.layout.shared)
