@@ -135,6 +135,8 @@ class EpochLogger(UserCallback):
 
         step = int(metrics[self.step_key])
         if step in self.logged_steps():
+            print(f"{self.label}{self.step_key} {step} reported again (the run restarted before its checkpoint): "
+                  "already in MLflow, not logged twice", flush=True)
             return False
         numeric = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         Tracker.attach(self.uri, self.run_id).log_metrics(numeric, step=step)
@@ -143,8 +145,10 @@ class EpochLogger(UserCallback):
         return True
 
     def replay(self, history: list[dict]) -> int:
-        """Log what the controller did not (local mode runs without one): rank 0's returned history, deduplicated."""
-        return sum(self.log(metrics) for metrics in history)
+        """Log what the controller did not (local mode runs without one): rank 0's returned history, deduplicated
+        (quietly: after a normal run every step is there)."""
+        missing = [m for m in history if int(m.get(self.step_key, -1)) not in self.logged_steps()]
+        return sum(self.log(metrics) for metrics in missing)
 
     def _eta(self, step: int) -> float:
         now, last = time.monotonic(), self._last

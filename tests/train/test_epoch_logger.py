@@ -26,7 +26,8 @@ def test_a_step_is_logged_once_even_by_a_resumed_logger(run, capsys):
     assert resumed.replay([{"epoch": 1, "train_loss": 9.0}, {"epoch": 2, "train_loss": 1.5}]) == 1
     assert get_run_metrics_history(uri, run_id, "train_loss") == [(1, 2.0), (2, 1.5)]
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 2 and lines[0].startswith("epoch 1/3  loss 2.000  robust 25.0%")
+    assert lines[0].startswith("epoch 1/3  loss 2.000  robust 25.0%") and lines[-1].startswith("epoch 2/3")
+    assert len(lines) == 4 and all("not logged twice" in line for line in lines[1:3])
 
 
 def test_progress_line_has_epoch_loss_accuracies_speed_and_eta():
