@@ -35,9 +35,12 @@ class TrialEpochs:
 
 def trial_epochs(uri: str, experiment: str) -> list[TrialEpochs]:
     """Every training run of a sweep trial in the store: its logged epoch steps."""
-    from raylab.tracking import find_runs, get_run_metrics_history
+    from raylab.tracking import TrackingError, find_runs, get_run_metrics_history
 
-    runs = find_runs(uri, experiment, "tags.`raylab.stage` = 'train'")
+    try:
+        runs = find_runs(uri, experiment, "tags.`raylab.stage` = 'train'")
+    except TrackingError:  # the job never got as far as its experiment
+        return []
     return [TrialEpochs(r.name, int(r.params.get("train.epochs", 0)),
                         [step for step, _ in get_run_metrics_history(uri, r.run_id, EPOCH_METRIC)]) for r in runs]
 
