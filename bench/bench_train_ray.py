@@ -5,9 +5,10 @@ Three measurements, printed side by side as figures and ratios:
 1. The TRADES step (WRN-16-2 SiLU, PGD-k, `train.augment` none, original images only, `paper` preset otherwise)
    in the driver process vs the same step inside a 1-worker `TorchTrainer`, same thread count, plus the one
    `ray.train.report` per epoch that training pays (it can block ~2 s: reference/ray_mlflow.md §1).
-2. Ingest alone, no model: inside a 1-worker `TorchTrainer`, `mixed_batches` over an `OriginalStream` and a
-   `GeneratedStream` (ratio 0.3 of batch 128) for one full pass over a generated Ray Dataset, decoded to uint8
-   NHWC and converted by `to_input`; headroom = ingest img/s / step img/s (should be >> 1).
+2. Ingest alone, no model: inside a 1-worker `TorchTrainer`, `mixed_batches` over an `OriginalStream` and the
+   training's `GeneratedStream` (ratio 0.3 of batch 128; `raylab.train.ingest`: each pass read through Ray Data in
+   its own random window order) for one full pass over a generated store, decoded to uint8 NHWC and converted by
+   `to_input`; headroom = ingest img/s / step img/s (should be >> 1).
 3. The worker's memory over that pass for N and 10×N generated rows (RSS growth during the pass, and the
    process's peak RSS): the stream never holds the generated set, so 10×N / N should stay ≈ 1. The object-store
    pages the worker reads count in its RSS too; `resources.ingest_object_store_mb` bounds them, and a last row
@@ -18,7 +19,6 @@ Three measurements, printed side by side as figures and ratios:
 from __future__ import annotations
 
 import argparse
-import inspect
 import os
 import resource
 import tempfile
@@ -37,8 +37,8 @@ import torch  # noqa: E402
 
 from raylab.cluster import init_ray  # noqa: E402
 from raylab.config import ExperimentConfig, from_flat, make_config, override, to_flat  # noqa: E402
-from raylab.data.mix import GeneratedStream, OriginalStream, split_batch  # noqa: E402
-from raylab.data.shards import ShardStore, read_dataset  # noqa: E402
+from raylab.data.mix import WINDOW_ROWS, OriginalStream, split_batch  # noqa: E402
+from raylab.data.shards import ShardStore  # noqa: E402
 from raylab.models import create_model  # noqa: E402
 from raylab.raytrain import make_trainer, report  # noqa: E402
 from raylab.runs import run_dir  # noqa: E402
@@ -46,14 +46,14 @@ from raylab.train.ema import WeightAverage  # noqa: E402
 from raylab.train.loop import Batch, TrainContext, mixed_batches, to_input, train_step  # noqa: E402
 from raylab.train.optim import build_optimizer  # noqa: E402
 from raylab.train.schedules import build_scheduler  # noqa: E402
-from raylab.train.worker import GENERATED  # noqa: E402
+from raylab.pipeline.select import open_generated  # noqa: E402
+from raylab.train.ingest import generated_stream  # noqa: E402
 
 INGEST_BATCH, INGEST_RATIO = 128, 0.3  # the paper's mix (Wang et al. 2023: 0.3 original)
 SHARD_ROWS = 5_000
 ORIGINAL_ROWS = 50_000  # CIFAR-10's training set size; the same array for N and 10×N, so it cancels out
 QUICK = {"batch": 32, "steps": 2, "iters": 2, "rows": 1_000}
 CPU = torch.device("cpu")
-SHUFFLE_BUFFER = inspect.signature(GeneratedStream).parameters["shuffle_buffer"].default  # what training uses
 
 
 def random_batch(n: int, seed: int = 0) -> Batch:
@@ -106,9 +106,8 @@ def step_worker(loop_config: dict[str, Any]) -> dict[str, float]:
     return {"step_s": step_s, "report_s": time.perf_counter() - start}
 
 
-def fit(fn: Callable, loop_config: dict, cfg: ExperimentConfig, name: str, datasets: dict | None = None) -> dict:
-    trainer = make_trainer(fn, {"flat": to_flat(cfg), **loop_config}, cfg, run_dir(cfg, "bench", name),
-                           datasets=datasets)
+def fit(fn: Callable, loop_config: dict, cfg: ExperimentConfig, name: str) -> dict:
+    trainer = make_trainer(fn, {"flat": to_flat(cfg), **loop_config}, cfg, run_dir(cfg, "bench", name))
     return trainer.fit().return_value
 
 
@@ -157,21 +156,20 @@ def drain(batches: Iterable[Batch]) -> dict[str, float]:
 
 
 def ingest_worker(loop_config: dict[str, Any]) -> dict[str, float]:
-    import ray.train
-
     torch.set_num_threads(loop_config["threads"])
     n_orig, n_gen = split_batch(INGEST_BATCH, INGEST_RATIO)
     images, labels = random_batch(loop_config["original_rows"])
     original = OriginalStream(len(labels), n_orig, seed=0)
-    generated = GeneratedStream(ray.train.get_dataset_shard(GENERATED), n_gen, seed=0)
+    cfg = override(from_flat(loop_config["flat"]), {"train.batch_size": INGEST_BATCH, "train.ratio": INGEST_RATIO})
+    generated = generated_stream(cfg, loop_config["index"], 0, 1)
     steps = loop_config["rows"] // n_gen  # one full pass over the generated rows
     return drain(mixed_batches(original, generated, images, labels, steps))
 
 
 def ingest(cfg: ExperimentConfig, store: Path, rows: int, threads: int, original_rows: int) -> dict[str, float]:
     budget = cfg.resources.ingest_object_store_mb
-    return fit(ingest_worker, {"rows": rows, "threads": threads, "original_rows": original_rows}, cfg,
-               f"ingest-{rows}-{budget}", datasets={GENERATED: read_dataset(store)})
+    return fit(ingest_worker, {"rows": rows, "threads": threads, "original_rows": original_rows,
+                               "index": open_generated(store)}, cfg, f"ingest-{rows}-{budget}")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -219,9 +217,9 @@ def print_memory(runs: dict[int, dict], budget_mb: int, no_budget: dict) -> None
           + f"   no budget (=0): {no_budget['rate']:.0f} img/s vs {large['rate']:.0f} with it")
     print("   note: Ray Data holds blocks in its object store (shared memory, outside this process); the pages the "
           "worker reads zero-copy count in its RSS as shared, not in 'private' (RSS - shared); ratios floor at 1 MiB")
-    if min(runs) < SHUFFLE_BUFFER:
-        print(f"   note: N is below the stream's {SHUFFLE_BUFFER}-row local shuffle buffer, so the N pass never fills "
-              "it: judge flatness by the 2nd-half column here")
+    if min(runs) < WINDOW_ROWS:
+        print(f"   note: N is below the stream's {WINDOW_ROWS}-row window, so the N pass is one window: judge "
+              "flatness by the 2nd-half column here")
 
 
 def parse_args() -> argparse.Namespace:

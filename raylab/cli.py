@@ -170,6 +170,22 @@ def _sweep(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _plan_args(p: argparse.ArgumentParser) -> None:
+    config_args(p)
+    p.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2,...",
+                   help="a swept key and its values (repeat for a grid)")
+
+
+@verb("plan", "a dry run: images, shards, bytes, steps and device-hours per stage, before spending", _plan_args)
+def _plan(ns: argparse.Namespace) -> int:
+    from raylab.cost import make_plan
+
+    space = {k: [v.strip() for v in vs.split(",")] for k, vs in parse_assignments(ns.sweep).items()}
+    for line in make_plan(config_from(ns), space).lines():
+        print(line)
+    return 0
+
+
 def _report_args(p: argparse.ArgumentParser) -> None:
     config_args(p)
     p.add_argument("sweep", help="sweep name (as printed by the sweep, or its prefix before the hash)")

@@ -123,7 +123,7 @@ class _Stage:
 # The stages. Names used as choices here are the keys of the registries in the stage rooms; tests check both agree.
 
 DATASETS = ("cifar10", "cifar100", "svhn", "digits")
-MODELS = ("wrn-16-2", "wrn-28-10", "wrn-34-10", "wrn-34-20", "wrn-70-16", "resnet18")
+MODELS = ("wrn-10-1", "wrn-10-2", "wrn-16-2", "wrn-28-10", "wrn-34-10", "wrn-34-20", "wrn-70-16", "resnet18")
 
 
 @dataclass(frozen=True)
@@ -227,7 +227,8 @@ class AttackConfig(_Stage):
     SECTION = "attack"
     norm: str = knob("linf", choices=("linf", "l2"))
     eps: float = knob(8 / 255, lo=0.0)
-    step: float = knob(2 / 255, lo=0.0)
+    step: Optional[float] = knob(None, lo=0.0, doc="None: eps/4 for linf (2/255 at 8/255), 2*eps/steps for l2 (the "
+                                 "reference's l2-pgd); also the validation PGD's step")
     steps: int = knob(10, lo=1)
 
 
@@ -281,6 +282,8 @@ class EvalConfig(_Stage):
     aa_attacks: str = knob("apgd-ce,apgd-t", doc="attacks of the custom version")
     norm: str = knob("linf", choices=("linf", "l2"))
     eps: float = knob(8 / 255, lo=0.0)
+    transfer: bool = knob(False, doc="a threat model other than the training attack's is intended (transfer "
+                          "evaluation): reported as such instead of as a mismatch warning")
     chunk_size: int = knob(500, lo=1, doc="test images per resumable chunk")
     batch_size: int = knob(250, lo=1)
     seed: int = knob(0, lo=0)
@@ -289,6 +292,18 @@ class EvalConfig(_Stage):
     certify_n0: int = knob(100, lo=1)
     certify_n: int = knob(10_000, lo=1)
     certify_alpha: float = knob(0.001, lo=0.0, hi=1.0, lo_open=True)
+
+
+@dataclass(frozen=True)
+class CostConfig(_Stage):
+    """Per-device throughput behind `raylab plan`'s device-hours. Defaults: the A100 figures Wang et al. 2023 publish
+    (App. B.2); `raylab.cost` documents how each is derived."""
+    SECTION = "cost"
+    device: str = knob("A100", doc="the device the figures describe (a label in plans)")
+    sample_nfe_per_s: float = knob(1240.0, lo=0.0, lo_open=True, doc="EDM network evaluations (images x NFE) per "
+                                   "second per device; Table 10: 5M images at 20 steps (39 NFE) on 4 A100 in 10.92 h")
+    train_img_per_s: float = knob(0.0, lo=0.0, doc="TRADES training images per second per device at attack.steps=10; "
+                                  "0 = the model's published figure (raylab.cost.TRAIN_IMG_PER_S)")
 
 
 @dataclass(frozen=True)
@@ -337,7 +352,7 @@ class ResourcesConfig(_Stage):
 
 STAGES: dict[str, type[_Stage]] = {cls.SECTION: cls for cls in (
     DataConfig, EDMConfig, GenerateConfig, SelectConfig, ModelConfig, AttackConfig, TrainConfig, EvalConfig,
-    SweepConfig, TrackingConfig, ResourcesConfig)}
+    SweepConfig, CostConfig, TrackingConfig, ResourcesConfig)}
 
 
 @dataclass(frozen=True)
@@ -351,6 +366,7 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
+    cost: CostConfig = field(default_factory=CostConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
 
@@ -362,7 +378,7 @@ class ExperimentConfig:
         if self.edm.batch_size % workers:
             raise ConfigError(f"edm.batch_size: {self.edm.batch_size} is not divisible by "
                               f"resources.num_workers={self.resources.num_workers}")
-        if self.attack.step > 0 and self.attack.eps == 0 and self.train.loss in ("trades", "pgd_at"):
+        if self.attack.step != 0 and self.attack.eps == 0 and self.train.loss in ("trades", "pgd_at"):
             raise ConfigError("attack.eps: 0 makes adversarial training a no-op; use train.loss=ce")
 
 
@@ -432,8 +448,9 @@ def _under(key: str, prefixes: Sequence[str]) -> bool:
 
 
 # Where inputs and outputs live, not what a run computes: kept out of content addresses, so a run or a sweep is
-# found again from another working directory (sweep drivers pin them to absolute paths for their trials).
-LOCATION_KEYS = ("data.root", "data.download", "tracking")
+# found again from another working directory (sweep drivers pin them to absolute paths for their trials). The cost
+# figures only feed plans, so they stay out too.
+LOCATION_KEYS = ("data.root", "data.download", "tracking", "cost")
 
 
 def pin_paths(cfg: ExperimentConfig) -> ExperimentConfig:
@@ -482,7 +499,26 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+# The paper preset's per-dataset values, beneath --set: `--preset paper --set data.dataset=cifar100` is Wang et al.
+# 2023's CIFAR-100 setting, not CIFAR-10's 500K per class for 100 classes (50M images).
+DATASET_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "paper": {
+        "cifar100": {
+            "generate.steps": 25,          # Wang et al. 2023 §4.1 and App. B.3 Table 11: best FID (2.09) at 25 steps
+            "generate.per_class": 50_000,  # App. A: 50K per class (5M), top 20% per class kept = 1M (10K per class)
+        },
+        "svhn": {
+            "generate.steps": 25,          # the reference README: their SVHN EDM (FID 1.39) samples in 25 steps
+            "generate.per_class": 100_000,  # the published SVHN 1M set (training_recipe.md §2)
+            "select.policy": "none",       # "SVHN is never filtered" (training_recipe.md §2, the reference's edm/)
+        },
+    },
+}
+
+
 def make_config(preset: str = "tiny", overrides: Mapping[str, Any] | None = None) -> ExperimentConfig:
     if preset not in PRESETS:
         raise ConfigError(f"preset: {preset!r} is not one of {', '.join(PRESETS)}")
-    return from_flat({**PRESETS[preset], **(overrides or {})})
+    flat = {**PRESETS[preset], **(overrides or {})}
+    per_dataset = DATASET_PRESETS.get(preset, {}).get(str(flat.get("data.dataset", DataConfig.dataset)), {})
+    return from_flat({**PRESETS[preset], **per_dataset, **(overrides or {})})

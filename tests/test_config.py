@@ -23,7 +23,7 @@ def test_paper_preset_is_the_papers_recipe():
     assert (c.model.name, c.model.activation, c.train.batch_size, c.train.epochs) == ("wrn-28-10", "silu", 512, 400)
     assert (c.train.lr, c.train.momentum, c.train.nesterov, c.train.weight_decay) == (0.2, 0.9, True, 5e-4)
     assert (c.train.beta, c.train.label_smoothing, c.train.ema_tau, c.train.ratio) == (5.0, 0.1, 0.995, 0.3)
-    assert (c.attack.steps, c.attack.eps, c.attack.step) == (10, 8 / 255, 2 / 255)
+    assert (c.attack.steps, c.attack.eps, c.attack.step) == (10, 8 / 255, None)  # None: attacks.default_step
     assert (c.generate.steps, c.select.top_fraction, c.select.policy) == (20, 0.2, "topk")
     assert c.generate.per_class == 500_000  # 5M generated CIFAR-10 images before the top-20% filter
     assert (c.train.scheduler, c.train.warmup_frac) == ("onecycle", 0.025)
@@ -111,3 +111,15 @@ def test_every_stage_is_in_the_experiment():
     assert set(STAGES) == {f for f in ExperimentConfig.__dataclass_fields__}
     with pytest.raises(ConfigError, match="preset"):
         make_config("huge")
+
+
+def test_the_paper_preset_takes_each_datasets_own_values():
+    """CIFAR-100 at 25 steps and 50K per class (5M, not 50M); SVHN at 25 steps, 1M, unfiltered; --set still wins."""
+    c100 = make_config("paper", {"data.dataset": "cifar100"})
+    assert (c100.generate.steps, c100.generate.per_class, c100.select.policy) == (25, 50_000, "topk")
+    svhn = make_config("paper", {"data.dataset": "svhn"})
+    assert (svhn.generate.steps, svhn.generate.per_class, svhn.select.policy) == (25, 100_000, "none")
+    c10 = make_config("paper", {"data.dataset": "cifar10"})
+    assert (c10.generate.steps, c10.generate.per_class) == (20, 500_000)
+    assert make_config("paper", {"data.dataset": "cifar100", "generate.steps": 30}).generate.steps == 30
+    assert make_config("tiny", {"data.dataset": "cifar100"}).generate.steps == 10  # other presets: unchanged

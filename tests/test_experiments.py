@@ -35,11 +35,34 @@ def test_every_experiment_composes_valid_configs_for_every_preset(path):
     ab = ablation(path)
     for mode in ("default", "smoke", "paper"):
         cfg, values = compose(ab, mode, {})
-        check_space(cfg, {ab.key: values})
+        check_space(cfg, {ab.key: values}, ab.coupled.get(mode))
     paper = compose(ab, "paper", {})[0]
     assert paper.model.name == "wrn-28-10"
     # The cluster preset: the scorer on a GPU, and a failure budget for spot nodes.
     assert paper.resources.scorer_gpus_per_actor >= 1 and paper.resources.max_failures >= 3
+
+
+def test_the_amount_ablation_applies_the_papers_rule_per_amount():
+    """Wang et al. 2023 §4.1 / Table 5: top 20% and ratio 0.3 up to 1M generated images, all of them and 0.2 above;
+    the rule reaches Tune as a conditional search space."""
+    from raylab.config import override
+    from raylab.tune.experiment import compose
+    from raylab.tune.sweep import _search
+
+    ab = ablation(next(p for p in EXPERIMENTS if p.stem == "ablate_amount"))
+    cfg, values = compose(ab, "paper", {})
+    rule = ab.coupled["paper"]
+    arms = {v: override(cfg, {ab.key: v, **rule(v)}) for v in values}
+    assert {(c.select.policy, c.select.top_fraction, c.train.ratio) for v, c in arms.items() if v <= 1_000_000} == {
+        ("topk", 0.2, 0.3)}
+    assert {(c.select.policy, c.train.ratio) for v, c in arms.items() if v > 1_000_000} == {("none", 0.2)}
+    assert cfg.generate.per_class * 10 >= max(values)  # one generation covers the largest amount
+    from ray.tune.search.variant_generator import generate_variants
+
+    entries, _ = _search(cfg, {ab.key: values}, rule)
+    trials = [resolved for _, resolved in generate_variants(entries)]  # how Tune's grid search resolves them
+    assert [(t[ab.key], t["select.policy"], t["train.ratio"]) for t in trials] == [
+        (v, "topk" if v <= 1_000_000 else "none", 0.3 if v <= 1_000_000 else 0.2) for v in values]
 
 
 @pytest.mark.ray
@@ -60,6 +83,9 @@ def test_steps_smoke_runs_end_to_end(ray_session, root, capsys, monkeypatch):
     assert [r.params[ab.key] for r in trials] == [SMOKE_STEPS]
     for trial in trials:
         assert 0.0 <= trial.metrics["final_eval_clean_acc"] <= 1.0
+        ledger = {k: trial.metrics[f"final_cost_{k}"] for k in ("generate_device_s", "train_device_s",
+                                                                 "eval_device_s", "per_kept_image_s")}
+        assert all(v > 0 for v in ledger.values()), ledger  # the measured cost of the trial's stages
         if make_config("tiny", {ab.key: trial.params[ab.key]}).train.ratio < 1:
             assert trial.tags["dataset.identity"]  # lineage: the generated set's manifest hash
 

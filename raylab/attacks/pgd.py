@@ -135,7 +135,14 @@ def _check_args(x: Tensor, y: Tensor, norm: str, eps: float, step: float, steps:
                           f"class indices{'' if objective == 'margin' else ' or (N, K) float probabilities'}")
 
 
-def pgd(model: nn.Module, x: Tensor, y: Tensor, *, norm: str, eps: float, step: float, steps: int,
+def default_step(norm: str, eps: float, steps: int) -> float:
+    """The step when none is set. L-inf: eps/4, the papers' 2/255 at 8/255 (Wang et al. 2023; training_recipe.md
+    §1). L2: 2·eps/steps, the reference's l2-pgd (training_recipe.md §1): at eps 128/255 and 10 steps that is ~6x
+    the 2/255 once used for every norm."""
+    return eps / 4 if norm == "linf" else 2 * eps / max(steps, 1)
+
+
+def pgd(model: nn.Module, x: Tensor, y: Tensor, *, norm: str, eps: float, step: Optional[float], steps: int,
         objective: str = "ce", generator: Optional[torch.Generator] = None, ref_logits: Optional[Tensor] = None,
         random_start: bool = True) -> Tensor:
     """Maximize `objective` over x' with ||x' - x||_norm <= eps and x' in [0, 1]; returns x' (detached).
@@ -145,12 +152,14 @@ def pgd(model: nn.Module, x: Tensor, y: Tensor, *, norm: str, eps: float, step: 
         x: clean images (N, C, H, W) in [0, 1].
         y: labels (N,) int64, or soft targets (N, K) for "ce"; unused by "kl".
         norm: "linf" (signed steps, eps e.g. 8/255) or "l2" (normalized-gradient steps, eps e.g. 128/255).
-        eps, step, steps: ball radius, step size and number of gradient steps (steps=0: random start only).
+        eps, step, steps: ball radius, step size (None: `default_step`) and number of gradient steps (steps=0:
+            random start only).
         objective: "ce", "kl" (needs `ref_logits`, the detached clean logits) or "margin".
         generator: source of the random start; the global RNG is used only when it is None.
         random_start: start at a uniform point of the ball (clamped to [0, 1]) instead of at x.
     Gradients are taken w.r.t. the input only; parameter `.grad`s are left untouched.
     """
+    step = default_step(norm, eps, steps) if step is None else step
     _check_args(x, y, norm, eps, step, steps, objective, ref_logits)
     ops, loss_fn = NORMS[norm], OBJECTIVES[objective]
     x = x.detach()

@@ -108,18 +108,20 @@ class DatasetSpec:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     val_size: int = 1024  # the papers hold out the first 1024 CIFAR-10 training images
+    sizes: tuple[int, int] = (0, 0)  # (train, test) images, for plans made without loading (0 = unknown)
 
 
 DATASET_LOADERS: dict[str, DatasetSpec] = {}
 
 
 def register_dataset(name: str, *, num_classes: int, mean: Sequence[float], std: Sequence[float],
-                     val_size: int = 1024):
-    """Decorator: record `load(root, download) -> (train, test)` under `name`; `val_size` is the default holdout."""
+                     val_size: int = 1024, sizes: tuple[int, int] = (0, 0)):
+    """Decorator: record `load(root, download) -> (train, test)` under `name`; `val_size` is the default holdout,
+    `sizes` the (train, test) image counts."""
     def wrap(load: Loader) -> Loader:
         if name in DATASET_LOADERS:
             raise DatasetError(f"dataset {name!r} is registered twice")
-        DATASET_LOADERS[name] = DatasetSpec(name, load, num_classes, tuple(mean), tuple(std), val_size)
+        DATASET_LOADERS[name] = DatasetSpec(name, load, num_classes, tuple(mean), tuple(std), val_size, sizes)
         return load
     return wrap
 
@@ -309,14 +311,16 @@ def _load_cifar(folder: Path, train: list[str], test: str, meta: str, label_key:
 
 # Normalization constants: per-channel mean/std of the training images in [0, 1] (the values used across the
 # robustness literature, e.g. Rebuffi et al. 2021 and the Wang et al. 2023 code).
-@register_dataset("cifar10", num_classes=10, mean=(0.4914, 0.4822, 0.4465), std=(0.2471, 0.2435, 0.2616))
+@register_dataset("cifar10", num_classes=10, mean=(0.4914, 0.4822, 0.4465), std=(0.2471, 0.2435, 0.2616),
+                  sizes=(50_000, 10_000))
 def load_cifar10(root: Path, download: bool) -> tuple[ImageSet, ImageSet]:
     folder = ensure_extracted(root, "cifar-10-batches-py", "cifar-10-python.tar.gz", download)
     return _load_cifar(folder, [f"data_batch_{i}" for i in range(1, 6)], "test_batch", "batches.meta",
                        b"labels", b"label_names")
 
 
-@register_dataset("cifar100", num_classes=100, mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762))
+@register_dataset("cifar100", num_classes=100, mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762),
+                  sizes=(50_000, 10_000))
 def load_cifar100(root: Path, download: bool) -> tuple[ImageSet, ImageSet]:
     folder = ensure_extracted(root, "cifar-100-python", "cifar-100-python.tar.gz", download)
     return _load_cifar(folder, ["train"], "test", "meta", b"fine_labels", b"fine_label_names")
@@ -338,7 +342,7 @@ def _svhn_set(path: Path) -> ImageSet:
 
 
 # SVHN: 0.5/0.5, the convention of the SVHN robustness papers (Gowal et al. 2020), not measured statistics.
-@register_dataset("svhn", num_classes=10, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+@register_dataset("svhn", num_classes=10, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), sizes=(73_257, 26_032))
 def load_svhn(root: Path, download: bool) -> tuple[ImageSet, ImageSet]:
     return tuple(_svhn_set(ensure_file(root, f"{split}_32x32.mat", download)) for split in ("train", "test"))
 
@@ -387,7 +391,7 @@ def digits_split(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 # decimals (gray, so the three channels agree); a test recomputes them.
 # val_size 128: 1024 would leave 473 of the 1497 training images (the tiny preset's value).
 @register_dataset("digits", num_classes=10, mean=(0.2339, 0.2339, 0.2339), std=(0.3124, 0.3124, 0.3124),
-                  val_size=128)
+                  val_size=128, sizes=(1497, 300))
 def load_digits(root: Path, download: bool) -> tuple[ImageSet, ImageSet]:
     from sklearn.datasets import load_digits as sklearn_digits  # ships inside scikit-learn: no file, no network
 

@@ -26,6 +26,7 @@ and re-exports the rest, so `from raylab.data.shards import ...` reaches all of 
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -41,6 +42,8 @@ from raylab.data.shard_layout import (_MAX_SEED, _META_HASH, _META_IDENTITY, FOR
                                       remove_temp_files, shard_name, temp_files)
 from raylab.data.shard_verify import _integrity_problem, verify_store
 from raylab.io import atomic_write_json, mkstemp_umask, sha256_file
+
+CORRUPT_DIR = "corrupt"  # shards a rerun found corrupted, kept for inspection
 
 __all__ = [
     # shard_format
@@ -177,6 +180,25 @@ class ShardStore:
         """The (first, last) ranges still to write (for resume), in the order given."""
         manifest = self.manifest
         return [(int(a), int(b)) for a, b in ranges if not self._present(manifest, a, b)]
+
+    def set_aside_corrupt(self, ranges: Iterable[tuple[int, int]]) -> list[str]:
+        """Check every present shard of `ranges` against its manifest sha256; move each one that differs to
+        `corrupt/` (kept, never deleted) and drop its entry, so it is written again. One line per shard moved."""
+        lines = []
+        for a, b in ranges:
+            path, entry = self.path(a, b), self.manifest["shards"].get(shard_name(a, b))
+            if entry is None or not path.is_file() or sha256_file(path) == entry["sha256"]:
+                continue
+            aside = self.root / CORRUPT_DIR / f"{path.name}.{os.getpid()}.{time.time_ns()}"
+            aside.parent.mkdir(exist_ok=True)
+            with _manifest_lock(self.root):
+                manifest = self.manifest
+                os.replace(path, aside)
+                manifest["shards"].pop(path.name, None)
+                atomic_write_json(self.root / MANIFEST_NAME, manifest)
+            lines.append(f"{path}: sha256 differs from the manifest (corrupted); set aside as {aside}, "
+                         "writing it again")
+        return lines
 
     def shard_paths(self) -> list[Path]:
         """Paths of the recorded shards in seed order."""

@@ -268,7 +268,8 @@ def default_header(ev: EvalConfig, **fields: Any) -> EvalHeader:
     attacks = resolve_attacks(ev.autoattack, aa_attacks(ev)) if ev.autoattack != "none" else ()
     base = dict(model="model", dataset="images", checkpoint="-", epoch=None, norm=ev.norm, eps=ev.eps,
                 autoattack=ev.autoattack, attacks=attacks, pgd_steps=ev.pgd_steps, seed=ev.seed,
-                chunk_size=ev.chunk_size, certify_sigma=ev.certify_sigma if ev.certify else None)
+                chunk_size=ev.chunk_size, certify_sigma=ev.certify_sigma if ev.certify else None,
+                transfer=ev.transfer)
     return EvalHeader(**{**base, **fields})
 
 
@@ -379,7 +380,7 @@ def load_test_subset(cfg: ExperimentConfig) -> tuple[np.ndarray, np.ndarray]:
 
 def eval_fingerprint(cfg: ExperimentConfig, weights_sha256: str) -> str:
     """Content address of an evaluation's chunks: weights, model, dataset and every eval knob but num_test."""
-    knobs = {k: v for k, v in dataclasses.asdict(cfg.eval).items() if k != "num_test"}
+    knobs = {k: v for k, v in dataclasses.asdict(cfg.eval).items() if k not in ("num_test", "transfer")}
     payload = {"format": FORMAT, "eval": knobs, "dataset": cfg.data.dataset, "model": cfg.model.name,
                "activation": cfg.model.activation, "weights": weights_sha256}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
@@ -415,7 +416,8 @@ def run_eval(target: str | os.PathLike, cfg_overrides: Mapping[str, Any] | None 
     sha = sha256_file(tgt.weights)
     out = result_dir(tgt, sha, out_dir)
     header = default_header(cfg.eval, model=cfg.model.name, dataset=cfg.data.dataset, checkpoint=tgt.checkpoint,
-                            epoch=read_state_dict(tgt.weights)[1].get("epoch"))
+                            epoch=read_state_dict(tgt.weights)[1].get("epoch"),
+                            trained=(cfg.attack.norm, cfg.attack.eps) if tgt.run is not None else None)
     outcome = evaluate(source, images, labels, cfg.eval, out, resources=cfg.resources, checks=checks,
                        engine=engine, header=header, crash=crash)
     reused = outcome.chunks_total - outcome.chunks_computed

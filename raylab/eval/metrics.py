@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from raylab.attacks import NORMS, OBJECTIVES, pgd
+from raylab.attacks.pgd import default_step
 
 
 class EvalError(ValueError):
@@ -112,7 +113,7 @@ def pgd_flags(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm: str, 
     """Per-example bool: correct on the clean image AND on its PGD adversarial example.
 
     The clean image is itself a point of the eps-ball, so a point misclassified clean is never robust, whatever the
-    attack returned. `step` defaults to eps/4 (2/255 at L-inf 8/255, the papers' PGD-40; eps/4 at L2).
+    attack returned. `step` defaults to `attacks.pgd.default_step` (2/255 at L-inf 8/255, the papers' PGD-40; 2·eps/steps at L2).
     """
     require_eval_mode(model)
     check_images(x, y)
@@ -122,7 +123,7 @@ def pgd_flags(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm: str, 
     check_choice("objective", objective, OBJECTIVES)
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise EvalError(f"steps: {steps!r} must be an integer >= 1")
-    step = eps / 4 if step is None else step
+    step = default_step(norm, eps, steps) if step is None else step
     check_eps(step, "step")
     device = model_device(model)
     flags = []
@@ -147,3 +148,21 @@ def _mean(flags: torch.Tensor) -> float:
     if flags.numel() == 0:
         raise EvalError("x: no images to evaluate (N = 0)")
     return flags.float().mean().item()
+
+
+def wilson_interval(accuracy: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of an accuracy measured on n images (Wilson 1927): unlike the normal
+    approximation it stays inside [0, 1] and is honest near 0% and 100%, where small test sets put toy models."""
+    if n <= 0 or not math.isfinite(accuracy):
+        return math.nan, math.nan
+    centre = (accuracy + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(accuracy * (1 - accuracy) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(centre - half, 0.0), min(centre + half, 1.0)
+
+
+def format_accuracy(accuracy: float, n: int) -> str:
+    """'84.00 [79.5, 87.7]': the accuracy in percent with its 95% Wilson interval over n images."""
+    if not math.isfinite(accuracy):
+        return "-"
+    low, high = wilson_interval(accuracy, n)
+    return f"{100 * accuracy:.2f} [{100 * low:.1f}, {100 * high:.1f}]"

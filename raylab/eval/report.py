@@ -14,6 +14,7 @@ import numpy as np
 
 from raylab.eval.autoattack import ROBUST, AAResult
 from raylab.eval.checks import CheckReport
+from raylab.eval.metrics import wilson_interval
 
 # Certified accuracy is tabulated at these multiples of sigma (Cohen et al. 2019 report radii up to ~4 sigma)
 # and drawn on a finer grid of the same span.
@@ -62,6 +63,18 @@ class EvalHeader:
     seed: int
     chunk_size: int
     certify_sigma: Optional[float] = None
+    trained: Optional[tuple[str, float]] = None  # the training attack's (norm, eps), when the run is known
+    transfer: bool = False                       # eval.transfer: a different threat model is intended
+
+    def mismatch(self) -> Optional[str]:
+        """'trained against linf eps=8/255, evaluated against l2 eps=0.5' when the threat models differ."""
+        if self.trained is None:
+            return None
+        norm, eps = self.trained
+        if norm == self.norm and math.isclose(eps, self.eps, rel_tol=1e-9, abs_tol=1e-12):
+            return None
+        return (f"trained against {norm} eps={format_eps(eps, norm)}, evaluated against {self.norm} "
+                f"eps={format_eps(self.eps, self.norm)}")
 
     def lines(self, n: int) -> list[str]:
         epoch = f" (epoch {self.epoch})" if self.epoch is not None else ""
@@ -148,6 +161,11 @@ class EvalResult:
         and inconsistencies between the attacks."""
         lines = [f"WARNING gradient-masking check {c.name} FAILED: {c.message}" for c in self.checks
                  if not c.passed]
+        mismatch = self.header.mismatch()
+        if mismatch:  # a robust accuracy at another norm/eps is not the one the paper tables report
+            lines.append(f"transfer evaluation: {mismatch} (eval.transfer=true)" if self.header.transfer else
+                         f"WARNING threat model mismatch: {mismatch}; these are not the model's robust accuracies"
+                         " at its own threat model (set eval.norm/eval.eps, or eval.transfer=true if intended)")
         if self.aa is None:
             return lines
         lines += [f"WARNING AutoAttack: {w}" for w in self.aa.warnings]
@@ -183,13 +201,19 @@ def _row(metric: str, flags: np.ndarray) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------------------------
 # Text.
 
+def _interval(row: dict[str, Any]) -> str:
+    low, high = wilson_interval(row["accuracy"], row["n"])
+    return "-" if math.isnan(low) else f"[{100 * low:.1f}, {100 * high:.1f}]"
+
+
 def format_table(result: EvalResult, notes: Sequence[str] = ()) -> str:
     """The printed report: header lines, the table, then notes and warnings (one per line)."""
     rows = result.rows()
     width = max(len(r["metric"]) for r in rows) + 2
     lines = result.header.lines(result.n)
-    lines.append(f"{'metric':<{width}}{'accuracy':>10}{'correct / n':>16}")
-    lines += [f"{r['metric']:<{width}}{r['accuracy']:>10.2%}{r['correct']:>9} / {r['n']:<5}" for r in rows]
+    lines.append(f"{'metric':<{width}}{'accuracy':>10}{'95% Wilson':>16}{'correct / n':>16}")
+    lines += [f"{r['metric']:<{width}}{r['accuracy']:>10.2%}{_interval(r):>16}{r['correct']:>9} / {r['n']:<5}"
+              for r in rows]
     lines += [f"check {c.name}: passed ({c.message})" for c in result.checks if c.passed]
     lines += list(notes) + result.warnings()
     return "\n".join(lines)

@@ -53,7 +53,7 @@ from raylab.pipeline.generators import GENERATORS, GenerateError, GeneratorKind,
 from raylab.pipeline.plan import SeedPlan, set_identity
 from raylab.pipeline.quality import (FD_LABEL, FID_LABEL, InceptionFeatures, QualityError, Scorer, inception_fid,
                                      scorer_fd, scorer_identity)
-from raylab.pipeline.select import load_scores, save_scores, scores_path
+from raylab.pipeline.select import check_policy, load_scores, save_scores, scores_path
 from raylab.runs import run_dir
 
 __all__ = [
@@ -132,6 +132,7 @@ def plan_job(cfg: ExperimentConfig, out_dir: str | os.PathLike | None = None,
     if label_dim == 0 and scorer is None:
         raise GenerateError("unconditional generator: its images need scorer pseudo-labels, set "
                             "select.scorer_checkpoint=PATH (" + note + ")")
+    check_policy(cfg.select, scorer is not None, note)
     if scorer is not None and get_dataset(scorer["dataset"]).num_classes != num_classes:
         raise GenerateError(f"select.scorer_checkpoint: scorer of {scorer['dataset']}, data.dataset is "
                             f"{cfg.data.dataset}")
@@ -237,6 +238,11 @@ class GenerateOutcome:
     quality: dict[str, float] = field(default_factory=dict)  # QUALITY_METRICS measured for the MLflow report
 
     @property
+    def device_seconds(self) -> float:
+        """The device time this run spent: sampler and scorer actors' busy time (the cost ledger)."""
+        return self.sample_seconds + self.score_seconds
+
+    @property
     def images_per_s(self) -> float:
         return self.images_written / self.seconds if self.seconds > 0 else 0.0
 
@@ -279,6 +285,8 @@ def _generate_locked(cfg: ExperimentConfig, store_dir: Path,
     spec = plan_job(cfg, store_dir, fault_after_shards)
     store = ShardStore(spec.store)
     remove_temp_files(store.root)
+    for line in store.set_aside_corrupt(spec.plan.shards()):  # a rerun repairs what it finds, it does not trust
+        print(line, flush=True)
     todo = store.missing(spec.plan.shards())
     start = time.perf_counter()
     if todo:
@@ -378,7 +386,10 @@ def log_generation(cfg: ExperimentConfig, outcome: GenerateOutcome, parent_run_i
                              "shards_present": outcome.shards_present, "images_total": spec.plan.size,
                              "seconds": outcome.seconds, "images_per_s": outcome.images_per_s,
                              "sampler_busy_s": outcome.sample_seconds, "scorer_busy_s": outcome.score_seconds,
-                             "sampler_utilization": outcome.sampler_utilization}, step=0)
+                             "sampler_utilization": outcome.sampler_utilization,
+                             "cost_generate_device_s": outcome.device_seconds,
+                             "cost_per_generated_image_s": outcome.device_seconds / max(outcome.images_written, 1)},
+                            step=0)
         tracker.log_dict(spec.identity, "dataset/identity.json")
         tracker.log_artifact(store / "manifest.json", "dataset")
         tracker.log_metrics({f"class_count/{c}": n for c, n in report["class_counts"].items()}, step=0)

@@ -69,16 +69,26 @@ def register_policy(name: str, needs: tuple[str, ...] = ()):
     return wrap
 
 
-def top_fraction_per_class(labels: np.ndarray, score: np.ndarray, seed: np.ndarray, fraction: float) -> np.ndarray:
-    """Mask of the ceil(fraction · n_c) highest-scoring rows of every class c (ties: lower seed first)."""
+def _top_per_class(labels: np.ndarray, score: np.ndarray, seed: np.ndarray,
+                   count: Callable[[int], int]) -> np.ndarray:
+    """Mask of the count(n_c) highest-scoring rows of every class c of n_c rows (ties: lower seed first)."""
     keep = np.zeros(len(labels), bool)
     order = np.lexsort((seed, -score.astype(np.float64), labels))  # by class, then score desc, then seed
     sorted_labels = labels[order]
     starts = np.flatnonzero(np.r_[True, sorted_labels[1:] != sorted_labels[:-1]])
     for start, end in zip(starts, np.r_[starts[1:], len(order)]):
-        k = math.ceil(fraction * (end - start) - 1e-9)
-        keep[order[start:start + k]] = True
+        keep[order[start:start + count(end - start)]] = True
     return keep
+
+
+def top_fraction_per_class(labels: np.ndarray, score: np.ndarray, seed: np.ndarray, fraction: float) -> np.ndarray:
+    """Mask of the ceil(fraction · n_c) highest-scoring rows of every class c."""
+    return _top_per_class(labels, score, seed, lambda n: math.ceil(fraction * n - 1e-9))
+
+
+def top_k_per_class(labels: np.ndarray, score: np.ndarray, seed: np.ndarray, k: int) -> np.ndarray:
+    """Mask of the k highest-scoring rows of every class (all of a class with fewer)."""
+    return _top_per_class(labels, score, seed, lambda n: min(k, n))
 
 
 @register_policy("none")
@@ -94,8 +104,12 @@ def _topk(cols: Mapping[str, np.ndarray], cfg: SelectConfig) -> Selection:
 
 @register_policy("pseudo", needs=("pred", "confidence"))
 def _pseudo(cols: Mapping[str, np.ndarray], cfg: SelectConfig) -> Selection:
+    """The same k most confident rows of every pseudo-class, k = top_fraction · N / K: Wang et al. 2023 App. A keeps
+    the top 100K per class of 5M unconditional samples. A fraction of each pseudo-class would inherit the scorer's
+    class imbalance."""
     labels = cols["pred"].astype(np.int16)
-    return Selection(top_fraction_per_class(labels, cols["confidence"], cols["seed"], cfg.top_fraction), labels)
+    k = math.ceil(cfg.top_fraction * len(labels) / max(len(np.unique(labels)), 1) - 1e-9)
+    return Selection(top_k_per_class(labels, cols["confidence"], cols["seed"], k), labels)
 
 
 @register_policy("agreement", needs=("pred", "confidence", "pred2", "confidence2"))
@@ -174,6 +188,22 @@ def check_second(cfg: SelectConfig) -> None:
     if cfg.policy == "agreement" and not cfg.second_checkpoint:
         raise SelectError("select.second_checkpoint: required by select.policy=agreement (Sehwag et al. 2022 "
                           "two-classifier filter); set it to a classifier checkpoint or run directory")
+
+
+SCORER_COLUMNS = ("score", "pred", "confidence")  # what a scoring pass adds to the shards
+
+
+def check_policy(cfg: SelectConfig, scored: bool, why_unscored: str = "") -> None:
+    """Before any generation: select.policy exists, and a policy that ranks by the scorer's outputs has a scorer
+    (without one, CIFAR-10 would sample every image and only then fail in selection)."""
+    if cfg.policy not in POLICIES:
+        raise SelectError(f"select.policy: {cfg.policy!r} is not one of {', '.join(POLICIES)}")
+    check_second(cfg)
+    needs = [c for c in POLICY_COLUMNS[cfg.policy] if c in SCORER_COLUMNS]
+    if needs and not scored:
+        raise SelectError(f"select.policy={cfg.policy}: ranks by the scorer's {'/'.join(needs)}; set "
+                          "select.scorer_checkpoint=PATH, or select.policy=none (" +
+                          (why_unscored or "nothing scores the images") + ")")
 
 
 def second_scores(cfg: ExperimentConfig, store: str | os.PathLike) -> Optional[Path]:

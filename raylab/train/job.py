@@ -7,6 +7,7 @@ and passes the generated view's row index to the workers, which stream its rows 
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from raylab.runs import RunDir, run_dir
 from raylab.train.worker import train_worker
 
 MLFLOW_RUN_FILE = "mlflow_run_id"
+COST_FILE = "cost_device_s"  # device-seconds of every attempt at this run so far (a resumed run adds to it)
 
 
 @dataclass(frozen=True)
@@ -27,6 +29,7 @@ class TrainOutcome:
     history: list[dict[str, Any]]
     best: dict[str, Any]
     mlflow_run_id: str | None
+    device_s: float = 0.0  # the cost ledger: wall time of fit() x devices (workers), summed over attempts
 
     @property
     def last(self) -> dict[str, Any]:
@@ -60,6 +63,9 @@ def run_training(cfg: ExperimentConfig, *, generated: RowIndex | None = None, na
     when ratio is 1); `crash`: the worker's fault-injection drill (raylab.train.worker._fault_drill); `trace`: a
     directory where every rank records the generated rows of each batch (tests, `data mix-stats`)."""
     _check_inputs(cfg, generated)
+    if cfg.data.val_size == 0:
+        print("data.val_size=0: no validation set, so best.pt is the last epoch's weights (never chosen by test "
+              "accuracy)", flush=True)
     run = run_dir(cfg, stage, name)
     tracker = open_tracker(cfg, run, parent_run_id, tags)
     loop_config = {"flat": to_flat(cfg), "run_dir": str(run.path), "generated": generated, "crash": crash,
@@ -67,16 +73,27 @@ def run_training(cfg: ExperimentConfig, *, generated: RowIndex | None = None, na
     logger = EpochLogger(tracker.uri, tracker.run_id, "epoch", cfg.train.epochs, label=f"[{run.name}] ")
     trainer = make_trainer(train_worker, loop_config, cfg, run, callbacks=[logger, *(callbacks or [])])
     with tracker:
+        start = time.perf_counter()
         result = trainer.fit()
+        device_s = _add_cost(run, (time.perf_counter() - start) * max(cfg.resources.num_workers, 1))
         out = result.return_value or {}
         logger.replay(out.get("history", []))  # local mode has no controller; elsewhere every step is there
         best = out.get("best", {})
         tracker.log_metrics({"best_epoch": best.get("epoch", -1), f"best_{best.get('metric', 'score')}":
-                             best.get("score", float("nan"))}, step=cfg.train.epochs)
+                             best.get("score", float("nan")), "cost_train_device_s": device_s}, step=cfg.train.epochs)
         for name_ in ("best.pt", "last.pt"):
             if (run.path / name_).exists():
                 tracker.set_tags({f"checkpoint.{name_}": str(run.path / name_)})
-    return TrainOutcome(run, out.get("history", []), best, tracker.run_id)
+    return TrainOutcome(run, out.get("history", []), best, tracker.run_id, device_s)
+
+
+def _add_cost(run: RunDir, seconds: float) -> float:
+    from raylab.io import atomic_write_text
+
+    path = run.path / COST_FILE
+    total = (float(path.read_text()) if path.is_file() else 0.0) + seconds
+    atomic_write_text(path, f"{total}\n")
+    return total
 
 
 def checkpoint_path(run_path: str | Path, which: str = "best") -> Path:

@@ -181,7 +181,7 @@ def _train(cfg: ExperimentConfig, loop_config: dict[str, Any]) -> dict[str, Any]
                             ratio=cfg.train.ratio)
     ctx = build_context(cfg, splits, steps, world)
     streams = build_streams(cfg, splits, rank, world, loop_config.get("generated"))
-    start, best, history = 0, {"metric": selection_metric(cfg), "score": -math.inf, "epoch": -1}, []
+    start, best, history = 0, {"metric": selection_metric(cfg, len(splits.val)), "score": -math.inf, "epoch": -1}, []
     state, own = load_latest_state(rank)
     if state is not None:
         start, best, history = restore(ctx, streams, state, own)
@@ -204,14 +204,17 @@ def _train(cfg: ExperimentConfig, loop_config: dict[str, Any]) -> dict[str, Any]
     return {"history": history, "best": best}
 
 
-def selection_metric(cfg: ExperimentConfig) -> str:
+def selection_metric(cfg: ExperimentConfig, val_rows: int) -> str:
     """What picks `best.pt`: validation PGD-40 accuracy (Wang et al. 2023 Tables 4-5); clean accuracy for the CE
-    scorer."""
+    scorer. Without validation images (data.val_size=0) the latest epoch: picking by test accuracy would report a
+    test number that was also used for model selection."""
+    if not val_rows:
+        return "epoch"
     return "val_clean_acc" if cfg.train.loss == "ce" else "val_robust_acc"
 
 
 def _keep_best(run_path: Path, ctx: TrainContext, epoch: int, metrics: dict, best: dict) -> dict:
-    score = metrics.get(best["metric"], metrics["test_clean_acc"])
+    score = metrics[best["metric"]]
     if score >= best["score"]:
         save_weights(run_path / "best.pt", ctx, epoch, metrics)
         return {**best, "score": score, "epoch": epoch}

@@ -37,6 +37,7 @@ class GeneratedView:
     identity_hash: str
     rows: int
     fd: float | None  # Frechet distance on scorer features, when the generation measured it
+    device_s: float = 0.0  # the generation's measured device time (sampler + scorer busy)
 
 
 def artifacts_root(cfg: ExperimentConfig) -> Path:
@@ -56,7 +57,7 @@ def _generate(cfg: ExperimentConfig, parent_run_id: str | None) -> dict:
         outcome = run_generate(cfg, folder / "shards", parent_run_id=parent_run_id)
         summary = {"store": str(outcome.store), "identity_hash": outcome.identity_hash,
                    "mlflow_run_id": outcome.mlflow_run_id, "quality": outcome.quality,
-                   "fd": outcome.quality.get("fd_scorer_features")}
+                   "fd": outcome.quality.get("fd_scorer_features"), "device_s": outcome.device_seconds}
         atomic_write_json(summary_path, summary)
         return summary
 
@@ -73,4 +74,5 @@ def ensure_view(cfg: ExperimentConfig, parent_run_id: str | None = None) -> Gene
         write_config(path, cfg, keep=True)
         view = (load_view(path) if (path / "view.json").exists()
                 else build_view(gen["store"], cfg.select, path, second=second_scores(cfg, gen["store"])))
-    return GeneratedView(path, Path(gen["store"]), gen["identity_hash"], len(view), gen.get("fd"))
+    return GeneratedView(path, Path(gen["store"]), gen["identity_hash"], len(view), gen.get("fd"),
+                         gen.get("device_s", 0.0))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from raylab.config import ConfigError, make_config, parse_assignments
 
@@ -45,6 +45,8 @@ class Ablation:
     title: str
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
     layout: str | None = None
+    coupled: dict[str, Callable[[Any], dict[str, Any]]] = field(default_factory=dict)  # per preset: keys that
+    # follow the swept value (`raylab.tune.sweep.Coupling`)
 
 
 def parse_args(ablation: Ablation, argv: Sequence[str] | None) -> argparse.Namespace:
@@ -53,6 +55,8 @@ def parse_args(ablation: Ablation, argv: Sequence[str] | None) -> argparse.Names
     parser.add_argument("--preset", choices=("default", "paper"), default="default")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--values", default=None, help=f"comma-separated values of {ablation.key}")
+    parser.add_argument("--plan", action="store_true", help="print what the sweep would generate, keep, train and "
+                        "spend (device-hours), and exit")
     return parser.parse_args(argv)
 
 
@@ -76,10 +80,16 @@ def run_ablation(ablation: Ablation, argv: Sequence[str] | None = None) -> int:
     except ConfigError as err:
         print(f"error: {err}")
         return 2
+    if ns.plan:
+        from raylab.cost import make_plan
+
+        print("\n".join(make_plan(cfg, {ablation.key: values}, ablation.coupled.get(mode)).lines()))
+        return 0
     print(f"{ablation.title}: {ablation.key} in {values} ({mode}; runs under {cfg.tracking.root})", flush=True)
     try:
         with quiet_ray_chatter():
-            out = run_sweep(cfg, {ablation.key: values}, layout=ablation.layout)
+            out = run_sweep(cfg, {ablation.key: values}, layout=ablation.layout,
+                            coupled=ablation.coupled.get(mode))
     except SweepError as err:
         print(f"error: {err}")
         return 1

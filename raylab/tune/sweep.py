@@ -13,14 +13,18 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from raylab.config import (ExperimentConfig, fingerprint, from_flat, identity_flat, override, pin_paths, to_flat,
                            to_json)
+from raylab.cost import ledger
 from raylab.io import atomic_write_text
 from raylab.runs import write_config
 
 PARENT_FILE = "mlflow_parent_run_id"
+# Keys that follow the swept value of a one-key sweep (a paper rule: Wang et al. 2023 Table 5 selects the top 20%
+# and mixes at 0.3 up to 1M generated images, takes all of them at 0.2 above): value -> {key: value}.
+Coupling = Callable[[Any], dict[str, Any]]
 
 
 class SweepError(RuntimeError):
@@ -36,30 +40,41 @@ class SweepOutcome:
     table: str
 
 
-def sweep_name(cfg: ExperimentConfig, space: dict[str, Sequence[Any]]) -> str:
+def _coupled_table(space: dict[str, Sequence[Any]], coupled: Optional[Coupling]) -> dict[str, dict]:
+    if coupled is None:
+        return {}
+    (values,) = space.values()
+    return {str(v): coupled(v) for v in values}
+
+
+def sweep_name(cfg: ExperimentConfig, space: dict[str, Sequence[Any]], coupled: Optional[Coupling] = None) -> str:
     """Deterministic: rerunning the same sweep finds (and restores) it; another config or space is another sweep."""
-    text = json.dumps({"config": identity_flat(cfg), "space": {k: list(v) for k, v in space.items()}}, sort_keys=True,
+    text = json.dumps({"config": identity_flat(cfg), "space": {k: list(v) for k, v in space.items()},
+                       **({"coupled": _coupled_table(space, coupled)} if coupled else {})}, sort_keys=True,
                       default=str)
     return f"{cfg.sweep.name}-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
 
 
-def sweep_dir(cfg: ExperimentConfig, space: dict[str, Sequence[Any]]) -> Path:
+def sweep_dir(cfg: ExperimentConfig, space: dict[str, Sequence[Any]], coupled: Optional[Coupling] = None) -> Path:
     """`<tracking.root>/tune/<sweep name>/`, Tune's experiment directory, created holding the resolved base config
     (`config.json`; the swept keys are in the MLflow parent run's `sweep_space.json`)."""
-    path = Path(cfg.tracking.root).resolve() / "tune" / sweep_name(cfg, space)
+    path = Path(cfg.tracking.root).resolve() / "tune" / sweep_name(cfg, space, coupled)
     write_config(path, cfg)
     return path
 
 
-def check_space(cfg: ExperimentConfig, space: dict[str, Sequence[Any]]) -> None:
-    """Every value of every swept key makes a valid config: fail before any compute, naming the key."""
+def check_space(cfg: ExperimentConfig, space: dict[str, Sequence[Any]], coupled: Optional[Coupling] = None) -> None:
+    """Every value of every swept key (with the keys coupled to it) makes a valid config: fail before any compute,
+    naming the key."""
     if not space:
         raise ValueError("sweep: the search space is empty (name at least one key and its values)")
+    if coupled is not None and len(space) != 1:
+        raise ValueError(f"sweep: coupled keys follow one swept key, not {len(space)} ({', '.join(space)})")
     for key, values in space.items():
         if not list(values):
             raise ValueError(f"{key}: the sweep gives it no values")
         for value in values:
-            override(cfg, {key: value})
+            override(cfg, {key: value, **(coupled(value) if coupled else {})})
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -96,6 +111,9 @@ def run_trial(trial_config: dict[str, Any], *, flat: dict[str, Any], parent_run_
     if view is not None:
         _log_lineage(cfg, out.mlflow_run_id, view)
         final["fd"] = view.fd if view.fd is not None else math.nan
+    robust = final["eval_aa_acc"] if math.isfinite(final["eval_aa_acc"]) else final["eval_pgd40_acc"]
+    final.update(ledger(view.device_s if view else 0.0, view.rows if view else 0, out.device_s,
+                        final.pop("eval_device_s"), robust))
     _log_final(cfg, out.mlflow_run_id, final)
     tune.report(final)
 
@@ -116,8 +134,10 @@ def evaluate_trial(cfg: ExperimentConfig, run_path: Path) -> dict[str, float]:
     best = run_eval(run_path, {"eval.checkpoint": "best"})
     # last.pt holds the same EMA weights as best.pt when the best epoch is the last one: no second evaluation
     last = best if best_is_last(run_path) else run_eval(run_path, {"eval.checkpoint": "last", "eval.autoattack": "none"})
+    seconds = best.seconds + (last.seconds if last is not best else 0.0)
     values = {"eval_clean_acc": best.clean_acc, "eval_pgd40_acc": best.pgd_acc, "eval_aa_acc": best.aa_acc,
-              "last_clean_acc": last.clean_acc, "last_pgd40_acc": last.pgd_acc}
+              "last_clean_acc": last.clean_acc, "last_pgd40_acc": last.pgd_acc,
+              "eval_device_s": seconds * cfg.resources.eval_actors}
     return {k: math.nan if v is None else float(v) for k, v in values.items()}
 
 
@@ -148,14 +168,24 @@ def _log_final(cfg: ExperimentConfig, run_id: str | None, final: dict[str, float
 # ---------------------------------------------------------------------------------------------------------------
 # The driver.
 
-def _search(cfg: ExperimentConfig, space: dict[str, Sequence[Any]]) -> tuple[dict, Any]:
+def _coupled_entries(space: dict[str, Sequence[Any]], coupled: Optional[Coupling]) -> dict[str, Any]:
+    """Tune's conditional search space: each coupled key is resolved from the trial's swept value."""
+    from ray import tune
+
+    if coupled is None:
+        return {}
+    (key, values), = space.items()
+    return {k: tune.sample_from(lambda spec, k=k: coupled(spec.config[key])[k]) for k in coupled(list(values)[0])}
+
+
+def _search(cfg: ExperimentConfig, space: dict[str, Sequence[Any]], coupled: Optional[Coupling]) -> tuple[dict, Any]:
     """(param_space entries, scheduler) for sweep.search: grid (default), random, asha."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
     if cfg.sweep.search == "grid":
-        return {k: tune.grid_search(list(v)) for k, v in space.items()}, None
-    entries = {k: tune.choice(list(v)) for k, v in space.items()}
+        return {**{k: tune.grid_search(list(v)) for k, v in space.items()}, **_coupled_entries(space, coupled)}, None
+    entries = {**{k: tune.choice(list(v)) for k, v in space.items()}, **_coupled_entries(space, coupled)}
     if cfg.sweep.search == "random":
         return entries, None
     return entries, ASHAScheduler(time_attr="training_iteration", max_t=cfg.train.epochs, grace_period=1,
@@ -178,7 +208,7 @@ def _parent_run(cfg: ExperimentConfig, path: Path, name: str, space: dict) -> st
     return tracker.run_id
 
 
-def _tuner(cfg: ExperimentConfig, space: dict, name: str, storage: Path, parent: str):
+def _tuner(cfg: ExperimentConfig, space: dict, name: str, storage: Path, parent: str, coupled: Optional[Coupling]):
     from ray import tune
 
     trainable = tune.with_resources(tune.with_parameters(run_trial, flat=to_flat(cfg), parent_run_id=parent, sweep=name),
@@ -186,7 +216,7 @@ def _tuner(cfg: ExperimentConfig, space: dict, name: str, storage: Path, parent:
     if tune.Tuner.can_restore(str(storage / name)):
         return tune.Tuner.restore(str(storage / name), trainable=trainable, resume_unfinished=True,
                                   resume_errored=True)
-    entries, scheduler = _search(cfg, space)
+    entries, scheduler = _search(cfg, space, coupled)
     param_space = entries
     tune_config = tune.TuneConfig(metric=cfg.sweep.metric, mode=cfg.sweep.mode, scheduler=scheduler,
                                   num_samples=cfg.sweep.num_samples, max_concurrent_trials=cfg.sweep.max_concurrent)
@@ -195,18 +225,20 @@ def _tuner(cfg: ExperimentConfig, space: dict, name: str, storage: Path, parent:
     return tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config)
 
 
-def run_sweep(cfg: ExperimentConfig, space: dict[str, Sequence[Any]], *, layout: str | None = None) -> SweepOutcome:
-    """Run (or restore and finish) the sweep of `space` over `cfg`; print and log its table and figures."""
+def run_sweep(cfg: ExperimentConfig, space: dict[str, Sequence[Any]], *, layout: str | None = None,
+              coupled: Optional[Coupling] = None) -> SweepOutcome:
+    """Run (or restore and finish) the sweep of `space` over `cfg`; print and log its table and figures.
+    `coupled`: keys that follow the value of a one-key sweep (`Coupling`)."""
     from raylab.cluster import init_ray
     from raylab.tune.report import report_sweep
 
-    check_space(cfg, space)
+    check_space(cfg, space, coupled)
     cfg = pin_paths(cfg)  # trials run in Tune's trial directories, not in this cwd
-    path = sweep_dir(cfg, space)
+    path = sweep_dir(cfg, space, coupled)
     name, storage = path.name, path.parent
     init_ray(shared_root=cfg.tracking.root)  # every node must see the run root, before any compute
     parent = _parent_run(cfg, path, name, space)
-    results = _tuner(cfg, space, name, storage, parent).fit()
+    results = _tuner(cfg, space, name, storage, parent, coupled).fit()
     rows, table = report_sweep(cfg.tracking, parent, list(space), layout=layout)
     if results.errors:  # a failed trial fails the sweep (after the report of those that finished)
         raise SweepError(f"sweep {name}: {len(results.errors)} of {len(results)} trials failed; first error: "

@@ -187,3 +187,19 @@ def test_labels_are_checked():
         pgd(model, x, soft, norm="linf", eps=0.1, step=0.01, steps=1, objective="margin")
     with pytest.raises(AttackError, match="attack labels"):
         pgd(model, x, y[:2], norm="linf", eps=0.1, step=0.01, steps=1)
+
+
+def test_unset_step_follows_the_reference_per_norm(trained):
+    """L-inf: eps/4 (the papers' 2/255 at 8/255); L2: 2·eps/steps, the reference's l2-pgd, not 2/255 for every
+    norm. An unset step equals passing that step explicitly."""
+    from raylab.attacks.pgd import default_step
+
+    assert default_step("linf", 8 / 255, 10) == pytest.approx(2 / 255)
+    assert default_step("l2", 128 / 255, 10) == pytest.approx(2 * 128 / 255 / 10)  # 6.4x 2/255
+    assert default_step("l2", 0.5, 40) == pytest.approx(0.025)  # validation/evaluation PGD-40 at L2
+    model, x, y = trained
+    for norm, eps in (("linf", 8 / 255), ("l2", 0.5)):
+        unset = pgd(model, x, y, norm=norm, eps=eps, step=None, steps=3, generator=torch.Generator().manual_seed(0))
+        explicit = pgd(model, x, y, norm=norm, eps=eps, step=default_step(norm, eps, 3), steps=3,
+                       generator=torch.Generator().manual_seed(0))
+        torch.testing.assert_close(unset, explicit)

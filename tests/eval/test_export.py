@@ -31,22 +31,40 @@ def dm_wide_resnet_keys(depth: int, width: int) -> set[str]:
     return keys
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    """A run directory written by hand: config.json + best.pt of a WRN-16-2 whose BN statistics are not the
+def write_run(root: Path, name: str = "wrn-16-2"):
+    """A run directory written by hand: config.json + best.pt of a `name` WRN whose BN statistics are not the
     defaults (a loader that dropped buffers would be caught)."""
-    path = tmp_path_factory.mktemp("runs") / "train" / "train-export"
+    path = root / "train" / "train-export"
     path.mkdir(parents=True)
-    (path / "config.json").write_text(to_json(make_config("tiny", {"tracking.root": str(path.parents[1])})))
+    (path / "config.json").write_text(to_json(make_config("tiny", {"tracking.root": str(root),
+                                                                    "model.name": name})))
     spec = get_dataset("digits")
     torch.manual_seed(2)
-    model = create_model("wrn-16-2", num_classes=10, mean=spec.mean, std=spec.std).eval()
+    model = create_model(name, num_classes=10, mean=spec.mean, std=spec.std).eval()
     for m in model.modules():
         if isinstance(m, torch.nn.BatchNorm2d):
             m.running_mean.uniform_(-0.1, 0.1)
             m.running_var.uniform_(0.5, 1.5)
     torch.save({"model": model.state_dict(), "epoch": 5, "metrics": {"val_robust_acc": 0.5}}, path / "best.pt")
     return path, model
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    return write_run(tmp_path_factory.mktemp("runs"))
+
+
+@pytest.mark.parametrize("name, width", [("wrn-10-1", 1), ("wrn-10-2", 2)])
+def test_the_toy_wrns_round_trip_through_the_robustbench_layout_strictly(tmp_path, name, width):
+    """The embedded default's small WRNs are DMWideResNets too (depth 10: one block per group)."""
+    path, model = write_run(tmp_path, name)
+    out = export_robustbench(path, tmp_path / "rb.pt")
+    ckpt = torch.load(out, map_location="cpu", weights_only=True)
+    assert set(ckpt["state_dict"]) == dm_wide_resnet_keys(10, width)
+    loaded = load_robustbench_checkpoint(out, name, "digits")
+    x = torch.rand(4, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(x), model(x))
 
 
 def same_state(a: dict, b: dict) -> bool:

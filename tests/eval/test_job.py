@@ -167,6 +167,11 @@ def test_constant_class_model_keeps_exactly_its_clean_accuracy(tmp_path):
     # Accuracy that does not fall with eps is the gradient-masking signature: the report says so.
     assert not r.checks[0].passed
     assert "WARNING gradient-masking check accuracy_vs_eps FAILED" in format_table(r)
+    from raylab.eval.metrics import wilson_interval
+
+    low, high = wilson_interval(r.clean_acc, 16)
+    clean_line = next(line for line in format_table(r).splitlines() if line.startswith("clean "))
+    assert f"[{100 * low:.1f}, {100 * high:.1f}]" in clean_line and "95% Wilson" in format_table(r)
 
 
 def test_train_mode_model_is_rejected_before_any_compute(data, tmp_path):
@@ -217,6 +222,8 @@ def test_untrained_wrn_is_not_robust_at_large_eps_and_the_run_gets_the_report(ru
     r = out.result
     assert r.clean_acc > 0 and r.aa_acc == 0.0 and r.pgd_acc <= r.clean_acc
     printed = capsys.readouterr().out
+    assert "WARNING threat model mismatch: trained against linf eps=8/255 (0.03137), evaluated against linf " \
+           "eps=64/255" in printed  # eval.eps 64/255 on a model trained at 8/255
     for label in ("wrn-16-2 on digits", "checkpoint best (epoch 3)", "4 test images", "linf eps=64/255",
                   "AutoAttack version custom [apgd-ce]", "PGD-2"):
         assert label in printed
@@ -235,6 +242,21 @@ def test_untrained_wrn_is_not_robust_at_large_eps_and_the_run_gets_the_report(ru
     metrics = get_run(uri, out.mlflow_run_id).metrics
     assert metrics["eval_last_clean_acc"] == last.clean_acc and "eval_last_aa_acc" not in metrics
     assert metrics["eval_clean_acc"] == r.clean_acc and last.result.header.epoch == 4
+
+
+def test_an_intended_transfer_evaluation_is_reported_as_one(run, capsys):
+    path, _ = run
+    base = {"eval.num_test": 4, "eval.pgd_steps": 1, "eval.autoattack": "none", "eval.norm": "l2", "eval.eps": 0.5}
+    plain = run_eval(path, base, engine="local", track=False)
+    assert any(w.startswith("WARNING threat model mismatch") for w in plain.result.warnings())
+    capsys.readouterr()
+    transfer = run_eval(path, {**base, "eval.transfer": True}, engine="local", track=False)
+    printed = capsys.readouterr().out
+    assert "transfer evaluation: trained against linf eps=8/255 (0.03137), evaluated against l2 eps=0.5" in printed
+    assert "WARNING threat model" not in printed
+    assert transfer.out_dir == plain.out_dir  # a reporting flag: the chunks are the same evaluation's
+    matched = run_eval(path, {**base, "eval.norm": "linf", "eval.eps": "8/255"}, engine="local", track=False)
+    assert not [w for w in matched.result.warnings() if "threat model" in w or "transfer" in w]
 
 
 def test_run_directory_guards(run):

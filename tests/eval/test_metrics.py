@@ -121,3 +121,20 @@ def test_bad_attack_settings_fail_before_any_forward():
         args = {"norm": "linf", "eps": 0.1, **kwargs}
         with pytest.raises(EvalError, match=match):
             pgd_accuracy(Exploding().eval(), x, y, batch_size=4, generator=gen(), **args)
+
+
+def test_wilson_interval_and_its_table_cell():
+    """Against values computed by hand from Wilson's formula: 84/100 -> [75.6, 89.9]; 0/300 and 300/300 stay
+    inside [0, 1]; more images, a narrower interval."""
+    import math
+
+    from raylab.eval.metrics import format_accuracy, wilson_interval
+
+    low, high = wilson_interval(0.84, 100)
+    assert (round(100 * low, 1), round(100 * high, 1)) == (75.6, 89.9)
+    assert wilson_interval(0.0, 300)[0] == 0.0 and 0 < wilson_interval(0.0, 300)[1] < 0.02
+    assert wilson_interval(1.0, 300)[1] == pytest.approx(1.0) and wilson_interval(1.0, 300)[0] > 0.98
+    assert wilson_interval(0.5, 300)[1] - wilson_interval(0.5, 300)[0] < wilson_interval(0.5, 100)[1] - \
+        wilson_interval(0.5, 100)[0]
+    assert format_accuracy(0.84, 100) == "84.00 [75.6, 89.9]"
+    assert format_accuracy(math.nan, 100) == "-" and all(math.isnan(v) for v in wilson_interval(0.5, 0))

@@ -21,7 +21,7 @@ def test_registry_names_equal_config_choices():
 
 # Exact counts for 10 classes, measured here; they agree with the reference's 0.69M / 36.48M / 266.80M
 # (training_recipe.md §1) and the Sehwag et al. 2022 paper's 11.2M for ResNet-18.
-PARAMS = {"wrn-16-2": 691_674, "wrn-28-10": 36_479_194, "wrn-34-10": 46_160_474, "wrn-34-20": 184_531_674,
+PARAMS = {"wrn-10-1": 77_850, "wrn-10-2": 303_706, "wrn-16-2": 691_674, "wrn-28-10": 36_479_194, "wrn-34-10": 46_160_474, "wrn-34-20": 184_531_674,
           "wrn-70-16": 266_796_506, "resnet18": 11_173_962}
 
 
@@ -153,7 +153,7 @@ def test_normalization_is_inside_the_model():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(name="wrn-99-1"), "model.name: 'wrn-99-1' is not one of resnet18, wrn-16-2"),
+    (dict(name="wrn-99-1"), "model.name: 'wrn-99-1' is not one of resnet18, wrn-10-1, wrn-10-2, wrn-16-2"),
     (dict(activation="gelu"), "model.activation: 'gelu' is not one of silu, relu"),
     (dict(num_classes=0), "num_classes: 0 must be an int >= 1"),
     (dict(mean=(0.5, 0.5)), "mean: (0.5, 0.5) must be 3 finite floats"),

@@ -78,6 +78,7 @@ def test_mlflow_run_has_throughput_identity_grids_balance_and_scores(digits_run,
     assert run.status == "FINISHED" and run.tags["dataset.identity"] == out.identity_hash
     assert run.metrics["images_total"] == 10 * PER_CLASS and run.metrics["shards_present"] == 5
     assert {"images_per_s", "sampler_utilization", "sampler_busy_s"} <= set(run.metrics)
+    assert run.metrics["cost_generate_device_s"] == 0.0  # the ledger: reopening a complete store samples nothing
     assert run.metrics["class_count/3"] == PER_CLASS and run.metrics["fd_scorer_features"] >= 0
     assert run.params["generate.per_class"] == str(PER_CLASS)
     client = client_for(mlflow_uri)
@@ -99,3 +100,23 @@ def test_a_corrupted_shard_is_reported_by_name(digits_run, tmp_path, capsys):
     assert cli.main(["data", "verify", str(copy)]) == 1
     printed = capsys.readouterr().out.splitlines()
     assert printed[0] == problems[0] and printed[-1] == f"{copy}: 1 problem(s)"
+
+
+def test_a_rerun_sets_a_corrupted_shard_aside_and_writes_it_again(digits_run, tmp_path, capsys):
+    """One byte flipped, size unchanged: the rerun names the shard in one line, keeps the bad file under corrupt/,
+    writes the shard again (same bytes as the good one) and ends with a store `data verify` accepts."""
+    cfg, ref = digits_run
+    copy = shutil.copytree(ref.store, tmp_path / "copy")
+    victim = sorted(copy.glob("gen-*.parquet"))[1]
+    good = victim.read_bytes()
+    data = bytearray(good)
+    data[len(data) // 2] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    capsys.readouterr()
+    out = run_generate(cfg, copy, track=False)
+    lines = [line for line in capsys.readouterr().out.splitlines() if "set aside" in line]
+    assert len(lines) == 1 and lines[0].startswith(f"{victim}: sha256 differs from the manifest (corrupted)")
+    assert (out.shards_written, out.shards_present) == (1, 4)
+    assert victim.read_bytes() == good and verify_store(copy) == []
+    (aside,) = (copy / "corrupt").iterdir()
+    assert aside.read_bytes() == bytes(data)  # nothing is lost

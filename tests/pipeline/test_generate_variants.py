@@ -13,7 +13,7 @@ from raylab.generate.networks import build_edm
 from raylab.pipeline import generate_job
 from raylab.pipeline.gaussian import load_gaussian
 from raylab.pipeline.generate_job import GenerateError, plan_job, run_generate, score_store
-from raylab.pipeline.select import load_scores, scores_path
+from raylab.pipeline.select import SelectError, load_scores, scores_path
 from raylab.pipeline.quality import scorer_identity
 from tests.pipeline.helpers import TINY_EDM, job_config
 
@@ -27,6 +27,7 @@ def no_default_scorer(monkeypatch, tmp_path):
 def test_gaussian_generator_runs_through_the_cli_without_a_scorer(assets, tmp_path, ray_session, capsys):
     store = tmp_path / "store"
     sets = ["generate.generator=gaussian", "generate.checkpoint=", "select.scorer_checkpoint=none",
+            "select.policy=none",
             "generate.per_class=10", "generate.shard_size=50", f"tracking.root={tmp_path / 'runs'}"]
     rc = cli.main(["generate", "--out", str(store)] + [a for s in sets for a in ("--set", s)])
     assert rc == 0
@@ -80,7 +81,8 @@ def test_empty_scorer_setting_means_the_committed_digits_scorer_if_there_is_one(
     if generate_job.DEFAULT_SCORER.is_file():
         assert spec.scorer["file"] == str(generate_job.DEFAULT_SCORER.resolve()) and spec.note == ""
     monkeypatch.setattr(generate_job, "DEFAULT_SCORER", tmp_path / "absent" / "best.pt")
-    spec = plan_job(job_config(assets, tmp_path, {"select.scorer_checkpoint": ""}), tmp_path / "b")
+    spec = plan_job(job_config(assets, tmp_path, {"select.scorer_checkpoint": "", "select.policy": "none"}),
+                    tmp_path / "b")
     assert spec.scorer is None and "no scorer" in spec.note
 
 
@@ -96,7 +98,11 @@ def test_bad_generator_settings_fail_before_any_compute(assets, tmp_path, no_def
     with pytest.raises(GenerateError, match="5 classes"):
         plan_job(job_config(assets, tmp_path, {"generate.checkpoint": str(five)}), tmp_path / "d")
     assert cli.main(["select", str(tmp_path / "v"), "--store", str(tmp_path / "nostore")]) == 2
-    assert not any((tmp_path / n / "manifest.json").exists() for n in "abcd")  # no store was created
+    for policy in ("topk", "pseudo"):  # ranking by a score nobody computes: refused before sampling
+        with pytest.raises(SelectError, match=f"select.policy={policy}: ranks by the scorer"):
+            plan_job(job_config(assets, tmp_path, {"select.scorer_checkpoint": "", "select.policy": policy}),
+                     tmp_path / "e")
+    assert not any((tmp_path / n / "manifest.json").exists() for n in "abcde")  # no store was created
 
 
 def test_each_stage_gets_its_own_resources_and_device_in_the_built_pipeline(assets, tmp_path, ray_session):
@@ -120,15 +126,15 @@ def test_each_stage_gets_its_own_resources_and_device_in_the_built_pipeline(asse
 def test_a_sweep_view_with_the_agreement_policy_scores_the_set_a_second_time(reference_run, assets, tmp_path):
     """raylab.tune.artifacts.ensure_view: generation found in the artifact cache, second scorer run, view built
     like `raylab select` builds it, and the resolved config beside both artifacts."""
-    from raylab.config import fingerprint, from_json, override
+    from raylab.config import from_json, override
     from raylab.io import atomic_write_json
     from raylab.runs import GENERATION_KEYS
-    from raylab.tune.artifacts import artifacts_root, ensure_view
+    from raylab.tune.artifacts import address, artifacts_root, ensure_view
 
     cfg, ref = reference_run
     cfg = override(cfg, {"tracking.root": str(tmp_path / "runs"), "select.policy": "agreement",
                          "select.second_checkpoint": str(assets["scorer2"])})
-    folder = artifacts_root(cfg) / f"generate-{fingerprint(cfg, GENERATION_KEYS)}"
+    folder = artifacts_root(cfg) / f"generate-{address(cfg, GENERATION_KEYS)}"
     store = shutil.copytree(ref.store, folder / "shards")
     atomic_write_json(folder / "generate.json", {"store": str(store), "identity_hash": ref.identity_hash, "fd": 1.0})
     view = ensure_view(cfg)

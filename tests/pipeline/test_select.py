@@ -89,9 +89,9 @@ def test_amount_prefix_is_nested_and_balanced(tmp_path):
 def test_pseudo_relabels_with_the_scorer_and_agreement_uses_a_second_scores_file(tmp_path):
     store, cols = make_store(tmp_path / "store")
     pseudo = build_view(store.root, SelectConfig(policy="pseudo", top_fraction=1.0), tmp_path / "pseudo")
-    np.testing.assert_array_equal(pseudo.label, cols["pred"])
-    assert not np.array_equal(pseudo.label, cols["label"])
-    np.testing.assert_array_equal(pseudo.read_numpy(["label"])["label"], cols["pred"])
+    np.testing.assert_array_equal(pseudo.label, cols["pred"][pseudo.seed])
+    assert not np.array_equal(pseudo.label, cols["label"][pseudo.seed])
+    np.testing.assert_array_equal(pseudo.read_numpy(["label"])["label"], cols["pred"][pseudo.seed])
 
     second = {"seed": cols["seed"], "pred": (cols["pred"] + 1) % K, "confidence": np.full(len(cols["seed"]), 0.5),
               "score": np.full(len(cols["seed"]), 0.5)}
@@ -163,3 +163,22 @@ def test_second_scores_is_none_unless_agreement_and_agreement_needs_a_second_che
     with pytest.raises(SelectError, match="select.second_checkpoint: required"):
         second_scores(cfg, tmp_path / "no-store")
     check_second(make_config("tiny", {"select.policy": "agreement", "select.second_checkpoint": "x"}).select)
+
+
+def test_pseudo_labels_keep_the_same_top_k_in_every_pseudo_class():
+    """Wang et al. 2023 App. A: the top 100K per pseudo-class of 5M unconditional samples. With a scorer that
+    calls half of everything class 0, a per-class fraction would keep 2-3x more of class 0 than of the others."""
+    from raylab.pipeline.select import select_rows
+
+    rng = np.random.default_rng(0)
+    n = 2000
+    pred = np.where(rng.random(n) < 0.5, 0, rng.integers(1, K, n)).astype(np.int16)
+    cols = {"seed": np.arange(n), "label": np.full(n, -1, np.int16), "pred": pred, "confidence": rng.random(n)}
+    chosen = select_rows(cols, SelectConfig(policy="pseudo", top_fraction=0.2))
+    counts = np.bincount(chosen.labels[chosen.keep], minlength=K)
+    k = -(-2 * n // (10 * K))  # ceil(0.2 * N / K) per pseudo-class
+    assert counts.tolist() == [k] * K
+    for c in range(K):
+        mine = pred == c
+        threshold = np.sort(cols["confidence"][mine])[-k]
+        assert (cols["confidence"][chosen.keep & mine] >= threshold).all()  # the most confident of each

@@ -93,6 +93,8 @@ def test_local_mode_training_with_generated_mix_logs_to_mlflow(ray_session, tmp_
     assert (out.run.path / "config.json").exists()
     history = get_run_metrics_history(resolve_tracking_uri(cfg.tracking), out.mlflow_run_id, "val_robust_acc")
     assert [step for step, _ in history] == [1, 2]
+    cost = get_run_metrics_history(resolve_tracking_uri(cfg.tracking), out.mlflow_run_id, "cost_train_device_s")
+    assert cost == [(2, pytest.approx(out.device_s))] and out.device_s > 0  # the ledger: fit() time x devices
 
 
 @pytest.mark.ray
@@ -124,3 +126,16 @@ def test_crashed_worker_resumes_on_the_same_trajectory(ray_session, tmp_path):
     losses = lambda out: [h["train_loss"] for h in out.history]  # noqa: E731
     assert len(crashed.history) == 2
     np.testing.assert_allclose(losses(crashed), losses(straight), rtol=1e-5)
+
+
+@pytest.mark.ray
+def test_without_validation_images_best_is_the_last_epoch_not_the_best_test_score(ray_session, tmp_path, capsys):
+    from raylab.train.job import run_training
+
+    cfg = small_config(tmp_path, **{"resources.num_workers": 0, "train.ratio": 1.0, "train.epochs": 2,
+                                    "data.val_size": 0, "data.max_train": 64})
+    out = run_training(cfg)
+    assert "data.val_size=0: no validation set, so best.pt is the last epoch's weights" in capsys.readouterr().out
+    assert out.best == {"metric": "epoch", "score": 2, "epoch": 2}
+    assert all("val_robust_acc" not in h for h in out.history)
+    assert torch.load(out.run.path / "best.pt", weights_only=True)["epoch"] == 2

@@ -1,0 +1,74 @@
+"""`raylab plan` and `ablate_*.py --plan`: the arithmetic of a plan, against the figures it is built from."""
+import runpy
+from pathlib import Path
+
+import pytest
+
+from raylab import cli
+from raylab.config import make_config
+from raylab.cost import TRAIN_IMG_PER_S, make_plan, plan_arm
+
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+
+
+def stages(cfg):
+    return {s.stage: s for s in plan_arm(cfg)}
+
+
+def test_paper_generation_and_training_reproduce_the_published_a100_times():
+    """Wang et al. 2023 Table 10: 5M images at 20 steps on 4 A100 in 10.92 h (43.7 device-h); App. B.2: a
+    WRN-28-10 epoch of 51,200 images at batch 2048 on 4 A100 in 3.45 min."""
+    cfg = make_config("paper", {"select.policy": "none", "select.scorer_checkpoint": "none"})
+    gen = stages(cfg)["generate"]
+    assert (gen.images, gen.shards) == (5_000_000, 500)
+    assert gen.device_s / 3600 == pytest.approx(10.92 * 4, rel=0.005)
+    epoch = make_config("paper", {"train.batch_size": 2048, "train.epochs": 1, "train.ratio": 1.0,
+                                  "data.val_size": 0, "eval.autoattack": "none"})
+    train = stages(epoch)["train"]
+    assert train.steps == 25  # ceil(50,000 / 2048): the reference's CIFAR-sized epoch
+    assert train.device_s / 60 == pytest.approx(3.45 * 4, rel=0.01)
+
+
+def test_the_amount_sweep_generates_once_and_counts_it_once(capsys):
+    ab = runpy.run_path(str(EXPERIMENTS / "ablate_amount.py"), run_name="not_main")["ABLATION"]
+    from raylab.tune.experiment import run_ablation
+
+    assert run_ablation(ab, ["--preset", "paper", "--plan"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("plan: 8 arm(s)") and out[-1].startswith("total, shared artifacts once:")
+    generations = [line for line in out if line.strip().startswith("generate")]
+    assert len(generations) == 8 and all("20,000,000 images" in g and "[shared by 8 arms]" in g for g in generations)
+    kept = [line.split()[1] for line in out if line.strip().startswith("select")]
+    assert kept == ["50,000", "100,000", "200,000", "500,000", "1,000,000", "5,000,000", "10,000,000", "20,000,000"]
+    assert "(topk)" in out[3] and any("(none)" in line for line in out)  # the paper's rule per amount
+
+
+def test_a_sweep_total_counts_shared_artifacts_once_and_overrides_apply():
+    cfg = make_config("paper")
+    plan = make_plan(cfg, {"train.beta": ["2", "5", "8"]})
+    unique = plan.unique()
+    assert sorted(s.stage for s in unique.values()) == ["eval"] * 3 + ["generate", "select"] + ["train"] * 3
+    assert plan.total_s() == pytest.approx(sum(s.device_s for s in unique.values()))
+    faster = make_plan(make_config("paper", {"cost.train_img_per_s": 2 * TRAIN_IMG_PER_S["wrn-28-10"]}))
+    base = make_plan(cfg)
+    assert faster.total_s("train") == pytest.approx(base.total_s("train") / 2)
+    unknown = make_plan(make_config("paper", {"model.name": "resnet18"}))
+    assert unknown.total_s() is None and "set cost.train_img_per_s" in "\n".join(unknown.lines())
+
+
+def test_plan_verb_prints_each_stage_and_the_total(capsys):
+    assert cli.main(["plan", "--preset", "paper", "--set", "data.dataset=cifar100",
+                     "--sweep", "generate.steps=20,25"]) == 0
+    out = capsys.readouterr().out
+    assert "5,000,000 images" in out  # CIFAR-100: 50K per class x 100 classes, not 50M
+    assert out.count("[shared by 2 arms]") == 0 and out.strip().splitlines()[-1].startswith("total")
+
+
+def test_the_ledger_divides_measured_device_time_by_what_it_bought():
+    from raylab.cost import ledger
+
+    got = ledger(generate_s=100.0, kept=50, train_s=300.0, eval_s=100.0, robust_acc=0.25)
+    assert got["cost_total_device_s"] == 500.0 and got["cost_per_kept_image_s"] == 2.0
+    assert got["cost_per_robust_point_s"] == 20.0  # 500 device-s for 25 points of robust accuracy
+    assert ledger(0.0, 0, 1.0, 1.0, 0.0)["cost_per_robust_point_s"] != ledger(0.0, 0, 1.0, 1.0, 0.0)[
+        "cost_per_robust_point_s"]  # nan: no robust accuracy bought, no price per point
