@@ -114,7 +114,7 @@ def _data_mix_stats(ns: argparse.Namespace) -> int:
     if ns.batches < 1:
         raise ValueError(f"--batches: {ns.batches} must be >= 1")
     index = _generated_input(ns.target)  # a bad store or view stops here, before Ray starts
-    init_ray()
+    init_ray(shared_root=cfg.tracking.root)
     stats = mix_stats(generated_label_batches(index, cfg, ns.batches), index)
     for line in _mix_lines(ns.target, cfg, index, stats):
         print(line)
@@ -161,7 +161,7 @@ def _train(ns: argparse.Namespace) -> int:
     cfg = config_from(ns)
     generated = _generated_input(ns.generated)  # a bad view or store stops here, before Ray starts
     lineage = generated_lineage(ns.generated) if ns.generated else None
-    init_ray()
+    init_ray(shared_root=cfg.tracking.root)
     _print_training(run_training(cfg, generated=generated, lineage=lineage))
     return 0
 
@@ -181,7 +181,7 @@ def _scorer_train(ns: argparse.Namespace) -> int:
     from raylab.train.job import run_scorer_training
 
     cfg = config_from(ns)
-    init_ray()
+    init_ray(shared_root=cfg.tracking.root)
     _print_training(run_scorer_training(cfg))
     return 0
 
@@ -318,7 +318,7 @@ def _edm_train(ns: argparse.Namespace) -> int:
 
     cfg = config_from(ns)
     check_inputs(cfg)  # before Ray starts
-    init_ray()
+    init_ray(shared_root=cfg.tracking.root)
     out = train_edm(cfg)
     print(f"run: {out.run_dir}\nnetwork: {out.network_dir}\nfinal loss: {out.final_loss:.4f} "
           f"after {out.history[-1]['kimg'] if out.history else 0:g} kimg\nMLflow run: {out.mlflow_run_id}")
@@ -385,6 +385,31 @@ def _export(ns: argparse.Namespace) -> int:
     print(f"{path}: RobustBench DMWideResNet checkpoint ({ns.which} of {run}); model info {info}; evaluate it with "
           f"`raylab eval {path} --set model.name=... --set data.dataset=...`")
     return 0
+
+
+def _rehearse_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--nodes", type=int, default=3, help="head + worker nodes (>= 3; default 3)")
+    p.add_argument("--cluster-yaml", default="cluster.yaml", help="the start commands to rehearse")
+    p.add_argument("--workdir", default="", help="rehearsal directory (default /var/tmp/raylab-rehearse-<id>)")
+    p.add_argument("--no-fault", dest="fault", action="store_false", help="do not kill a worker node")
+    p.add_argument("--expect-trials", type=int, default=None, help="trial runs the job must leave in MLflow")
+    p.add_argument("--unshared-node", default="", help="drill: this worker (e.g. worker2) gets an empty local "
+                   "directory where the shared root should be")
+    p.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND... ({shared} = the shared root; "
+                   "default: the main ablation's smoke as a cluster runs it)")
+
+
+@verb("rehearse", "a real multi-node Ray cluster on this machine (root): run a job, lose a node, check the "
+      "cluster contract", _rehearse_args)
+def _rehearse(ns: argparse.Namespace) -> int:
+    from raylab.rehearse.run import Options, rehearse
+
+    command = ns.command[1:] if ns.command[:1] == ["--"] else ns.command
+    opts = Options(nodes=ns.nodes, cluster_yaml=ns.cluster_yaml, workdir=ns.workdir, fault=ns.fault,
+                   expect_trials=ns.expect_trials, unshared_node=ns.unshared_node)
+    if command:
+        opts.command = command
+    return rehearse(opts)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,27 +1,171 @@
-"""Connecting to Ray: a cluster when one is named, else a local instance sized to work on small machines.
+"""Connecting to Ray: a cluster when one is named, else a local instance sized to work on small machines; and the
+check that every node of a cluster sees the same shared root before any compute.
 
 On a 2-core laptop Ray Data actor pools and Train+ingest can deadlock silently at 2 logical CPUs
 (reference/ray_mlflow.md §2), so a local instance gets at least 4 logical CPUs (oversubscription is harmless).
 The custom `trial_driver` resource lets Tune trial drivers run without holding a CPU (§3).
+
+A local instance starts with its dashboard: Ray's State API lives in it, and without it every Train run's
+`PlacementGroupCleaner` printed "State API may be temporarily unavailable" (76 lines in one main job).
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import os
+import secrets
+import socket
+import sys
+from pathlib import Path
+from typing import Iterator, TextIO
+
+from raylab.io import atomic_write_text
 
 MIN_LOCAL_CPUS = 4
+CHECK_DIR = ".raylab-root-check"
+PROBE_TIMEOUT_S = 120.0
+_CHECKED: set[str] = set()
 
 
-def init_ray(address: str | None = None, **kwargs) -> None:
-    """Connect to `address` / $RAY_ADDRESS, or start a local Ray; a no-op when Ray is already initialized."""
+class SharedRootError(ValueError):
+    """One line: the node that does not see the shared root, and the path."""
+
+
+def init_ray(address: str | None = None, *, shared_root: str | os.PathLike | None = None, **kwargs) -> None:
+    """Connect to `address` / $RAY_ADDRESS, or start a local Ray (a no-op when Ray is already initialized); then,
+    given `shared_root`, check once per process that every node sees it (`check_shared_root`)."""
     import ray
 
-    if ray.is_initialized():
-        return
+    if not ray.is_initialized():
+        _connect(address or os.environ.get("RAY_ADDRESS"), **kwargs)
+    if shared_root is not None and str(shared_root) not in _CHECKED:
+        check_shared_root(shared_root)
+        _CHECKED.add(str(shared_root))
+
+
+def _connect(address: str | None, **kwargs) -> None:
+    import ray
+
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # local runs: no token files, no warning per init
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, **kwargs)
         return
     cpus = max(MIN_LOCAL_CPUS, os.cpu_count() or 1)
-    ray.init(num_cpus=cpus, resources={"trial_driver": cpus}, include_dashboard=False, **kwargs)
+    kwargs.setdefault("include_dashboard", True)
+    ray.init(num_cpus=cpus, resources={"trial_driver": cpus}, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Ray's chatter in the driver's terminal.
+
+# Exact substrings of Ray's own lines that are not about anything raylab does. core_worker.cc logs this at E level
+# whenever an actor with restarts gets an ObjectRef constructor argument: Ray Data's actor pools pass their own
+# DataContext and map transformer as ObjectRefs (actor_pool_map_operator.py) with unlimited restarts, and Ray
+# Train's PreemptionWatcher does the same; none of it is an argument of ours.
+RAY_CHATTER = ("has constructor arguments in the object store and max_restarts > 0",)
+
+
+class ChatterFilter(io.TextIOBase):
+    """A text stream that passes every line on to `stream` except Ray's chatter (RAY_CHATTER), whole lines only."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream, self._partial = stream, ""
+
+    def write(self, text: str) -> int:
+        *lines, self._partial = (self._partial + text).split("\n")
+        kept = [line for line in lines if not any(p in line for p in RAY_CHATTER)]
+        if kept:
+            self.stream.write("\n".join(kept) + "\n")
+        return len(text)
+
+    def flush(self) -> None:
+        if self._partial and not any(p in self._partial for p in RAY_CHATTER):
+            self.stream.write(self._partial)
+        self._partial = ""
+        self.stream.flush()
+
+    def isatty(self) -> bool:
+        return self.stream.isatty()
+
+    def fileno(self) -> int:
+        return self.stream.fileno()
+
+    @property
+    def encoding(self) -> str:
+        return getattr(self.stream, "encoding", "utf-8")
+
+
+@contextlib.contextmanager
+def quiet_ray_chatter() -> Iterator[None]:
+    """While the block runs, the driver's stdout and stderr (where Ray prints its workers' logs) drop RAY_CHATTER."""
+    saved = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = ChatterFilter(saved[0]), ChatterFilter(saved[1])
+    try:
+        yield
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        sys.stdout, sys.stderr = saved
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The shared-root check.
+
+def probe_root(path: str, token: str) -> tuple[str, str]:
+    """(this node, "" when `path` holds `token`, else what is wrong): what runs on every node."""
+    node = f"{socket.gethostname()} ({_node_ip()})"
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        return node, "does not see"
+    except OSError as err:
+        return node, f"cannot read ({err.strerror})"
+    return node, "" if text == token else "sees another directory at"
+
+
+def _node_ip() -> str:
+    import ray
+
+    return ray.util.get_node_ip_address()
+
+
+def problem_line(root: str, results: list[tuple[str, str]]) -> str | None:
+    """The one-line refusal for the first node with a problem (None when every node sees the root)."""
+    bad = [(node, what) for node, what in results if what]
+    if not bad:
+        return None
+    node, what = bad[0]
+    more = f" (and {len(bad) - 1} more node(s))" if len(bad) > 1 else ""
+    return (f"shared root: node {node} {what} {root}{more}: mount the same filesystem at the same path on every "
+            "node (tracking.root)")
+
+
+def alive_nodes() -> list[dict]:
+    import ray
+
+    return [n for n in ray.nodes() if n.get("Alive")]
+
+
+def check_shared_root(root: str | os.PathLike) -> None:
+    """Write a fresh token under `root` and read it back with a task pinned to every alive node; raise
+    SharedRootError naming the first node (and the path) that cannot, before any compute starts."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    root = str(Path(root).resolve())
+    token = secrets.token_hex(16)
+    path = Path(root) / CHECK_DIR / token
+    atomic_write_text(path, token)
+    probe = ray.remote(num_cpus=0, max_retries=0)(probe_root)
+    try:
+        refs = [probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+                .remote(str(path), token) for n in alive_nodes()]
+        results = ray.get(refs, timeout=PROBE_TIMEOUT_S)
+    finally:
+        path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            path.parent.rmdir()  # only when empty: another job's check may be running
+    line = problem_line(root, results)
+    if line:
+        raise SharedRootError(line)

@@ -321,7 +321,8 @@ class SweepConfig(_Stage):
 @dataclass(frozen=True)
 class TrackingConfig(_Stage):
     SECTION = "tracking"
-    root: str = knob("runs", doc="run root: run directories, artifacts, default MLflow store")
+    root: str = knob("runs", doc="run root: run directories, shards, views, checkpoints, Ray Train/Tune storage, "
+                     "MLflow artifacts (default store); on a cluster the shared root every node mounts")
     uri: str = knob("", doc="MLflow tracking URI; '' = $MLFLOW_TRACKING_URI or sqlite under root")
     experiment: str = knob("raylab")
     ui_port: int = knob(5000, lo=1, hi=65535)
@@ -341,7 +342,9 @@ class ResourcesConfig(_Stage):
     gpus_per_actor: float = knob(0.0, lo=0.0, doc="per sampler / eval actor")
     scorer_cpus_per_actor: float = knob(1.0, lo=0.0, doc="per scorer actor (own pool, own resources)")
     scorer_gpus_per_actor: float = knob(0.0, lo=0.0, doc="per scorer actor; a fraction shares a GPU")
-    max_failures: int = knob(1, lo=0)
+    placement: str = knob("PACK", choices=("PACK", "SPREAD"),
+                          doc="Ray Train workers packed on few nodes or spread over many (best effort)")
+    max_failures: int = knob(1, lo=0, doc="restarts of a Train run, a Tune trial after a lost worker or node")
     # Without a budget Ray Data streams through most of the object store and every page a worker reads stays in its
     # RSS (shared): +1.26 GiB over one pass of 500k rows, +0.24 GiB with 200 MiB (bench/bench_train_ray.py).
     ingest_object_store_mb: int = knob(256, lo=0, doc="object-store budget (MiB) of the training ingest, all "

@@ -12,11 +12,31 @@ from typing import Any, Callable, Iterator, Optional
 import filelock
 
 
+def current_umask() -> int:
+    """This process's umask, read without changing it (os.umask can only set it, racing other threads)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError):
+        mask = os.umask(0o022)
+        os.umask(mask)
+        return mask
+
+
+def mkstemp_umask(prefix: str, suffix: str, dir: str | os.PathLike) -> tuple[int, str]:
+    """`tempfile.mkstemp`, but the file gets the mode of any file the user creates (0666 minus the umask), not
+    0600: renamed into place on a cluster's shared root, the team reads the shards, manifests and checkpoints."""
+    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=dir)
+    os.fchmod(fd, 0o666 & ~current_umask())
+    return fd, tmp
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
-    """Call `write(tmp_path)` on a hidden temp file beside `path`, fsync it, then rename it into place."""
+    """Call `write(tmp_path)` on a hidden temp file beside `path`, fsync it, then rename it into place (the file
+    follows the umask: `mkstemp_umask`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = mkstemp_umask(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)

@@ -38,7 +38,10 @@ def test_every_experiment_composes_valid_configs_for_every_preset(path):
     for mode in ("tiny", "smoke", "paper"):
         cfg, values = compose(ab, mode, {})
         check_space(cfg, {ab.key: values}, ab.coupled.get(mode))
-    assert compose(ab, "paper", {})[0].model.name == "wrn-28-10"
+    paper = compose(ab, "paper", {})[0]
+    assert paper.model.name == "wrn-28-10"
+    # The cluster preset: the scorer on a GPU, and a failure budget for spot nodes.
+    assert paper.resources.scorer_gpus_per_actor >= 1 and paper.resources.max_failures >= 3
 
 
 def test_the_amount_ablation_applies_the_papers_rule_per_amount():

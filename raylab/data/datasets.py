@@ -31,7 +31,7 @@ from typing import Any, BinaryIO, Callable, Sequence
 
 import numpy as np
 
-from raylab.io import file_digest
+from raylab.io import file_digest, mkstemp_umask
 from raylab.config import DataConfig
 
 log = logging.getLogger(__name__)
@@ -197,7 +197,7 @@ def download_file(url: str, dest: str | os.PathLike, md5: str) -> Path:
     """Fetch `url` to a temp file beside `dest`, check its md5, then rename it into place; no partial file stays."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+    fd, tmp = mkstemp_umask(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
     try:
         with os.fdopen(fd, "wb") as out:
             got = _fetch(url, out, dest)

@@ -26,7 +26,6 @@ the rest lives in its own home module (import from there):
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -39,7 +38,7 @@ from raylab.data.shard_format import REQUIRED_COLUMNS, ShardError, build_table, 
 from raylab.data.shard_layout import (_MAX_SEED, _META_HASH, _META_IDENTITY, FORMAT, MANIFEST_NAME, _manifest_lock,
                                       _sorted_entries, canonical_json, identity_hash, load_manifest, shard_name)
 from raylab.data.shard_verify import _integrity_problem
-from raylab.io import atomic_write_json, sha256_file
+from raylab.io import atomic_write_json, mkstemp_umask, sha256_file
 
 CORRUPT_DIR = "corrupt"  # shards a rerun found corrupted, kept for inspection
 
@@ -130,7 +129,7 @@ class ShardStore:
         _check_fits(manifest, name, first_seed, last_seed, table.column_names)
         table = table.replace_schema_metadata({_META_IDENTITY: canonical_json(manifest["identity"]),
                                                _META_HASH: manifest["identity_hash"]})
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=self.root)
+        fd, tmp = mkstemp_umask(prefix=f".{name}.", suffix=".tmp", dir=self.root)
         os.close(fd)
         try:
             write_shard_file(table, tmp)

@@ -227,9 +227,8 @@ def _run_ray(spec: EvalSpec, images: np.ndarray, labels: np.ndarray, todo: list[
     ds = ds.map_batches(
         EvalActor, fn_constructor_kwargs={"spec": spec, "images": images, "labels": labels}, batch_size=1,
         compute=ray.data.ActorPoolStrategy(size=min(res.eval_actors, len(todo)), max_tasks_in_flight_per_actor=1),
-        num_cpus=res.cpus_per_actor, num_gpus=res.gpus_per_actor or None,
-        # A lost actor is restarted and its item retried (map_batches has no named parameter for these in 2.60).
-        max_restarts=res.max_failures, max_task_retries=res.max_failures)
+        # A lost actor is restarted and its item retried by Ray Data's defaults (unlimited restarts and retries).
+        num_cpus=res.cpus_per_actor, num_gpus=res.gpus_per_actor or None)
     rows = ds.take_all()
     return sum(bool(r["computed"]) for r in rows if int(r["item"]) != CHECKS_ITEM)
 

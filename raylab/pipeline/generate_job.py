@@ -15,7 +15,7 @@ are not seed-addressed and a retried task could leave a second copy.
 
 Resumable: only shards missing from the store are planned. Elastic: the bytes of a shard depend only on the set's
 identity (raylab.pipeline.plan), not on actor count, batch size or retries; actors are restarted and their
-in-flight shard retried by Ray (`max_restarts` / `max_task_retries` = resources.max_failures). GPU by
+in-flight shard retried by Ray Data's actor-pool defaults (unlimited restarts and retries). GPU by
 configuration alone: samplers and scorers are separate actor pools, each with its own resources
 (resources.cpus_per_actor / gpus_per_actor for samplers, resources.scorer_cpus_per_actor / scorer_gpus_per_actor
 for scorers; `raylab.pipeline.pools`). All paths (checkpoints, the store) must be on a filesystem every node sees.
@@ -232,7 +232,7 @@ def _generate_locked(cfg: ExperimentConfig, store_dir: Path,
     todo = store.missing(spec.plan.shards())
     start = time.perf_counter()
     if todo:
-        init_ray()  # only now: every check above runs before a Ray instance starts
+        init_ray(shared_root=cfg.tracking.root)  # only now: every check above runs before Ray starts
     written = build_pipeline(spec, todo, cfg.resources).take_all() if todo else []
     outcome = GenerateOutcome(
         store.root, store.identity_hash, spec, shards_written=len(written), shards_present=len(spec.plan.shards())

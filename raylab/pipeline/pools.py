@@ -51,7 +51,6 @@ def actor_pool(ds: Any, cls: type, kwargs: dict[str, Any], stage: str, res: Reso
     return ds.map_batches(
         cls, fn_constructor_kwargs=kwargs, batch_size=1, batch_format=batch_format,
         compute=ray.data.ActorPoolStrategy(size=stage_res.actors, max_tasks_in_flight_per_actor=1),
-        **stage_res.ray_args(),
-        # A lost actor is restarted and its shard retried; passed as remote args because map_batches has no
-        # named parameter for them in Ray 2.60 (this path is deprecated there, removal planned for 2.64).
-        max_restarts=res.max_failures, max_task_retries=res.max_failures)
+        # A lost actor is restarted and its shard retried by Ray Data's defaults (unlimited): passing
+        # max_restarts/max_task_retries as remote args is deprecated (removal in 2.64) and only lowered them.
+        **stage_res.ray_args())

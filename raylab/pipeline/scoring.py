@@ -46,7 +46,7 @@ def score_store(cfg: ExperimentConfig, store: str | os.PathLike, checkpoint: str
     if not entries:
         raise GenerateError(f"{store}: the store has no shards to score")
     res = cfg.resources
-    init_ray()
+    init_ray(shared_root=cfg.tracking.root)
     kwargs = {"store": str(store), "scorer": scorer, "use_gpu": stage_resources(res, "scorer").use_gpu}
     ds = actor_pool(ray.data.from_items(entries, override_num_blocks=len(entries)), ShardScorerActor, kwargs, "scorer",
                res, "numpy")

@@ -4,14 +4,14 @@
 - `plots`: Agg-only figures (learning curves, sample grids, histograms).
 - `ui`: `raylab ui`, the MLflow server on the run root's store.
 """
-from raylab.tracking.mlflow_store import (NullTracker, RunSummary, Tracker, TrackingError, artifact_root,
+from raylab.tracking.mlflow_store import (RunSummary, Tracker, TrackingError, artifact_root,
                                           child_runs, client_for, ensure_experiment, find_runs, get_run,
-                                          get_run_metrics_history, pin_tracking, rank_zero_tracker,
+                                          get_run_metrics_history, logged_steps, pin_tracking,
                                           resolve_tracking_uri)
 from raylab.tracking.plots import PlotError, histogram, image_grid, line_plot
 from raylab.tracking.ui import serve_ui, stop_ui
 
-__all__ = ["NullTracker", "PlotError", "RunSummary", "Tracker", "TrackingError", "artifact_root", "child_runs",
+__all__ = ["PlotError", "RunSummary", "Tracker", "TrackingError", "artifact_root", "child_runs",
            "client_for", "ensure_experiment", "find_runs", "get_run", "get_run_metrics_history", "histogram",
-           "image_grid", "line_plot", "pin_tracking", "rank_zero_tracker", "resolve_tracking_uri", "serve_ui",
+           "image_grid", "line_plot", "logged_steps", "pin_tracking", "resolve_tracking_uri", "serve_ui",
            "stop_ui"]

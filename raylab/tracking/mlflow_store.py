@@ -4,8 +4,8 @@ Everything goes through an explicit `MlflowClient(uri)` and an explicit run id, 
 global "active run", so the same code works in the driver, in Ray workers and in threads
 (reference/ray_mlflow.md §3). A `Tracker` pickles as (uri, run id): hand it to a Ray task and it re-attaches.
 
-Rank-0-only logging is the caller's job: in a Ray Train worker use `rank_zero_tracker(rank, uri, run_id)`, which
-gives rank 0 a real `Tracker` and every other rank a `NullTracker` with the same methods.
+Only drivers log: Ray Train workers report their metrics to the Train controller, whose `raylab.raytrain.EpochLogger`
+logs them here, so a worker node never needs to reach the tracking server (README "Scale out").
 
 Stores (reference/ray_mlflow.md §3, §6): MLflow 3 defaults to SQLite; the file store is in maintenance mode.
 The default here is `sqlite:///<abs tracking.root>/mlflow.db` with artifacts under `<abs tracking.root>/mlartifacts`.
@@ -244,7 +244,6 @@ class Tracker:
     """Logs to one MLflow run through an explicit client: params, metrics per step, figures, tables, lineage.
 
     Use as a context manager to end the run FINISHED, or FAILED when the body raises (KILLED on Ctrl-C).
-    Only rank 0 should hold one; see `rank_zero_tracker`.
     """
 
     def __init__(self, client: MlflowClient, uri: str, run_id: str) -> None:
@@ -404,33 +403,6 @@ class Tracker:
         return f"Tracker(uri={self.uri!r}, run_id={self.run_id!r})"
 
 
-class NullTracker:
-    """Same methods as `Tracker`, doing nothing: what non-zero ranks log to."""
-
-    uri: Optional[str] = None
-    run_id: Optional[str] = None
-    ended = False
-
-    def _noop(self, *args: Any, **kwargs: Any) -> None:
-        return None
-
-    log_params = log_metrics = set_tags = log_figure = log_dict = log_text = _noop
-    log_artifact = log_table = log_dataset_lineage = end = _noop
-
-    def __enter__(self) -> "NullTracker":
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        return None
-
-
-def rank_zero_tracker(rank: int, uri: Optional[str], run_id: Optional[str]) -> Tracker | NullTracker:
-    """A `Tracker` attached to `run_id` on rank 0 (when there is a run), a `NullTracker` elsewhere."""
-    if rank == 0 and uri and run_id:
-        return Tracker.attach(uri, run_id)
-    return NullTracker()
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Reading back (for `raylab report` and tests).
 
@@ -475,6 +447,11 @@ def get_run_metrics_history(uri: str, run_id: str, key: str) -> list[tuple[int, 
     """[(step, value), ...] of one metric, in step order (ties in logging order)."""
     history = client_for(uri).get_metric_history(run_id, key)
     return [(m.step, m.value) for m in sorted(history, key=lambda m: (m.step, m.timestamp))]
+
+
+def logged_steps(uri: str, run_id: str, key: str) -> set[int]:
+    """The steps at which metric `key` of a run was logged (what a resumed logger must not log again)."""
+    return {m.step for m in client_for(uri).get_metric_history(run_id, key)}
 
 
 def _search(client: MlflowClient, experiment_ids: list[str], filter_string: str) -> list[RunSummary]:

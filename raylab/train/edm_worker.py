@@ -232,28 +232,24 @@ def edm_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
 
 def _train_ticks(cfg: ExperimentConfig, loop_config: dict[str, Any]) -> dict[str, Any]:
     from raylab.raytrain import load_latest_state, report
-    from raylab.tracking import rank_zero_tracker
 
     splits = load_splits(cfg.data)
     t = _worker_training(cfg, splits.num_classes)
     state, _ = load_latest_state()
     if state is not None:
         load_state(t, state)
-    tracker = rank_zero_tracker(t.rank, loop_config.get("mlflow_uri"), loop_config.get("mlflow_run_id"))
     drill = _crash_drill(loop_config.get("crash"), t.rank)
     while t.n_img < cfg.edm.total_kimg * 1000:
         metrics = run_tick(t, splits.train, drill)
-        tracker.log_metrics(metrics, step=int(metrics["tick"]))
         report(metrics, state_dict(t))
     if t.rank == 0:
-        finish(t, cfg, Path(loop_config["run_dir"]), tracker, int(loop_config.get("samples_per_class", 10)))
+        finish(t, cfg, Path(loop_config["run_dir"]), int(loop_config.get("samples_per_class", 10)))
     return {"history": t.history, "n_img": t.n_img}
 
 
-def finish(t: EDMTraining, cfg: ExperimentConfig, run_path: Path, tracker: Any, per_class: int) -> None:
+def finish(t: EDMTraining, cfg: ExperimentConfig, run_path: Path, per_class: int) -> None:
     """Rank 0, after the last tick: the EMA network (save_edm) and a grid of its samples, one row per class."""
     from raylab.generate.sample_local import sample_images, write_grid_png
-    from raylab.tracking import image_grid
 
     last = t.history[-1] if t.history else {}
     save_edm(run_path / NETWORK_DIR, t.ema, extra={"dataset": cfg.data.dataset, "kimg": t.n_img / 1000,
@@ -261,9 +257,7 @@ def finish(t: EDMTraining, cfg: ExperimentConfig, run_path: Path, tracker: Any, 
     rows = max(t.label_dim, 1)
     images, _ = sample_images(t.ema, rows * per_class, sample_kwargs(cfg.generate), seed=cfg.generate.seed,
                               device=t.device)
-    write_grid_png(run_path / SAMPLES_PNG, images, per_class)
-    title = f"EDM {cfg.data.dataset}, {t.n_img / 1000:g} kimg, {cfg.generate.steps} steps"
-    tracker.log_figure(image_grid(images, nrow=per_class, title=title), f"plots/{SAMPLES_PNG}")
+    write_grid_png(run_path / SAMPLES_PNG, images, per_class)  # the driver logs it to MLflow
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -295,16 +289,21 @@ def train_edm(cfg: ExperimentConfig, *, name: Optional[str] = None, parent_run_i
     check_inputs(cfg)
     if samples_per_class < 1:
         raise ValueError(f"samples_per_class: {samples_per_class} must be >= 1")
-    from raylab.raytrain import make_trainer
+    from raylab.raytrain import EpochLogger, make_trainer
     from raylab.runs import run_dir
     from raylab.train.job import open_tracker  # the adversarial driver's: reopens the run dir's MLflow run
 
     run = run_dir(cfg, "edm", name)
     tracker = open_tracker(cfg, run, parent_run_id, tags)
-    loop_config = {"flat": to_flat(cfg), "run_dir": str(run.path), "mlflow_uri": tracker.uri,
-                   "mlflow_run_id": tracker.run_id, "crash": crash, "samples_per_class": samples_per_class}
-    trainer = make_trainer(edm_worker, loop_config, cfg, run, callbacks=callbacks)
+    loop_config = {"flat": to_flat(cfg), "run_dir": str(run.path), "crash": crash,
+                   "samples_per_class": samples_per_class}
+    ticks = math.ceil(cfg.edm.total_kimg / cfg.edm.checkpoint_every_kimg)
+    logger = EpochLogger(tracker.uri, tracker.run_id, "tick", ticks, label=f"[{run.name}] ")
+    trainer = make_trainer(edm_worker, loop_config, cfg, run, callbacks=[logger, *(callbacks or [])])
     with tracker:
         out = trainer.fit().return_value or {}
+        logger.replay(out.get("history", []))  # local mode has no controller; elsewhere every step is there
         tracker.set_tags({"edm.network_dir": str(run.path / NETWORK_DIR)})
+        if (run.path / SAMPLES_PNG).exists():
+            tracker.log_artifact(run.path / SAMPLES_PNG, "plots")
     return EDMTrainOutcome(run.path, run.path / NETWORK_DIR, tracker.run_id, list(out.get("history", [])))

@@ -15,7 +15,7 @@ from typing import Any
 from raylab.config import ExperimentConfig, to_flat, to_json
 from raylab.data.datasets import get_dataset
 from raylab.data.mix import RowIndex
-from raylab.raytrain import make_trainer
+from raylab.raytrain import EpochLogger, make_trainer
 from raylab.runs import RunDir, run_dir
 from raylab.train.worker import train_worker
 
@@ -116,14 +116,16 @@ def run_training(cfg: ExperimentConfig, *, generated: RowIndex | None = None, na
     run = run_dir(cfg, stage, name)
     tracker = open_tracker(cfg, run, parent_run_id, tags, run_name)
     log_inputs(tracker, cfg, lineage)
-    loop_config = {"flat": to_flat(cfg), "run_dir": str(run.path), "generated": generated,
-                   "mlflow_uri": tracker.uri, "mlflow_run_id": tracker.run_id, "crash": crash, "trace": trace}
-    trainer = make_trainer(train_worker, loop_config, cfg, run, callbacks=callbacks)
+    loop_config = {"flat": to_flat(cfg), "run_dir": str(run.path), "generated": generated, "crash": crash,
+                   "trace": trace}
+    logger = EpochLogger(tracker.uri, tracker.run_id, "epoch", cfg.train.epochs, label=f"[{run.name}] ")
+    trainer = make_trainer(train_worker, loop_config, cfg, run, callbacks=[logger, *(callbacks or [])])
     with tracker:
         start = time.perf_counter()
         result = trainer.fit()
         device_s = _add_cost(run, (time.perf_counter() - start) * max(cfg.resources.num_workers, 1))
         out = result.return_value or {}
+        logger.replay(out.get("history", []))  # local mode has no controller; elsewhere every step is there
         best = out.get("best", {})
         tracker.log_metrics({"best_epoch": best.get("epoch", -1), f"best_{best.get('metric', 'score')}":
                              best.get("score", float("nan")), "cost_train_device_s": device_s}, step=cfg.train.epochs)

@@ -1,9 +1,9 @@
 """The Ray Train worker of adversarial (and standard) training: DDP, the streamed original/generated mix,
 per-epoch validation with the EMA model, checkpoints with everything needed for an exact resume.
 
-Every rank runs `train_worker(loop_config)`; rank 0 alone validates, writes `best.pt`/`last.pt` into the run
-directory and logs to MLflow. Reports go to Ray Train once per epoch (each `report` can block ~2 s:
-reference/ray_mlflow.md §1).
+Every rank runs `train_worker(loop_config)`; rank 0 alone validates and writes `best.pt`/`last.pt` into the run
+directory (on the shared root). Reports go to Ray Train once per epoch (each `report` can block ~2 s:
+reference/ray_mlflow.md §1); the controller's `EpochLogger` logs rank 0's to MLflow: workers never talk to it.
 """
 from __future__ import annotations
 
@@ -24,7 +24,6 @@ from raylab.io import atomic_write
 from raylab.models import create_model
 from raylab.raytrain import load_latest_state, rank_and_world, report
 from raylab.runtime import rng_state, seed_everything, set_rng_state, torch_threads
-from raylab.tracking import rank_zero_tracker
 from raylab.train.ema import WeightAverage
 from raylab.train.ingest import generated_stream
 from raylab.train.loop import TrainContext, mixed_batches, run_epoch, to_input
@@ -187,7 +186,6 @@ def _train(cfg: ExperimentConfig, loop_config: dict[str, Any]) -> dict[str, Any]
     state, own = load_latest_state(rank)
     if state is not None:
         start, best, history = restore(ctx, streams, state, own)
-    tracker = rank_zero_tracker(rank, loop_config.get("mlflow_uri"), loop_config.get("mlflow_run_id"))
     run_path = Path(loop_config["run_dir"])
     for epoch in range(start, cfg.train.epochs):
         lr = ctx.schedule.last_lr()[0]  # the LR this epoch starts with (constant within it when per-epoch)
@@ -198,7 +196,6 @@ def _train(cfg: ExperimentConfig, loop_config: dict[str, Any]) -> dict[str, Any]
             _refresh_bn(ctx, splits, streams)
             metrics.update(validate(ctx, cfg, splits))
             best = _keep_best(run_path, ctx, epoch + 1, metrics, best)
-            tracker.log_metrics(metrics, step=epoch + 1)
         history.append(metrics)
         last = epoch + 1 == cfg.train.epochs
         if rank == 0 and last:

@@ -24,11 +24,13 @@ MAIN_JOB: dict[str, Any] = {
 }
 # Wang et al. 2023's standard data: 5M EDM images per class set, top 20% kept per class by the scorer = 1M.
 PAPER_1M: dict[str, Any] = {"generate.per_class": 500_000, "select.top_fraction": 0.2}
-# A GPU cluster at paper scale: 4 GPU workers per trial, GPU sampler/scorer/eval actors.
+# A GPU cluster at paper scale: 4 GPU workers per trial, GPU sampler/scorer/eval actors. The scorer is a WRN-28-10
+# over 5M images: on a GPU, not a CPU actor. Spot GPU nodes vanish: each Train run and Tune trial may restart 3 times
+# (from its last checkpoint) before the sweep fails.
 CLUSTER: dict[str, Any] = {
     "resources.use_gpu": True, "resources.num_workers": 4, "resources.gpus_per_actor": 1.0,
-    "resources.sampler_actors": 4, "resources.scorer_actors": 1, "resources.eval_actors": 4,
-    "train.bf16": True,
+    "resources.sampler_actors": 4, "resources.scorer_actors": 1, "resources.scorer_gpus_per_actor": 1.0,
+    "resources.eval_actors": 4, "resources.max_failures": 3, "train.bf16": True,
 }
 
 
@@ -64,6 +66,7 @@ def compose(ablation: Ablation, mode: str, overrides: dict[str, Any]):
 
 
 def run_ablation(ablation: Ablation, argv: Sequence[str] | None = None) -> int:
+    from raylab.cluster import SharedRootError, quiet_ray_chatter
     from raylab.tune.sweep import SweepError, run_sweep
 
     ns = parse_args(ablation, argv)
@@ -82,7 +85,9 @@ def run_ablation(ablation: Ablation, argv: Sequence[str] | None = None) -> int:
         return 0
     print(f"{ablation.title}: {ablation.key} in {values} ({mode}; runs under {cfg.tracking.root})", flush=True)
     try:
-        out = run_sweep(cfg, {ablation.key: values}, layout=ablation.layout, coupled=ablation.coupled.get(mode))
+        with quiet_ray_chatter():
+            out = run_sweep(cfg, {ablation.key: values}, layout=ablation.layout,
+                            coupled=ablation.coupled.get(mode))
     except SweepError as err:
         print(f"error: {err}")
         return 1
@@ -90,6 +95,9 @@ def run_ablation(ablation: Ablation, argv: Sequence[str] | None = None) -> int:
         kept = str(err) or "Tune's state and every finished trial are kept"
         print(f"interrupted: {kept}; resume with: python {' '.join(map(shlex.quote, sys.argv))}", flush=True)
         return 130
+    except SharedRootError as err:
+        print(f"error: {err}")
+        return 2
     print(f"\nsweep {out.name}: {len(out.rows)} trials; MLflow parent run {out.parent_run_id}")
     print(f"compare the runs: raylab ui --set tracking.root={cfg.tracking.root}  (then open the printed URL)")
     return 0

@@ -256,7 +256,7 @@ def run_sweep(cfg: ExperimentConfig, space: dict[str, Sequence[Any]], *, layout:
     cfg = pin_paths(cfg)  # trials run in Tune's trial directories, not in this cwd
     path = sweep_dir(cfg, space, coupled)
     name, storage = path.name, path.parent
-    init_ray()
+    init_ray(shared_root=cfg.tracking.root)  # every node must see the run root, before any compute
     parent = _parent_run(cfg, path, name, space)
     with _parent_status(cfg, parent) as status:
         results = _tuner(cfg, space, name, storage, parent, coupled).fit()

@@ -20,9 +20,9 @@ from raylab import config
 from raylab.config import TrackingConfig
 from raylab.images import tile
 from raylab.tracking import plots
-from raylab.tracking.mlflow_store import (PARAM_VALUE_LIMIT, NullTracker, Tracker, TrackingError, child_runs,
+from raylab.tracking.mlflow_store import (PARAM_VALUE_LIMIT, Tracker, TrackingError, child_runs,
                                           client_for, ensure_experiment, find_runs, get_run_metrics_history,
-                                          pin_tracking, rank_zero_tracker, resolve_tracking_uri)
+                                          pin_tracking, resolve_tracking_uri)
 
 HASH = "ab12" * 16
 
@@ -214,20 +214,6 @@ def test_bad_inputs_fail_clearly(tcfg):
             tracker.end("DONE")
         with pytest.raises(TrackingError, match="rows"):
             tracker.log_table([[1, 2]], "t")
-
-
-def test_null_tracker_mirrors_tracker(tcfg):
-    public = {n for n in vars(Tracker) if not n.startswith("_") and callable(getattr(Tracker, n))}
-    instance_api = public - {"start", "resume", "attach"}
-    assert instance_api <= {n for n in dir(NullTracker) if not n.startswith("_")}
-    null = rank_zero_tracker(1, "sqlite:///unused.db", "abc")
-    assert isinstance(null, NullTracker)
-    with null:
-        for name in instance_api:
-            assert getattr(null, name)("anything", step=0) is None
-    with Tracker.start(tcfg, "r0", params={}, config_json="{}") as tracker:
-        assert rank_zero_tracker(0, tracker.uri, tracker.run_id).run_id == tracker.run_id
-    assert isinstance(rank_zero_tracker(0, None, None), NullTracker)
 
 
 def _png_bytes(fig: Figure) -> bytes:
