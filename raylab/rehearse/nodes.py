@@ -124,19 +124,24 @@ def write_hosts(layout: Layout, names: list[str]) -> Path:
     return path
 
 
-def mount_lines(layout: Layout, name: str, hide: list[str], keep_ro: str) -> list[str]:
+def mount_lines(layout: Layout, name: str, hide: list[str], keep: list[tuple[str, bool]]) -> list[str]:
     """Shell lines run as the node's PID 1, before its start commands: its private /tmp and /dev/shm, the cluster's
-    /etc/hosts, the hidden paths (an empty tmpfs over each), and `keep_ro` (the Python environment) re-exposed
-    read-only at its path."""
+    /etc/hosts, the hidden paths (an empty tmpfs over each), and the `keep` paths (the Python environment,
+    read-only; the head's checkout) re-exposed at their own paths. Kept paths are staged outside /tmp first: a
+    checkout or venv under /tmp (a CI clone) would vanish with the host's /tmp."""
     own = layout.node_dir(name) / "tmp"
-    stage = "/tmp/.rehearse-env"
-    lines = ["set -e", f"mount --bind {shlex.quote(str(own))} /tmp", "mount -t tmpfs -o size=512m tmpfs /dev/shm",
-             f"mount --bind {shlex.quote(str(layout.base / 'hosts'))} /etc/hosts",
-             f"mkdir -p {stage} /tmp/home", f"mount --bind {shlex.quote(keep_ro)} {stage}"]
-    lines += [f"mount -t tmpfs -o size=1m tmpfs {shlex.quote(p)}" for p in hide]
-    lines += [f"mkdir -p {shlex.quote(keep_ro)}", f"mount --bind {stage} {shlex.quote(keep_ro)}",
-              f"mount -o remount,bind,ro {shlex.quote(keep_ro)}", f"umount {stage}", f"hostname {name}", "set +e"]
-    return lines
+    stages = [layout.base / "stage" / name / str(i) for i in range(len(keep))]
+    lines = ["set -e"]
+    lines += [f"mkdir -p {shlex.quote(str(st))} && mount --bind {shlex.quote(path)} {shlex.quote(str(st))}"
+              for st, (path, _) in zip(stages, keep)]
+    lines += [f"mount --bind {shlex.quote(str(own))} /tmp", "mount -t tmpfs -o size=512m tmpfs /dev/shm",
+              f"mount --bind {shlex.quote(str(layout.base / 'hosts'))} /etc/hosts", "mkdir -p /tmp/home"]
+    lines += [f"mkdir -p {shlex.quote(p)} && mount -t tmpfs -o size=1m tmpfs {shlex.quote(p)}" for p in hide]
+    for st, (path, read_only) in zip(stages, keep):
+        lines += [f"mkdir -p {shlex.quote(path)}", f"mount --bind {shlex.quote(str(st))} {shlex.quote(path)}"]
+        lines += [f"mount -o remount,bind,ro {shlex.quote(path)}"] if read_only else []
+        lines.append(f"umount {shlex.quote(str(st))}")
+    return lines + [f"hostname {name}", "set +e"]
 
 
 def hidden_paths(layout: Layout, name: str, checkout: Path) -> list[str]:

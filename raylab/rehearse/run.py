@@ -110,8 +110,8 @@ class Cluster:
         kind = self.spec.head if index == 0 else self.spec.worker
         resources = dict(kind.resources) if index == 0 else {**kind.resources, "CPU": WORKER_CPUS}
         extra = (f"--node-ip-address={self.layout.ip(index)}", f"--object-store-memory={OBJECT_STORE_BYTES}")
-        mounts = nodes.mount_lines(self.layout, name, nodes.hidden_paths(self.layout, name, self.checkout),
-                                   sys.prefix)
+        keep = [(sys.prefix, True)] + ([(str(self.checkout), False)] if index == 0 else [])
+        mounts = nodes.mount_lines(self.layout, name, nodes.hidden_paths(self.layout, name, self.checkout), keep)
         if name == self.unshared:  # this node's "shared root" is an empty local directory at the same path
             mounts.insert(-1, f"mkdir -p /tmp/not-shared && mount --bind /tmp/not-shared {self.layout.shared}")
         return mounts + kind.script(extra, {"RAY_OVERRIDE_RESOURCES": resources_env(resources)}, self.paths())
