@@ -280,6 +280,11 @@ class EvalConfig(_Stage):
     pgd_steps: int = knob(40, lo=1)
     autoattack: str = knob("standard", choices=("standard", "plus", "custom", "none"))
     aa_attacks: str = knob("apgd-ce,apgd-t", doc="attacks of the custom version")
+    # The custom version's budget (defaults: the library's custom settings). Smaller is cheaper and weaker; the
+    # tables then name it, e.g. "AA (apgd-ce,apgd-t; 25 it, 1 restart, 3 targets)".
+    aa_iters: int = knob(100, lo=1, doc="APGD iterations per restart and target (custom version only)")
+    aa_restarts: int = knob(5, lo=1, doc="APGD-CE/DLR restarts (custom version only; standard runs 1)")
+    aa_target_classes: int = knob(9, lo=1, doc="APGD-T target classes (custom version only)")
     norm: str = knob("linf", choices=("linf", "l2"))
     eps: float = knob(8 / 255, lo=0.0)
     transfer: bool = knob(False, doc="a threat model other than the training attack's is intended (transfer "
@@ -292,6 +297,13 @@ class EvalConfig(_Stage):
     certify_n0: int = knob(100, lo=1)
     certify_n: int = knob(10_000, lo=1)
     certify_alpha: float = knob(0.001, lo=0.0, hi=1.0, lo_open=True)
+
+    def check(self) -> None:
+        budget = [f for f in fields(self) if f.name in ("aa_iters", "aa_restarts", "aa_target_classes")]
+        changed = [f.name for f in budget if getattr(self, f.name) != f.default]
+        if changed and self.autoattack != "custom":
+            raise ConfigError(f"eval.{changed[0]}: {getattr(self, changed[0])} applies only with eval.autoattack="
+                              f"custom (version {self.autoattack!r} fixes its own budget)")
 
 
 @dataclass(frozen=True)

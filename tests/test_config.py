@@ -82,6 +82,7 @@ def test_strings_are_parsed_like_the_cli():
     ({"edm.batch_size": 33, "resources.num_workers": 2}, "edm.batch_size: 33 is not divisible by resources.num"),
     ({"generate.sigma_min": 100.0}, "must be < generate.sigma_max"),
     ({"train.lr": float("nan")}, "NaN"),
+    ({"eval.autoattack": "standard", "eval.aa_iters": 25}, "only with eval.autoattack=custom"),
 ])
 def test_validation_errors_are_one_line_and_name_the_key(flat, message):
     with pytest.raises(ConfigError) as err:

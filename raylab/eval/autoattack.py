@@ -48,6 +48,29 @@ VERSIONS: dict[str, tuple[str, ...] | None] = {
 }
 ATTACKS = ("apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t")
 
+
+
+@dataclass(frozen=True)
+class Budget:
+    """The custom version's effort (the presets fix their own). Defaults are the library's custom-version settings:
+    100 APGD iterations, 5 restarts of APGD-CE/DLR, 9 target classes of APGD-T (the standard version runs APGD-CE
+    with 1 restart). A smaller budget is a cheaper, weaker AutoAttack: the tables name it (`label`)."""
+    iters: int = 100
+    restarts: int = 5
+    target_classes: int = 9
+
+    def label(self) -> str:
+        """'' at the library's defaults, else e.g. '25 it, 1 restart, 3 targets'."""
+        if self == Budget():
+            return ""
+        return (f"{self.iters} it, {self.restarts} restart{'s' * (self.restarts != 1)}, "
+                f"{self.target_classes} target{'s' * (self.target_classes != 1)}")
+
+    def apply(self, aa: AutoAttack) -> None:
+        aa.apgd.n_iter, aa.apgd.n_restarts = self.iters, self.restarts
+        aa.apgd_targeted.n_iter, aa.apgd_targeted.n_target_classes = self.iters, self.target_classes
+
+
 ROBUST, CLEAN_WRONG = -1, 0  # `fell_at` codes; attack i of the cascade (0-based) is code i + 1
 LOGGER = "auto-attack"
 
@@ -132,6 +155,14 @@ def resolve_attacks(version: str, attacks: Sequence[str] | None) -> tuple[str, .
     return tuple(attacks)
 
 
+def check_budget(version: str, budget: Budget) -> None:
+    if budget != Budget() and version != "custom":
+        raise EvalError(f"autoattack budget: only with version='custom' (version={version!r} fixes its own)")
+    bad = [f"{k}={v}" for k, v in dataclasses.asdict(budget).items() if not isinstance(v, int) or v < 1]
+    if bad:
+        raise EvalError(f"autoattack budget: {', '.join(bad)} must be integers >= 1")
+
+
 def aa_norm(norm: str) -> str:
     """pyautoattack's name for a raylab norm ("linf" -> "Linf"; the library's own spelling is accepted too)."""
     if not isinstance(norm, str) or norm.lower() not in AA_NORMS:
@@ -190,6 +221,11 @@ def _identity(x: torch.Tensor, y: torch.Tensor, **settings) -> dict:
     return {**settings, "n": int(x.shape[0]), "inputs_sha256": digest.hexdigest()}
 
 
+def _budget_identity(budget: Budget) -> dict:
+    """Part of the state's identity; absent at the defaults, so states written before the budget existed resume."""
+    return {} if budget == Budget() else {"budget": dataclasses.asdict(budget)}
+
+
 def _load_state(path: Path | None, identity: dict) -> dict | None:
     if path is None or not path.exists():
         return None
@@ -216,16 +252,18 @@ def _attack_survivors(aa: AutoAttack, attack: str, x: torch.Tensor, y: torch.Ten
 
 
 def _build(model: nn.Module, norm: str, eps: float, version: str, attacks: tuple[str, ...], seed: int,
-           device: torch.device) -> AutoAttack:
+           device: torch.device, budget: Budget) -> AutoAttack:
     if version == "custom":
-        return AutoAttack(model, norm=aa_norm(norm), eps=eps, version="custom", attacks=list(attacks), seed=seed,
-                          device=device)
+        aa = AutoAttack(model, norm=aa_norm(norm), eps=eps, version="custom", attacks=list(attacks), seed=seed,
+                        device=device)
+        budget.apply(aa)
+        return aa
     return AutoAttack(model, norm=aa_norm(norm), eps=eps, version=version, seed=seed, device=device)
 
 
 def run_autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm: str = "linf", eps: float,
                    version: str = "standard", attacks: Sequence[str] | None = None, seed: int, batch_size: int,
-                   state_path: str | Path | None = None) -> AAResult:
+                   state_path: str | Path | None = None, budget: Budget = Budget()) -> AAResult:
     """AutoAttack `version` ("standard", "plus", or "custom" with `attacks`) on (x, y) at `norm`/`eps`.
 
     x: float NCHW in [0, 1] (normalization inside the model); y: int64. The model must be in eval mode and give
@@ -237,26 +275,27 @@ def run_autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm: 
     check_batch_size(batch_size)
     check_eps(eps)
     _check_seed(seed)
+    check_budget(version, budget)
     names, norm = resolve_attacks(version, attacks), aa_norm(norm).lower()
     path = Path(state_path) if state_path is not None else None
     identity = _identity(x, y, norm=norm, eps=eps, version=version, attacks=list(names), seed=seed,
-                         batch_size=batch_size)
+                         batch_size=batch_size, **_budget_identity(budget))
     state = _load_state(path, identity)
     if state is not None:
         result, done = AAResult.from_json(state["result"]), list(state["done"])
     else:
         fell = np.where(correct_flags(model, x, y, batch_size=batch_size).numpy(), ROBUST, CLEAN_WRONG)
         result, done = AAResult(fell.astype(np.int16), names, version, norm, float(eps), seed), []
-    return _run_cascade(model, x, y, result, done, batch_size, path, identity)
+    return _run_cascade(model, x, y, result, done, batch_size, path, identity, budget)
 
 
 def _run_cascade(model: nn.Module, x: torch.Tensor, y: torch.Tensor, result: AAResult, done: list[str],
-                 batch_size: int, path: Path | None, identity: dict) -> AAResult:
+                 batch_size: int, path: Path | None, identity: dict, budget: Budget) -> AAResult:
     """Attack the still-robust points with each remaining attack in order, saving the state after each."""
     device = model_device(model)
     sink = list(result.warnings)
     with captured_warnings(sink), private_rng(device):
-        aa = _build(model, result.norm, result.eps, result.version, result.attacks, result.seed, device)
+        aa = _build(model, result.norm, result.eps, result.version, result.attacks, result.seed, device, budget)
         for code, attack in enumerate(result.attacks, start=1):
             if attack in done:
                 continue

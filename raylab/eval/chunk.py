@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from raylab.config import EvalConfig
-from raylab.eval.autoattack import run_autoattack
+from raylab.eval.autoattack import Budget, run_autoattack
 from raylab.eval.checks import CHECKS, DEFAULT_STEPS, CheckReport
 from raylab.eval.metrics import EvalError, correct_flags, pgd_flags, require_eval_mode
 
@@ -70,6 +70,10 @@ def aa_attacks(ev: EvalConfig) -> Optional[tuple[str, ...]]:
     return tuple(a.strip() for a in ev.aa_attacks.split(",") if a.strip())
 
 
+def aa_budget(ev: EvalConfig) -> Budget:
+    return Budget(ev.aa_iters, ev.aa_restarts, ev.aa_target_classes) if ev.autoattack == "custom" else Budget()
+
+
 @register_measure("clean")
 def _clean(model: nn.Module, x: torch.Tensor, y: torch.Tensor, job: ChunkJob) -> list[int]:
     return correct_flags(model, x, y, batch_size=job.eval.batch_size).int().tolist()
@@ -90,7 +94,8 @@ def _autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, job: ChunkJo
     if ev.autoattack == "none":
         return None
     return run_autoattack(model, x, y, norm=ev.norm, eps=ev.eps, version=ev.autoattack, attacks=aa_attacks(ev),
-                          seed=ev.seed, batch_size=ev.batch_size, state_path=job.state_path).to_json()
+                          seed=ev.seed, batch_size=ev.batch_size, state_path=job.state_path,
+                          budget=aa_budget(ev)).to_json()
 
 
 @register_measure("certify")

@@ -43,8 +43,8 @@ from raylab.config import (ConfigError, EvalConfig, ExperimentConfig, ResourcesC
 from raylab.data.datasets import get_dataset
 from raylab.eval.autoattack import AAResult, aa_norm, aggregate, resolve_attacks
 from raylab.eval.checks import CheckReport
-from raylab.eval.chunk import (ChunkJob, aa_attacks, evaluate_chunk, plan_chunks, resolve_checks, run_checks,
-                               to_float)
+from raylab.eval.chunk import (ChunkJob, aa_attacks, aa_budget, evaluate_chunk, plan_chunks, resolve_checks,
+                               run_checks, to_float)
 from raylab.eval.export import load_checkpoint_model, read_state_dict
 from raylab.eval.metrics import EvalError, require_eval_mode
 from raylab.eval.report import EvalHeader, EvalResult, format_table, metric_prefix
@@ -269,7 +269,7 @@ def default_header(ev: EvalConfig, **fields: Any) -> EvalHeader:
     base = dict(model="model", dataset="images", checkpoint="-", epoch=None, norm=ev.norm, eps=ev.eps,
                 autoattack=ev.autoattack, attacks=attacks, pgd_steps=ev.pgd_steps, seed=ev.seed,
                 chunk_size=ev.chunk_size, certify_sigma=ev.certify_sigma if ev.certify else None,
-                transfer=ev.transfer)
+                transfer=ev.transfer, aa_budget=aa_budget(ev).label())
     return EvalHeader(**{**base, **fields})
 
 

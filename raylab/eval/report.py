@@ -29,8 +29,9 @@ def pgd_metric_name(steps: int, prefix: str = "eval_") -> str:
 
 def aa_metric_name(version: str, attacks: Sequence[str], prefix: str = "eval_") -> str:
     """`eval_aa_standard_acc` for standard AutoAttack, `eval_aa_plus_acc`, and for a custom cascade its attacks
-    (`eval_aa_apgd-ce_acc`): a cheaper AutoAttack never poses as the papers' number."""
-    name = "+".join(attacks) if version == "custom" else version
+    (`eval_aa_apgd-ce.apgd-t_acc`; MLflow allows no '+' or ',' in names): a cheaper AutoAttack never poses as the
+    papers' number."""
+    name = ".".join(attacks) if version == "custom" else version
     return f"{prefix}aa_{name}_acc"
 
 
@@ -72,6 +73,7 @@ class EvalHeader:
     certify_sigma: Optional[float] = None
     trained: Optional[tuple[str, float]] = None  # the training attack's (norm, eps), when the run is known
     transfer: bool = False                       # eval.transfer: a different threat model is intended
+    aa_budget: str = ""                          # the custom version's reduced budget (autoattack.Budget.label)
 
     def mismatch(self) -> Optional[str]:
         """'trained against linf eps=8/255, evaluated against l2 eps=0.5' when the threat models differ."""
@@ -85,7 +87,8 @@ class EvalHeader:
 
     def lines(self, n: int) -> list[str]:
         epoch = f" (epoch {self.epoch})" if self.epoch is not None else ""
-        aa = "off" if self.autoattack == "none" else f"version {self.autoattack} [{', '.join(self.attacks)}]"
+        budget = f"; {self.aa_budget}" if self.aa_budget else ""
+        aa = "off" if self.autoattack == "none" else f"version {self.autoattack} [{', '.join(self.attacks)}{budget}]"
         lines = [f"evaluation of {self.model} on {self.dataset}, checkpoint {self.checkpoint}{epoch}, "
                  f"{n} test images",
                  f"threat model: {self.norm} eps={format_eps(self.eps, self.norm)}; AutoAttack {aa}; "

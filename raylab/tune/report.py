@@ -120,7 +120,14 @@ def aa_label(params: dict[str, str]) -> str:
     version = params.get("eval.autoattack", "standard")
     if version == "standard":
         return "AA"
-    return f"AA ({params.get('eval.aa_attacks', 'custom')})" if version == "custom" else f"AA ({version})"
+    if version != "custom":
+        return f"AA ({version})"
+    from raylab.eval.autoattack import Budget
+
+    d = Budget()
+    budget = Budget(int(params.get("eval.aa_iters", d.iters)), int(params.get("eval.aa_restarts", d.restarts)),
+                    int(params.get("eval.aa_target_classes", d.target_classes))).label()
+    return f"AA ({params.get('eval.aa_attacks', 'custom')}{'; ' + budget if budget else ''})"
 
 
 def default_layout(knobs: Sequence[str]) -> str:

@@ -7,7 +7,7 @@ import torch
 from pyautoattack import AutoAttack
 from torch import nn
 
-from raylab.eval.autoattack import AAResult, aggregate, run_autoattack
+from raylab.eval.autoattack import AAResult, Budget, aggregate, run_autoattack
 from raylab.eval.metrics import EvalError
 
 
@@ -192,3 +192,26 @@ def test_train_mode_is_an_error():
         run_autoattack(model, data(2), torch.zeros(2, dtype=torch.int64), eps=8 / 255, version="custom",
                        attacks=["apgd-ce"], seed=0, batch_size=2)
     assert model.training
+
+
+def test_a_custom_budget_equals_the_library_configured_the_same_way(partial):
+    """Budget(iters, restarts, target classes) is the library's own APGD settings, nothing home-made."""
+    model, x, y, _, _ = partial
+    budget = Budget(iters=7, restarts=1, target_classes=2)
+    r = run_autoattack(model, x, y, budget=budget, **PARTIAL)
+    aa = AutoAttack(model, norm="Linf", eps=PARTIAL["eps"], version="custom", attacks=PARTIAL["attacks"],
+                    seed=PARTIAL["seed"])
+    aa.apgd.n_iter = aa.apgd_targeted.n_iter = 7
+    aa.apgd.n_restarts, aa.apgd_targeted.n_target_classes = 1, 2
+    _, y_adv = aa.run_standard_evaluation(x, y, batch_size=PARTIAL["batch_size"])
+    assert (y_adv == y).numpy().tolist() == r.robust.tolist()
+    assert budget.label() == "7 it, 1 restart, 2 targets" and Budget().label() == ""
+
+
+def test_a_budget_is_refused_for_the_presets_and_a_state_of_another_budget_is_not_resumed(partial, tmp_path):
+    model, x, y, _, state = partial
+    with pytest.raises(EvalError, match="only with version='custom'"):
+        run_autoattack(model, x, y, norm="linf", eps=1 / 255, version="standard", seed=0, batch_size=8,
+                       budget=Budget(iters=10))
+    with pytest.raises(EvalError, match="belongs to another evaluation"):
+        run_autoattack(model, x, y, state_path=state, budget=Budget(iters=3), **PARTIAL)

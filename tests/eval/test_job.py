@@ -218,19 +218,21 @@ def test_untrained_wrn_is_not_robust_at_large_eps_and_the_run_gets_the_report(ru
     path, cfg = run
     out = run_eval(path, {"eval.num_test": 4, "eval.chunk_size": 2, "eval.pgd_steps": 2, "eval.eps": "64/255",
                           "eval.certify": True, "eval.certify_n0": 4, "eval.certify_n": 8,
-                          "resources.eval_actors": 2})
+                          "resources.eval_actors": 2, "eval.aa_attacks": "apgd-ce,apgd-t", "eval.aa_iters": 5,
+                          "eval.aa_restarts": 1, "eval.aa_target_classes": 2})
     r = out.result
     assert r.clean_acc > 0 and r.aa_acc == 0.0 and r.pgd_acc <= r.clean_acc
     printed = capsys.readouterr().out
     assert "WARNING threat model mismatch: trained against linf eps=8/255 (0.03137), evaluated against linf " \
            "eps=64/255" in printed  # eval.eps 64/255 on a model trained at 8/255
     for label in ("wrn-16-2 on digits", "checkpoint best (epoch 3)", "4 test images", "linf eps=64/255",
-                  "AutoAttack version custom [apgd-ce]", "PGD-2"):
+                  "AutoAttack version custom [apgd-ce, apgd-t; 5 it, 1 restart, 2 targets]", "PGD-2"):
         assert label in printed
     uri = cfg.tracking.uri
     logged = get_run(uri, out.mlflow_run_id)
     assert logged.status == "FINISHED"  # attached, not reopened
-    assert logged.metrics["eval_clean_acc"] == r.clean_acc and logged.metrics["eval_aa_apgd-ce_acc"] == 0.0
+    # Two attacks in one MLflow metric name: '+' is refused by MLflow, so they are joined by '.'
+    assert logged.metrics["eval_clean_acc"] == r.clean_acc and logged.metrics["eval_aa_apgd-ce.apgd-t_acc"] == 0.0
     assert logged.metrics["eval_pgd2_acc"] == r.pgd_acc and "eval_aa_after_apgd-ce" in logged.metrics
     folder = f"eval/best-{out.out_dir.name}"
     names = {Path(a.path).name for a in client_for(uri).list_artifacts(out.mlflow_run_id, folder)}

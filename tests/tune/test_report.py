@@ -37,6 +37,10 @@ def test_headers_name_the_attacks_that_actually_ran():
     from raylab.tune.report import aa_label
 
     assert aa_label({}) == "AA" and aa_label({"eval.autoattack": "plus"}) == "AA (plus)"
+    cheap = {"eval.autoattack": "custom", "eval.aa_attacks": "apgd-ce,apgd-t", "eval.aa_iters": "25",
+             "eval.aa_restarts": "1", "eval.aa_target_classes": "3"}
+    assert aa_label(cheap) == "AA (apgd-ce,apgd-t; 25 it, 1 restart, 3 targets)"
+    assert Names.from_params(cheap).aa == "eval_aa_apgd-ce.apgd-t_acc"
     params = {"eval.autoattack": "custom", "eval.aa_attacks": "apgd-ce", "eval.pgd_steps": "10"}
     names = Names.from_params(params)
     assert names.aa == "eval_aa_apgd-ce_acc" and names.pgd() == "eval_pgd10_acc"
