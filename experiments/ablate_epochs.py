@@ -3,7 +3,7 @@ from raylab.tune.experiment import Ablation, run_ablation
 
 ABLATION = Ablation(
     key="train.epochs", title="epochs ablation (Wang et al. 2023 Table 4)", layout="best_last",
-    values={"tiny": [2, 4], "smoke": [1], "paper": [400, 800, 1200, 1600, 2000]},
+    values={"tiny": [4, 8, 16], "smoke": [1], "paper": [400, 800, 1200, 1600, 2000]},
     # Table 4: 20M images, batch 2048, ratio 0.2.
     overrides={"paper": {"generate.per_class": 2_000_000, "select.policy": "none", "train.batch_size": 2048,
                          "train.ratio": 0.2}},

@@ -63,7 +63,13 @@ def _connect(address: str | None, **kwargs) -> None:
 # whenever an actor with restarts gets an ObjectRef constructor argument: Ray Data's actor pools pass their own
 # DataContext and map transformer as ObjectRefs (actor_pool_map_operator.py) with unlimited restarts, and Ray
 # Train's PreemptionWatcher does the same; none of it is an argument of ours.
-RAY_CHATTER = ("has constructor arguments in the object store and max_restarts > 0",)
+# Ray Data logs three INFO lines per execution ("Starting execution of Dataset", its plan, "execution finished"), and
+# training reads each epoch in windows, each its own execution: hundreds of lines per trial that bury raylab's one
+# line per epoch (they stay in the session's logs/ray-data files). Ray Train prints every report's whole metrics dict
+# ("Reporting training result"), which that epoch line already says.
+RAY_CHATTER = ("has constructor arguments in the object store and max_restarts > 0",
+               "Starting execution of Dataset dataset_", "Execution plan of Dataset dataset_",
+               "execution finished in", "Reporting training result ")
 
 
 class ChatterFilter(io.TextIOBase):

@@ -55,6 +55,9 @@ def test_rays_chatter_is_dropped_and_everything_else_kept():
     out = ChatterFilter(sink)
     out.write("(run_trial pid=1) [E core_worker.cc:2465: Actor with class name: 'MapWorker' and ID: 'x' has "
               "constructor arguments in the object store and max_restarts > 0. If the arguments ...\n")
+    out.write("(RayTrainWorker pid=2) Starting execution of Dataset dataset_0358_0. Full logs are in /tmp/x\n"
+              "(RayTrainWorker pid=2) ✔️  Dataset dataset_0358_0 execution finished in 0.04 seconds\n"
+              "(RayTrainWorker pid=2) Reporting training result 1: TrainingReport(metrics={'epoch': 1})\n")
     out.write("(run_trial pid=1) E RuntimeError: a real error\nepoch 1/3")
     out.write("  loss 0.5\n")
     out.write("partial")

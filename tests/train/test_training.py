@@ -16,7 +16,8 @@ from raylab.train.optim import build_optimizer
 from raylab.train.schedules import build_scheduler
 
 SMALL = {"data.max_train": 128, "data.val_size": 64, "train.batch_size": 32, "attack.steps": 2,
-         "train.val_pgd_steps": 2, "eval.batch_size": 128, "train.epochs": 3}
+         "train.val_pgd_steps": 2, "eval.batch_size": 128, "train.epochs": 3,
+         "resources.cpus_per_worker": 1}  # 2-worker tests fit the session's 4 logical CPUs beside other actors
 
 
 def small_config(tmp_path, **extra):

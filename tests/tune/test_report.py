@@ -51,3 +51,16 @@ def test_headers_name_the_attacks_that_actually_ran():
     header = [c.strip() for c in table.splitlines()[0].split("|")]
     assert header[-2:] == ["PGD-10", "AA (apgd-ce)"] and "AA" not in header and "PGD-40" not in header
     assert [c.strip() for c in table.splitlines()[2].split("|")][-2:] == ["30.00", "25.00"]  # the keys that ran
+
+
+def test_accuracies_carry_their_wilson_interval_over_the_test_images_they_were_measured_on():
+    trial = run(2, 0.8, 0.45, 0.0)
+    trial.metrics.update({"eval_num_test": 300.0, "eval_last_num_test": 100.0})
+    rows = build_rows([trial], ["generate.steps"])
+    cells = [c.strip() for c in format_table(rows, ["generate.steps"], "best_last").splitlines()[2].split("|")]
+    # 80% of 300: [75.1, 84.1]; the last checkpoint's 79% over only 100 images: wider; diffs and epochs: bare
+    assert cells[2:5] == ["80.00 [75.1, 84.1]", "79.00 [70.0, 85.8]", "1.00"]
+    assert cells[1] == "3" and cells[-1] == "0.00 [0.0, 1.3]"  # 0 of 300 is still at most 1.3%, not "exactly 0"
+    plain = [c.strip() for c in format_table(build_rows([run(2, 0.8, 0.45, 0.0)], ["generate.steps"]),
+                                             ["generate.steps"], "plain").splitlines()[2].split("|")]
+    assert plain[2] == "80.00"  # runs that never logged their test count: no made-up interval
