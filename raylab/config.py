@@ -499,7 +499,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "edm.dropout": 0.0, "edm.augment_dim": 0, "edm.batch_size": 32, "edm.lr": 0.004, "edm.total_kimg": 40.0,
         "edm.warmup_kimg": 0.5, "edm.ema_halflife_kimg": 0.5, "edm.checkpoint_every_kimg": 2.0, "edm.p_mean": 0.0,
         "generate.steps": 10, "generate.per_class": 60, "generate.shard_size": 200, "generate.batch_size": 64,
-        # Half, not the paper's 20%: 60 per class leaves 30 selected images per class for a 3-epoch run.
+        # Half, not the paper's 20%: 60 per class leaves 30 selected images per class.
         "select.scorer_model": "wrn-16-2", "select.top_fraction": 0.5,
         # Issue 13: a model sized for 2 CPU cores (WRN-10-1 takes a TRADES-3 step of 64 digits in 0.22 s, WRN-16-2 in
         # 1.00 s), trained to converge: 12 epochs of ~22 steps.
