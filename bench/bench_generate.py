@@ -49,7 +49,8 @@ os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from raylab.config import EDMConfig, ExperimentConfig, make_config  # noqa: E402
+from raylab.config import EDMConfig, ExperimentConfig  # noqa: E402
+from raylab.presets import make_config  # noqa: E402
 from raylab.data.shards import ShardStore  # noqa: E402
 from raylab.generate.checkpoint import save_edm  # noqa: E402
 from raylab.generate.networks import build_edm  # noqa: E402

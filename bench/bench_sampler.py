@@ -18,7 +18,8 @@ from typing import Callable
 
 import torch
 
-from raylab.config import EDMConfig, make_config
+from raylab.config import EDMConfig
+from raylab.presets import make_config
 from raylab.generate.networks import build_edm
 from raylab.generate.sampler import edm_sample, expected_nfe, sigma_schedule
 

@@ -36,7 +36,8 @@ import psutil  # noqa: E402
 import torch  # noqa: E402
 
 from raylab.cluster import init_ray  # noqa: E402
-from raylab.config import ExperimentConfig, from_flat, make_config, override, to_flat  # noqa: E402
+from raylab.config import ExperimentConfig, from_flat, override, to_flat  # noqa: E402
+from raylab.presets import make_config  # noqa: E402
 from raylab.data.mix import WINDOW_ROWS, OriginalStream, split_batch  # noqa: E402
 from raylab.data.shards import ShardStore  # noqa: E402
 from raylab.models import create_model  # noqa: E402

@@ -20,7 +20,8 @@ import numpy as np
 import torch
 
 from raylab.attacks import frozen_bn, pgd
-from raylab.config import make_config, override
+from raylab.config import override
+from raylab.presets import make_config
 from raylab.models import create_model
 from raylab.train.ema import WeightAverage
 from raylab.train.loop import TrainContext, train_step

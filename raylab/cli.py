@@ -15,8 +15,9 @@ import pickle
 import shlex
 from pathlib import Path
 
-from raylab.config import (PRESETS, ConfigError, ExperimentConfig, all_keys, explain, from_json, make_config,
-                           override, parse_assignments, pin_paths, to_flat)
+from raylab.config import (ConfigError, ExperimentConfig, all_keys, from_json, override, parse_assignments, pin_paths,
+                           to_flat)
+from raylab.presets import PRESETS, explain, make_config
 
 VERBS: dict[str, tuple[Callable[[argparse.Namespace], int], Callable[[argparse.ArgumentParser], None], str]] = {}
 

@@ -14,8 +14,8 @@ Derived, not published (plans mark them "est."):
 - a TRADES image with a K-step attack costs about K + 2 forward-backward passes and a forward about a third of one,
   so other step counts, the scorer's forward pass and evaluation scale from the training figure;
 - evaluation passes per test image: PGD-k k + 1; AutoAttack from its attacks' default iterations (APGD-CE 100,
-  APGD-T 9 targets x 100, FAB-T 9 x 100, Square 5,000 forward queries), each attack after the first running on the
-  ~60% of points still robust.
+  APGD-T 9 targets x 100, FAB-T 9 x 100, Square 5,000 forward queries; the custom version at its `eval.aa_*`
+  budget), each attack after the first running on the ~60% of points still robust.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional, Sequence
 
-from raylab.config import ExperimentConfig, fingerprint, override
+from raylab.config import ConfigError, EvalConfig, ExperimentConfig, fingerprint, override
 from raylab.data.datasets import get_dataset
 from raylab.data.mix import steps_per_epoch
 from raylab.data.shard_format import IMAGE_BYTES
@@ -37,7 +37,14 @@ ROW_BYTES = IMAGE_BYTES + 22  # image + label, seed, class_cond, score, pred, co
 # from compression)
 STILL_ROBUST = 0.6
 AA_PASSES = {"standard": 100 + STILL_ROBUST * (900 + 900 + 5000 / 3), "plus": 100 + STILL_ROBUST * (
-    4 * 100 + 900 + 900 + 5000 / 3 + 9 * 100), "custom": 100 + STILL_ROBUST * 900, "none": 0.0}
+    4 * 100 + 900 + 900 + 5000 / 3 + 9 * 100), "none": 0.0}
+# The custom version's passes per attacked image at its budget (eval.aa_iters, aa_restarts, aa_target_classes);
+# FAB and Square keep the library's own settings (5 restarts / 9 targets of 100 iterations, 5,000 queries).
+CUSTOM_ATTACK_PASSES: dict[str, Callable[[EvalConfig], float]] = {
+    "apgd-ce": lambda ev: ev.aa_iters * ev.aa_restarts, "apgd-dlr": lambda ev: ev.aa_iters * ev.aa_restarts,
+    "apgd-t": lambda ev: ev.aa_iters * ev.aa_target_classes, "fab": lambda ev: 5 * 100, "fab-t": lambda ev: 9 * 100,
+    "square": lambda ev: 5000 / 3,
+}
 SCORING_POLICIES = ("topk", "pseudo", "agreement")
 
 
@@ -127,14 +134,33 @@ def _train(cfg: ExperimentConfig, kept: int) -> StagePlan:
                           + ("" if cfg.attack.steps == PUBLISHED_ATTACK_STEPS else ", est."))
 
 
+def aa_passes(ev: EvalConfig) -> float:
+    """Forward-backward passes per test image of the configured AutoAttack: the first attack on every image, each
+    later one on the ~60% still robust."""
+    if ev.autoattack != "custom":
+        return AA_PASSES[ev.autoattack]
+    names = [a.strip() for a in ev.aa_attacks.split(",") if a.strip()]
+    unknown = [a for a in names if a not in CUSTOM_ATTACK_PASSES]
+    if unknown or not names:
+        raise ConfigError(f"eval.aa_attacks: {ev.aa_attacks!r} must name attacks from {', '.join(CUSTOM_ATTACK_PASSES)}")
+    first, *rest = (CUSTOM_ATTACK_PASSES[a](ev) for a in names)
+    return first + STILL_ROBUST * sum(rest)
+
+
+def _aa_name(ev: EvalConfig) -> str:
+    if ev.autoattack != "custom":
+        return ev.autoattack
+    return f"custom ({ev.aa_attacks}; iters/restarts/targets {ev.aa_iters}/{ev.aa_restarts}/{ev.aa_target_classes})"
+
+
 def _eval(cfg: ExperimentConfig) -> StagePlan:
     n = cfg.eval.num_test or get_dataset(cfg.data.dataset).sizes[1]
-    best = cfg.eval.pgd_steps + 1 + AA_PASSES[cfg.eval.autoattack]
+    best = cfg.eval.pgd_steps + 1 + aa_passes(cfg.eval)
     last = cfg.eval.pgd_steps + 1  # the last checkpoint: clean + PGD (tune.sweep.evaluate_trial)
     return StagePlan("eval", "eval-" + fingerprint(cfg, ["data", "generate", "select", "model", "attack", "train",
                                                          "eval"]),
                      n, device_s=_passes_s(cfg, n, best + last),
-                     note=f"best: PGD-{cfg.eval.pgd_steps} + AutoAttack {cfg.eval.autoattack}; last: PGD (est.)")
+                     note=f"best: PGD-{cfg.eval.pgd_steps} + AutoAttack {_aa_name(cfg.eval)}; last: PGD (est.)")
 
 
 def plan_arm(cfg: ExperimentConfig) -> list[StagePlan]:
@@ -188,6 +214,8 @@ class Plan:
         totals = "; ".join(f"{st} {_hours(self.total_s(st))}" for st in ("generate", "select", "train", "eval")
                            if any(s.stage == st for s in self.unique().values()))
         out.append(f"total, shared artifacts once: {_hours(self.total_s())} device-h ({totals})")
+        if any(s.device_s is None for s in self.unique().values()):
+            out.append("? = no published throughput for this model on this device: set cost.train_img_per_s")
         return out
 
 
@@ -200,7 +228,7 @@ def _sharing(arms: list[tuple[str, list[StagePlan]]]) -> dict[str, int]:
 
 
 def _hours(seconds: Optional[float]) -> str:
-    return "? (no throughput figure: set cost.train_img_per_s)" if seconds is None else f"{seconds / 3600:,.1f}"
+    return "?" if seconds is None else f"{seconds / 3600:,.1f}"
 
 
 def _stage_line(s: StagePlan) -> str:

@@ -5,8 +5,9 @@ from pathlib import Path
 import pytest
 
 from raylab import cli
-from raylab.config import make_config
-from raylab.cost import TRAIN_IMG_PER_S, make_plan, plan_arm
+from raylab.presets import make_config
+from raylab.config import ConfigError
+from raylab.cost import TRAIN_IMG_PER_S, aa_passes, make_plan, plan_arm
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 
@@ -72,3 +73,20 @@ def test_the_ledger_divides_measured_device_time_by_what_it_bought():
     assert got["cost_per_robust_point_s"] == 20.0  # 500 device-s for 25 points of robust accuracy
     assert ledger(0.0, 0, 1.0, 1.0, 0.0)["cost_per_robust_point_s"] != ledger(0.0, 0, 1.0, 1.0, 0.0)[
         "cost_per_robust_point_s"]  # nan: no robust accuracy bought, no price per point
+
+
+def test_the_custom_autoattack_is_costed_at_its_budget():
+    """The custom version's passes follow eval.aa_*: the tiny preset's 25 it / 1 restart / 3 targets APGD-CE + APGD-T
+    is 25 + 0.6 x 75 passes per image, the library's custom budget (100 / 5 / 9) 500 + 0.6 x 900."""
+    tiny = make_config("tiny").eval
+    assert aa_passes(tiny) == pytest.approx(25 + 0.6 * 75)
+    library = make_config("tiny", {"eval.aa_iters": 100, "eval.aa_restarts": 5, "eval.aa_target_classes": 9}).eval
+    assert aa_passes(library) == pytest.approx(500 + 0.6 * 900)
+    alone = make_config("tiny", {"eval.aa_attacks": "apgd-ce"}).eval
+    assert aa_passes(alone) == pytest.approx(25)
+    assert aa_passes(make_config("paper").eval) == pytest.approx(100 + 0.6 * (900 + 900 + 5000 / 3))
+    cheap, dear = (stages(make_config("paper", {"eval.autoattack": "custom", **budget}))["eval"].device_s
+                   for budget in ({"eval.aa_iters": 10}, {"eval.aa_iters": 100}))
+    assert cheap < dear
+    with pytest.raises(ConfigError, match="eval.aa_attacks"):
+        aa_passes(make_config("tiny", {"eval.aa_attacks": "apgd-ce,pgd"}).eval)

@@ -155,7 +155,7 @@ def test_the_model_comes_back_from_mlflow_alone(steps_sweep, tmp_path):
 @pytest.mark.ray
 def test_report_writes_markdown_and_figures_and_export_writes_model_info(steps_sweep, root, tmp_path, capsys):
     from raylab import cli
-    from raylab.tracking import client_for
+    from raylab.tracking import client_for, load_json_artifact
 
     name = steps_sweep.parent.tags["raylab.sweep"]
     assert cli.main(["report", name.split("-")[0], "--set", f"tracking.root={root}"]) == 0
@@ -167,6 +167,10 @@ def test_report_writes_markdown_and_figures_and_export_writes_model_info(steps_s
     for fig in figures:
         assert (out / fig).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and (out / fig).stat().st_size > 5000
         assert f"![{fig}]({fig})" in report
+    # the rows' order comes from the parent's sweep space; a missing artifact reads as None, not an error
+    assert load_json_artifact(steps_sweep.uri, steps_sweep.parent.run_id, "sweep_space.json") == {
+        steps_sweep.key: [int(SMOKE_STEPS)]}
+    assert load_json_artifact(steps_sweep.uri, steps_sweep.parent.run_id, "no_such.json") is None
     logged = {Path(a.path).name for a in client_for(steps_sweep.uri).list_artifacts(steps_sweep.parent.run_id,
                                                                                     "figures")}
     assert set(figures) <= logged

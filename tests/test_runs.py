@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from raylab.config import from_json, make_config, override, to_json
+from raylab.config import from_json, override, to_json
+from raylab.presets import make_config
 from raylab.eval.job import Target, eval_fingerprint, result_dir
 from raylab.runs import run_dir, write_config
 from raylab.tune.sweep import sweep_dir, sweep_name

@@ -38,8 +38,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from raylab.config import (ConfigError, EvalConfig, ExperimentConfig, ResourcesConfig, from_json, make_config,
-                           override)
+from raylab.config import ConfigError, EvalConfig, ExperimentConfig, ResourcesConfig, from_json, override
+from raylab.presets import make_config
 from raylab.data.datasets import get_dataset
 from raylab.eval.autoattack import AAResult, aa_norm, aggregate, resolve_attacks
 from raylab.eval.checks import CheckReport

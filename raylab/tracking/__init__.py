@@ -6,12 +6,12 @@
 """
 from raylab.tracking.mlflow_store import (RunSummary, Tracker, TrackingError, artifact_root,
                                           child_runs, client_for, ensure_experiment, find_runs, get_run,
-                                          get_run_metrics_history, logged_steps, pin_tracking,
-                                          resolve_tracking_uri)
+                                          get_run_metrics_history, load_json_artifact, logged_steps,
+                                          pin_tracking, resolve_tracking_uri)
 from raylab.tracking.plots import PlotError, histogram, image_grid, line_plot
 from raylab.tracking.ui import serve_ui, stop_ui
 
 __all__ = ["PlotError", "RunSummary", "Tracker", "TrackingError", "artifact_root", "child_runs",
            "client_for", "ensure_experiment", "find_runs", "get_run", "get_run_metrics_history", "histogram",
-           "image_grid", "line_plot", "logged_steps", "pin_tracking", "resolve_tracking_uri", "serve_ui",
-           "stop_ui"]
+           "image_grid", "line_plot", "load_json_artifact", "logged_steps", "pin_tracking", "resolve_tracking_uri",
+           "serve_ui", "stop_ui"]

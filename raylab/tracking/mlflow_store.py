@@ -482,6 +482,15 @@ def download_artifacts(uri: str, run_id: str, path: str, dst: str | os.PathLike)
     return Path(client_for(uri).download_artifacts(run_id, path, str(dst)))
 
 
+def load_json_artifact(uri: str, run_id: str, path: str) -> Optional[Any]:
+    """A run's JSON artifact file, or None when the run has none at `path` (e.g. a sweep logged by an older raylab)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            return json.loads(download_artifacts(uri, run_id, path, tmp).read_text())
+        except (MlflowException, OSError, ValueError):
+            return None
+
+
 def child_runs(uri: str, parent_run_id: str) -> list[RunSummary]:
     """Runs nested under `parent_run_id` (searched in the parent's experiment), oldest first."""
     client = client_for(uri)

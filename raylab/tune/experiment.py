@@ -13,7 +13,8 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-from raylab.config import ConfigError, make_config, parse_assignments
+from raylab.config import ConfigError, parse_assignments
+from raylab.presets import make_config
 
 # The embedded main job (`python experiments/ablate_steps.py`): the tiny preset with half the generated images, so
 # that three arms fit 10 minutes on 2 cores.

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from raylab.config import TrackingConfig
 
@@ -95,11 +95,24 @@ def _sort_key(value: str) -> tuple:
         return (1, value)
 
 
-def build_rows(runs: Sequence[Any], knobs: Sequence[str]) -> list[dict[str, Any]]:
-    """One row per evaluated trial run: its swept knob values (from params), its metrics, id and name."""
+def _row_key(row: dict[str, Any], knobs: Sequence[str], order: Mapping[str, Sequence[Any]]) -> tuple:
+    """The sweep's own order where it is known (`ablate_aug` reads none, crop, cutmix as swept), else numbers
+    numerically and text alphabetically."""
+    key = []
+    for k in knobs:
+        swept = [str(v) for v in order.get(k, ())]
+        value = str(row[k])
+        key.append((0, swept.index(value)) if value in swept else (1, *_sort_key(value)))
+    return tuple(key)
+
+
+def build_rows(runs: Sequence[Any], knobs: Sequence[str],
+               order: Mapping[str, Sequence[Any]] | None = None) -> list[dict[str, Any]]:
+    """One row per evaluated trial run: its swept knob values (from params), its metrics, id and name; rows in
+    `order` (the sweep space, knob -> values as swept) where given."""
     rows = [{**{k: run.params.get(k, "?") for k in knobs}, **run.metrics, "run_id": run.run_id,
              "run_name": getattr(run, "name", run.run_id)} for run in runs if "eval_clean_acc" in run.metrics]
-    return sorted(rows, key=lambda r: tuple(_sort_key(str(r[k])) for k in knobs))
+    return sorted(rows, key=lambda r: _row_key(r, knobs, order or {}))
 
 
 def _cells(rows: Sequence[dict[str, Any]], knobs: Sequence[str], layout: str, names: Names):
@@ -204,11 +217,11 @@ def report_sweep(tracking: TrackingConfig, parent_run_id: str, knobs: Sequence[s
                  out_dir: Any = None) -> tuple[list[dict[str, Any]], str]:
     """Read the trials back from MLflow, print the table, log it (CSV/JSON/text/Markdown) and the figures to the
     parent run, and with `out_dir` also write `report.md` and the figures there."""
-    from raylab.tracking import Tracker, child_runs, get_run, resolve_tracking_uri
+    from raylab.tracking import Tracker, child_runs, get_run, load_json_artifact, resolve_tracking_uri
 
     uri = resolve_tracking_uri(tracking)
     runs = [r for r in child_runs(uri, parent_run_id) if r.tags.get("raylab.stage") == "train"]
-    rows = build_rows(runs, knobs)
+    rows = build_rows(runs, knobs, load_json_artifact(uri, parent_run_id, "sweep_space.json"))
     layout = layout or default_layout(knobs)
     names = Names.from_params(runs[0].params if runs else {})
     table = format_table(rows, knobs, layout, names)

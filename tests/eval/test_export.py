@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from raylab.config import make_config, to_json
+from raylab.config import to_json
+from raylab.presets import make_config
 from raylab.data.datasets import get_dataset
 from raylab.eval.export import ExportError, export_robustbench, load_robustbench_checkpoint, read_state_dict
 from raylab.eval.chunk import to_float

@@ -7,7 +7,7 @@ import pickle
 import pytest
 import torch
 
-from raylab.config import make_config
+from raylab.presets import make_config
 from raylab.generate.checkpoint import CheckpointError, load_edm, load_generator, save_edm
 from raylab.generate.networks import build_edm, edm_kwargs
 from raylab.generate.official import UnsafePickleError

@@ -6,7 +6,8 @@ import time
 import pytest
 import torch
 
-from raylab.config import EDMConfig, make_config
+from raylab.config import EDMConfig
+from raylab.presets import make_config
 from raylab.generate.loss import EDMLoss, ema_beta, lr_warmup
 from raylab.generate.networks import (EDMPrecond, NetworkConfigError, VEPrecond, VPPrecond, build_edm, edm_kwargs,
                                       make_network)

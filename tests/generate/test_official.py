@@ -19,7 +19,7 @@ import pytest
 import torch
 from torch import nn
 
-from raylab.config import make_config
+from raylab.presets import make_config
 from raylab.generate.networks import build_edm
 from raylab.generate.official import (AllowlistUnpickler, OfficialFormatError, UnsafePickleError,
                                       load_official_pickle, read_snapshot)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from raylab.config import make_config
+from raylab.presets import make_config
 from raylab.data.datasets import load_splits
 from raylab.generate.checkpoint import META_FILE, MODEL_FILE, load_generator
 from raylab.generate.networks import make_network

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from raylab.config import GenerateConfig, make_config
+from raylab.config import GenerateConfig
+from raylab.presets import make_config
 from raylab.generate.networks import build_edm
 from raylab.generate.sampler import (CountingNet, SamplerError, edm_sample, expected_nfe, sample_kwargs,
                                      sigma_schedule, to_uint8)

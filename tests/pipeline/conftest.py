@@ -3,7 +3,8 @@ from pathlib import Path
 
 import pytest
 
-from raylab.config import EDMConfig, make_config
+from raylab.config import EDMConfig
+from raylab.presets import make_config
 from raylab.generate.checkpoint import save_edm
 from raylab.generate.networks import build_edm
 from tests.pipeline.helpers import TINY_EDM, save_scorer

@@ -3,7 +3,8 @@ from pathlib import Path
 
 import torch
 
-from raylab.config import ExperimentConfig, make_config, to_json
+from raylab.config import ExperimentConfig, to_json
+from raylab.presets import make_config
 from raylab.data.datasets import get_dataset
 from raylab.models import create_model
 

@@ -81,7 +81,7 @@ def test_rank_zero_keeps_the_full_covariance_and_a_rank_truncates_it():
 
 
 def test_the_default_fit_follows_generate_gaussian_rank(tmp_path):
-    from raylab.config import make_config
+    from raylab.presets import make_config
     from raylab.pipeline.generators import GENERATORS
 
     paths = {rank: GENERATORS["gaussian"].default(make_config("tiny", {"generate.gaussian_rank": rank}), tmp_path)

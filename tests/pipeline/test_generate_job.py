@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from raylab import cli
-from raylab.config import make_config, override
+from raylab.config import override
+from raylab.presets import make_config
 from raylab.data.shard_layout import load_manifest, shard_name
 from raylab.data.shards import read_numpy
 from raylab.data.shard_verify import verify_store

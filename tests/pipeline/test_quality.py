@@ -4,7 +4,7 @@ import pytest
 import scipy.linalg
 import torch
 
-from raylab.config import make_config
+from raylab.presets import make_config
 from raylab.pipeline.quality import (FD_LABEL, InceptionFeatures, QualityError, Scorer, feature_stats,
                                      frechet_distance, frechet_distance_features, inception_fid, score_columns,
                                      scorer_fd, scorer_identity, trace_sqrt_product)

@@ -2,7 +2,7 @@
 and GPUs, so a GPU run is a configuration change alone."""
 import pytest
 
-from raylab.config import make_config
+from raylab.presets import make_config
 from raylab.pipeline.generators import GenerateError
 from raylab.pipeline.pools import actor_resources, stage_resources
 

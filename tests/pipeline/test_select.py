@@ -155,7 +155,7 @@ def test_data_describe_prints_the_score_quantiles_of_the_view(tmp_path, capsys):
 
 
 def test_second_scores_is_none_unless_agreement_and_agreement_needs_a_second_checkpoint(tmp_path):
-    from raylab.config import make_config
+    from raylab.presets import make_config
     from raylab.pipeline.select import check_second
     from raylab.pipeline.scoring import second_scores
 

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from raylab import cli
-from raylab.config import TrackingConfig, make_config, to_json
+from raylab.config import TrackingConfig, to_json
+from raylab.presets import make_config
 from raylab.tracking import get_run
 from raylab.tracking import mlflow_store
 from raylab.tracking.mlflow_store import (EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, Tracker, client_for,

@@ -18,6 +18,7 @@ from mlflow import MlflowClient
 
 from raylab import config
 from raylab.config import TrackingConfig
+from raylab.presets import make_config
 from raylab.images import tile
 from raylab.tracking import plots
 from raylab.tracking.mlflow_store import (PARAM_VALUE_LIMIT, Tracker, TrackingError, child_runs,
@@ -68,7 +69,7 @@ def test_uri_precedence(tmp_path, monkeypatch):
 
 
 def test_sweep_hierarchy_roundtrip(tcfg, tmp_path):
-    base = config.make_config("tiny")
+    base = make_config("tiny")
     children = {}
     with _start(tcfg, "sweep:beta", base) as parent:
         for beta in (1.0, 6.0):
@@ -172,6 +173,7 @@ def test_files_dicts_and_explicit_status(tcfg, tmp_path):
 RACER = """
 import sys
 from raylab.config import TrackingConfig
+from raylab.presets import make_config
 from raylab.tracking.mlflow_store import ensure_experiment
 print("ready", flush=True)
 sys.stdin.readline()  # start signal, so the processes overlap on the fresh store

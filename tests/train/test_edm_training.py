@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from raylab.config import make_config
+from raylab.presets import make_config
 from raylab.data.datasets import load_splits
 from raylab.generate.checkpoint import load_edm
 from raylab.runtime import torch_threads

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 from scipy.stats import chisquare
 
-from raylab.config import make_config, override
+from raylab.config import override
+from raylab.presets import make_config
 from raylab.data.datasets import load_splits
 from raylab.data.mix import split_batch
 from raylab.data.npz_import import import_npz

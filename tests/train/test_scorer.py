@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from raylab import cli
-from raylab.config import make_config, to_flat
+from raylab.config import to_flat
+from raylab.presets import make_config
 from raylab.data.datasets import load_splits
 from raylab.eval.export import read_state_dict
 from raylab.pipeline.generate_job import resolve_scorer

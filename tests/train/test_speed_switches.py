@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from raylab.config import make_config
+from raylab.presets import make_config
 from raylab.data.datasets import load_splits
 from raylab.models import create_model
 from raylab.train.ema import WeightAverage

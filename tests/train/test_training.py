@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from raylab.config import make_config, override
+from raylab.config import override
+from raylab.presets import make_config
 from raylab.data.datasets import load_splits
 from raylab.data.mix import GeneratedStream, OriginalStream, split_batch
 from raylab.data.shards import ShardStore

@@ -1,5 +1,6 @@
 """Artifact addressing (pure): which sweeps share a generation and which build their own."""
-from raylab.config import fingerprint, make_config
+from raylab.config import fingerprint
+from raylab.presets import make_config
 from raylab.runs import GENERATION_KEYS
 from raylab.tune.artifacts import VIEW_KEYS
 

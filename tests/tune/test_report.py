@@ -24,6 +24,24 @@ def test_steps_table_is_sorted_numerically_and_has_table7_columns():
     assert second.split("|")[1].strip() == "-"  # no FD measured: a dash, never a made-up number
 
 
+def test_rows_follow_the_sweep_order_where_it_is_known():
+    def aug(value):
+        return SimpleNamespace(params={"train.augment": value}, metrics={"eval_clean_acc": 0.9}, name=value,
+                               run_id=value)
+
+    runs = [aug("cutmix"), aug("none"), aug("crop")]
+    assert [r["train.augment"] for r in build_rows(runs, ["train.augment"])] == ["crop", "cutmix", "none"]
+    swept = {"train.augment": ["none", "crop", "cutmix"]}
+    assert [r["train.augment"] for r in build_rows(runs, ["train.augment"], swept)] == ["none", "crop", "cutmix"]
+    # a value the space does not list (a trial of an older sweep) goes after the listed ones
+    assert [r["train.augment"] for r in build_rows(runs, ["train.augment"], {"train.augment": ["crop"]})] == [
+        "crop", "cutmix", "none"]
+    # numbers compare as the space wrote them: 0.2 in JSON is "0.2" in MLflow's params
+    ratio = [SimpleNamespace(params={"train.ratio": v}, metrics={"eval_clean_acc": 0.9}, run_id=v) for v in
+             ("1.0", "0.2")]
+    assert [r["train.ratio"] for r in build_rows(ratio, ["train.ratio"], {"train.ratio": [1.0, 0.2]})] == ["1.0", "0.2"]
+
+
 def test_best_last_layout_has_diffs_and_unfinished_trials_are_left_out():
     rows = build_rows([run(1, 0.9, 0.6, 0.5), run(2, 0.9, 0.6, 0.5, finished=False)], ["generate.steps"])
     assert len(rows) == 1
