@@ -482,9 +482,23 @@ def download_artifacts(uri: str, run_id: str, path: str, dst: str | os.PathLike)
     return Path(client_for(uri).download_artifacts(run_id, path, str(dst)))
 
 
+@contextlib.contextmanager
+def _no_progress_bar() -> Iterator[None]:
+    """MLflow draws a tqdm bar for every download; a report's small read-backs should not print one."""
+    name, old = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+    os.environ[name] = "false"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
+
+
 def load_json_artifact(uri: str, run_id: str, path: str) -> Optional[Any]:
     """A run's JSON artifact file, or None when the run has none at `path` (e.g. a sweep logged by an older raylab)."""
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, _no_progress_bar():
         try:
             return json.loads(download_artifacts(uri, run_id, path, tmp).read_text())
         except (MlflowException, OSError, ValueError):
