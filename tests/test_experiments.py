@@ -133,7 +133,7 @@ def test_the_model_comes_back_from_mlflow_alone(steps_sweep, tmp_path):
     import torch
 
     from raylab.eval.export import load_robustbench_checkpoint
-    from raylab.tracking.mlflow_store import download_artifacts
+    from raylab.tracking.readback import download_artifacts
 
     trial = steps_sweep.trials[0]
     run_dir = Path(trial.tags["raylab.run_dir"])

@@ -21,9 +21,9 @@ from raylab.config import TrackingConfig
 from raylab.presets import make_config
 from raylab.images import tile
 from raylab.tracking import plots
-from raylab.tracking.mlflow_store import (PARAM_VALUE_LIMIT, Tracker, TrackingError, child_runs,
-                                          client_for, ensure_experiment, find_runs, get_run_metrics_history,
+from raylab.tracking.mlflow_store import (PARAM_VALUE_LIMIT, Tracker, TrackingError, client_for, ensure_experiment,
                                           pin_tracking, resolve_tracking_uri)
+from raylab.tracking.readback import child_runs, find_runs, get_run_metrics_history
 
 HASH = "ab12" * 16
 
