@@ -91,6 +91,7 @@ DATASET_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 
 
 def make_config(preset: str = "tiny", overrides: Mapping[str, Any] | None = None) -> ExperimentConfig:
+    """`--preset NAME --set KEY=VALUE ...`: the preset, its per-dataset values, then the overrides on top."""
     if preset not in PRESETS:
         raise ConfigError(f"preset: {preset!r} is not one of {', '.join(PRESETS)}")
     flat = {**PRESETS[preset], **(overrides or {})}
