@@ -298,6 +298,11 @@ class EvalConfig(_Stage):
     certify_n: int = knob(10_000, lo=1)
     certify_alpha: float = knob(0.001, lo=0.0, hi=1.0, lo_open=True)
 
+    @property
+    def custom_attacks(self) -> tuple[str, ...]:
+        """eval.aa_attacks as names (the custom version's cascade, in order)."""
+        return tuple(a.strip() for a in self.aa_attacks.split(",") if a.strip())
+
     def check(self) -> None:
         budget = [f for f in fields(self) if f.name in ("aa_iters", "aa_restarts", "aa_target_classes")]
         changed = [f.name for f in budget if getattr(self, f.name) != f.default]

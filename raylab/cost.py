@@ -139,7 +139,7 @@ def aa_passes(ev: EvalConfig) -> float:
     later one on the ~60% still robust."""
     if ev.autoattack != "custom":
         return AA_PASSES[ev.autoattack]
-    names = [a.strip() for a in ev.aa_attacks.split(",") if a.strip()]
+    names = ev.custom_attacks
     unknown = [a for a in names if a not in CUSTOM_ATTACK_PASSES]
     if unknown or not names:
         raise ConfigError(f"eval.aa_attacks: {ev.aa_attacks!r} must name attacks from {', '.join(CUSTOM_ATTACK_PASSES)}")

@@ -67,7 +67,7 @@ def aa_attacks(ev: EvalConfig) -> Optional[tuple[str, ...]]:
     """The attack list of eval.aa_attacks for the custom version; None for the presets (they fix it)."""
     if ev.autoattack != "custom":
         return None
-    return tuple(a.strip() for a in ev.aa_attacks.split(",") if a.strip())
+    return ev.custom_attacks
 
 
 def aa_budget(ev: EvalConfig) -> Budget:
