@@ -17,7 +17,7 @@ from pathlib import Path
 
 from raylab.config import (ConfigError, ExperimentConfig, all_keys, from_json, override, parse_assignments, pin_paths,
                            to_flat)
-from raylab.presets import PRESETS, explain, make_config
+from raylab.presets import PRESETS, explain, make_config, miniature
 
 VERBS: dict[str, tuple[Callable[[argparse.Namespace], int], Callable[[argparse.ArgumentParser], None], str]] = {}
 
@@ -33,6 +33,8 @@ def verb(name: str, help: str, args: Callable[[argparse.ArgumentParser], None] =
 def config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS),
                         help="tiny (2 CPU cores), smoke (CI) or paper (Wang et al. 2023 recipe)")
+    parser.add_argument("--miniature", action="store_true", help="with --preset paper: every paper knob, only the "
+                        "sizes shrunk (raylab.presets.MINIATURE), for a dress rehearsal on CPUs")
     parser.add_argument("--config", default=None, metavar="FILE",
                         help="start from a run's config.json instead of a preset (--set applies on top)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -50,7 +52,12 @@ def config_from(ns: argparse.Namespace) -> ExperimentConfig:
         except (json.JSONDecodeError, UnicodeDecodeError, TypeError, KeyError, AttributeError) as err:
             raise ConfigError(f"--config: {path} is not a raylab config.json ({type(err).__name__}: {err})") from None
         return pin_paths(cfg)
-    return pin_paths(make_config(ns.preset, overrides))  # Ray workers have their own cwd
+    cfg = make_config(ns.preset, overrides)
+    if getattr(ns, "miniature", False):
+        if ns.preset != "paper":
+            raise ConfigError(f"--miniature: shrinks the paper preset, not {ns.preset!r} (use --preset paper)")
+        cfg = miniature(cfg, overrides)
+    return pin_paths(cfg)  # Ray workers have their own cwd
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -394,6 +401,8 @@ def _rehearse_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workdir", default="", help="rehearsal directory (default /var/tmp/raylab-rehearse-<id>)")
     p.add_argument("--no-fault", dest="fault", action="store_false", help="do not kill a worker node")
     p.add_argument("--expect-trials", type=int, default=None, help="trial runs the job must leave in MLflow")
+    p.add_argument("--dress", action="store_true", help="the dress rehearsal: the paper configuration in miniature "
+                   "(ablate_steps and ablate_amount, two arms each) on a CIFAR-10 fixture under the shared root")
     p.add_argument("--unshared-node", default="", help="drill: this worker (e.g. worker2) gets an empty local "
                    "directory where the shared root should be")
     p.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND... ({shared} = the shared root; "
@@ -403,11 +412,13 @@ def _rehearse_args(p: argparse.ArgumentParser) -> None:
 @verb("rehearse", "a real multi-node Ray cluster on this machine (root): run a job, lose a node, check the "
       "cluster contract", _rehearse_args)
 def _rehearse(ns: argparse.Namespace) -> int:
-    from raylab.rehearse.run import Options, rehearse
+    from raylab.rehearse.run import DRESS_JOB, Options, rehearse
 
     command = ns.command[1:] if ns.command[:1] == ["--"] else ns.command
     opts = Options(nodes=ns.nodes, cluster_yaml=ns.cluster_yaml, workdir=ns.workdir, fault=ns.fault,
-                   expect_trials=ns.expect_trials, unshared_node=ns.unshared_node)
+                   expect_trials=ns.expect_trials, unshared_node=ns.unshared_node, dress=ns.dress)
+    if ns.dress:
+        opts.command = list(DRESS_JOB)
     if command:
         opts.command = command
     return rehearse(opts)

@@ -24,6 +24,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional, Sequence
 
+from raylab.amounts import generated_images, kept_images
+from raylab.attacks.pgd import default_step
 from raylab.config import ConfigError, EvalConfig, ExperimentConfig, fingerprint, override
 from raylab.data.datasets import get_dataset
 from raylab.data.mix import steps_per_epoch
@@ -86,28 +88,26 @@ def _scored(cfg: ExperimentConfig) -> bool:
 
 
 def _generate(cfg: ExperimentConfig) -> StagePlan:
-    n = cfg.generate.per_class * get_dataset(cfg.data.dataset).num_classes
+    n = generated_images(cfg)
     nfe = expected_nfe(cfg.generate.steps, cfg.generate.solver) if cfg.generate.generator == "edm" else 0
     score = _score_s(cfg, n) if _scored(cfg) else 0.0
     sample = n * nfe / cfg.cost.sample_nfe_per_s
     return StagePlan("generate", "generate-" + fingerprint(cfg, GENERATION_KEYS), n, math.ceil(n / cfg.generate.shard_size),
                      n * ROW_BYTES, device_s=None if score is None else sample + score,
-                     note=f"{nfe} NFE per image" + (", scored (est.)" if _scored(cfg) else ""))
+                     note=_sampler_note(cfg, nfe) + (", scored (est.)" if _scored(cfg) else ""))
 
 
-def _kept(cfg: ExperimentConfig, generated: int) -> int:
-    classes = get_dataset(cfg.data.dataset).num_classes
-    per_policy = {"none": generated, "agreement": generated,
-                  "topk": math.ceil(cfg.select.top_fraction * generated / classes - 1e-9) * classes,
-                  "pseudo": math.ceil(cfg.select.top_fraction * generated / classes - 1e-9) * classes}
-    kept = per_policy[cfg.select.policy]
-    return min(kept, cfg.select.amount) if cfg.select.amount else kept
+def _sampler_note(cfg: ExperimentConfig, nfe: int) -> str:
+    if cfg.generate.generator != "edm":
+        return f"{cfg.generate.generator} generator"
+    return f"{cfg.generate.steps} {cfg.generate.solver} steps, {nfe} NFE per image"
 
 
 def _select(cfg: ExperimentConfig, generated: int) -> StagePlan:
-    kept = _kept(cfg, generated)
+    kept = kept_images(cfg)
     second = _score_s(cfg, generated) if cfg.select.policy == "agreement" else 0.0
-    note = "at most (agreement drops an unknown share)" if cfg.select.policy == "agreement" else cfg.select.policy
+    policy = f"top {cfg.select.top_fraction:.0%} per class" if cfg.select.policy == "topk" else cfg.select.policy
+    note = "agreement, at most (it drops an unknown share)" if cfg.select.policy == "agreement" else policy
     return StagePlan("select", "view-" + fingerprint(cfg, GENERATION_KEYS + ["select"]), kept, device_s=second,
                      note=note)
 
@@ -119,9 +119,19 @@ def _originals(cfg: ExperimentConfig) -> tuple[int, int]:
     return (min(train, cfg.data.max_train) if cfg.data.max_train else train), val
 
 
+def _attack_note(cfg: ExperimentConfig) -> str:
+    if cfg.train.loss not in ("trades", "pgd_at"):
+        return cfg.train.loss
+    step = cfg.attack.step if cfg.attack.step is not None else default_step(cfg.attack.norm, cfg.attack.eps,
+                                                                             cfg.attack.steps)
+    return (f"{cfg.train.loss}, {cfg.attack.norm} PGD-{cfg.attack.steps} eps {cfg.attack.eps * 255:g}/255 "
+            f"step {step * 255:g}/255")
+
+
 def _train(cfg: ExperimentConfig, kept: int) -> StagePlan:
     originals, val = _originals(cfg)
-    per_epoch = steps_per_epoch(cfg.train.epoch_length, batch_size=cfg.train.batch_size, num_original=originals,
+    # The reference's epoch counts the whole training split, its held-out validation images included.
+    per_epoch = steps_per_epoch(cfg.train.epoch_length, batch_size=cfg.train.batch_size, num_original=originals + val,
                                 num_generated=kept, ratio=cfg.train.ratio) if originals else 0
     steps = per_epoch * cfg.train.epochs
     images = steps * cfg.train.batch_size
@@ -130,8 +140,9 @@ def _train(cfg: ExperimentConfig, kept: int) -> StagePlan:
     device_s = None if rate is None or validate is None else images / rate + validate
     return StagePlan("train", "train-" + fingerprint(cfg, ["data", "generate", "select", "model", "attack", "train"]),
                      images, steps=steps, device_s=device_s,
-                     note=f"{cfg.train.epochs} epochs of {per_epoch} steps at batch {cfg.train.batch_size}"
-                          + ("" if cfg.attack.steps == PUBLISHED_ATTACK_STEPS else ", est."))
+                     note=f"{cfg.train.epochs} epochs of {per_epoch} steps at batch {cfg.train.batch_size}, ratio "
+                          f"{cfg.train.ratio:g}; {_attack_note(cfg)}"
+                          + ("" if cfg.attack.steps == PUBLISHED_ATTACK_STEPS else "; est."))
 
 
 def aa_passes(ev: EvalConfig) -> float:

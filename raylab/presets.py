@@ -1,19 +1,32 @@
 """The named presets every verb and experiment script takes (`--preset tiny|smoke|paper`).
 
-`paper` is the config's dataclass defaults on CIFAR-10 (Wang et al. 2023); `tiny` runs every stage on 2 CPU cores on
-the embedded digits; `smoke` shrinks `tiny` further for CI. A preset is a flat `{"section.key": value}` table applied
-beneath the user's `--set` overrides.
+`paper` is the config's dataclass defaults on CIFAR-10 (Wang et al. 2023) laid out for a GPU cluster; `tiny` runs
+every stage on 2 CPU cores on the embedded digits; `smoke` shrinks `tiny` further for CI. A preset is a flat
+`{"section.key": value}` table. `make_config` layers, lowest first: the preset, an experiment's defaults (its paper
+table's settings), the dataset's own values (`DATASET_PRESETS`), the preset's rules (`PRESET_RULES`, for keys nobody
+set), and the user's `--set` overrides. Verbs and experiments share every layer but the experiment's defaults, so
+`raylab train --preset paper` and `ablate_beta.py --preset paper` agree on every key the ablation does not set.
 """
 from __future__ import annotations
 
+import math
 import typing
 from dataclasses import fields
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
-from raylab.config import STAGES, ConfigError, DataConfig, ExperimentConfig, base_type, from_flat, split_key
+from raylab.amounts import check_amount, kept_images, paper_ratio
+from raylab.config import (MODELS, STAGES, ConfigError, DataConfig, ExperimentConfig, base_type, from_flat, override,
+                           split_key, to_flat)
 
 PRESETS: dict[str, dict[str, Any]] = {
-    "paper": {},
+    # A GPU cluster: 4 GPU workers per trial, GPU sampler/scorer/eval actors. The scorer is a WRN-28-10 over 5M
+    # images: on a GPU, not a CPU actor. Spot GPU nodes vanish: each Train run and Tune trial may restart 3 times
+    # (from its last checkpoint) before the sweep fails.
+    "paper": {
+        "resources.use_gpu": True, "resources.num_workers": 4, "resources.gpus_per_actor": 1.0,
+        "resources.sampler_actors": 4, "resources.scorer_actors": 1, "resources.scorer_gpus_per_actor": 1.0,
+        "resources.eval_actors": 4, "resources.max_failures": 3, "train.bf16": True,
+    },
     "tiny": {
         "data.dataset": "digits", "data.val_size": 128,
         # The committed digits EDM (raylab/assets/edm-digits): 16 channels down to 8x8 (a 16x16 floor gave blobs),
@@ -73,27 +86,105 @@ def explain(key: str) -> str:
                       f"tiny: {PRESETS['tiny'].get(key, f.default)!r}", f"  allowed: {allowed}"])
 
 
-# The paper preset's per-dataset values, beneath --set: `--preset paper --set data.dataset=cifar100` is Wang et al.
-# 2023's CIFAR-100 setting, not CIFAR-10's 500K per class for 100 classes (50M images).
+# The paper preset's per-dataset values. CIFAR-10 has none: the config's defaults are its values, and the ablation
+# tables (Wang et al. 2023 Tables 4-9) are CIFAR-10 tables. On another dataset these win over an experiment's
+# defaults (`make_config`), so `ablate_steps --preset paper --set data.dataset=cifar100` generates CIFAR-100's 5M,
+# not CIFAR-10's 500K per class for 100 classes (50M).
 DATASET_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "paper": {
         "cifar100": {
-            "generate.steps": 25,          # Wang et al. 2023 §4.1 and App. B.3 Table 11: best FID (2.09) at 25 steps
+            "generate.steps": 25,          # Wang et al. 2023 §5.4 and App. B.3 Table 11: best FID (2.09) at 25 steps
             "generate.per_class": 50_000,  # App. A: 50K per class (5M), top 20% per class kept = 1M (10K per class)
         },
         "svhn": {
             "generate.steps": 25,          # the reference README: their SVHN EDM (FID 1.39) samples in 25 steps
             "generate.per_class": 100_000,  # the published SVHN 1M set (training_recipe.md §2)
             "select.policy": "none",       # "SVHN is never filtered" (training_recipe.md §2, the reference's edm/)
+            # The reference's SVHN loaders (core/data/svhn*.py) train on ToTensor() alone: no crop, and no flips,
+            # which would mirror digits into other digits.
+            "train.augment": "none",
         },
     },
 }
 
+# Keys a preset derives from others, where neither an experiment nor --set gives them.
+PRESET_RULES: dict[str, dict[str, Callable[[ExperimentConfig], Any]]] = {
+    # Wang et al. 2023 §3: ratio 0.3 for 1M generated images, 0.2 above (so Table 4's 20M and Table 8's 5M get 0.2).
+    "paper": {"train.ratio": lambda cfg: paper_ratio(kept_images(cfg))},
+}
 
-def make_config(preset: str = "tiny", overrides: Mapping[str, Any] | None = None) -> ExperimentConfig:
-    """`--preset NAME --set KEY=VALUE ...`: the preset, its per-dataset values, then the overrides on top."""
+
+def dataset_values(preset: str, flat: Mapping[str, Any]) -> dict[str, Any]:
+    """The preset's own values for the dataset `flat` names (default: the config's dataset)."""
+    return dict(DATASET_PRESETS.get(preset, {}).get(str(flat.get("data.dataset", DataConfig.dataset)), {}))
+
+
+def make_config(preset: str = "tiny", overrides: Mapping[str, Any] | None = None,
+                defaults: Mapping[str, Any] | None = None) -> ExperimentConfig:
+    """`--preset NAME --set KEY=VALUE ...`: the preset, an experiment's `defaults`, the dataset's own values, the
+    preset's rules for keys nobody gave, then the overrides on top (module docstring)."""
     if preset not in PRESETS:
         raise ConfigError(f"preset: {preset!r} is not one of {', '.join(PRESETS)}")
-    flat = {**PRESETS[preset], **(overrides or {})}
-    per_dataset = DATASET_PRESETS.get(preset, {}).get(str(flat.get("data.dataset", DataConfig.dataset)), {})
-    return from_flat({**PRESETS[preset], **per_dataset, **(overrides or {})})
+    given = {**(defaults or {}), **(overrides or {})}
+    per_dataset = dataset_values(preset, {**PRESETS[preset], **given})
+    cfg = from_flat({**PRESETS[preset], **(defaults or {}), **per_dataset, **(overrides or {})})
+    derived = {key: rule(cfg) for key, rule in PRESET_RULES.get(preset, {}).items() if key not in given}
+    cfg = override(cfg, derived) if derived else cfg
+    check_amount(cfg)
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# `--miniature`: the paper configuration with only its sizes shrunk, for a dress rehearsal on CPUs. Every other knob
+# stays the paper's: dataset and archive format, model family, selection and ratio rules, attack, schedule shape,
+# EMA, validation and evaluation protocol, resources layout (GPUs become CPUs) and max_failures.
+
+MINIATURE_IMAGES = 25_000   # generated images: 500K per class -> 20; Table 5's 1M -> 40, 5M -> 200, 20M -> 800
+MINIATURE_EPOCHS = 100      # 400 epochs -> 4; a checkpoint every 10 epochs -> every epoch
+MINIATURE_KIMG = 100_000    # EDM training: 200,000 kimg -> 2 kimg (warm-up, EMA half-life alike)
+MINIATURE_HELD_OUT = 64     # validation and test images (the papers: 1,024 and the whole test set)
+
+
+def shrink(n: float, factor: float) -> int:
+    return max(1, math.ceil(n / factor))
+
+
+def smallest_member(name: str) -> str:
+    """The model family's smallest registered member: wrn-28-10 -> wrn-10-1 (by depth, then width)."""
+    family = [m for m in MODELS if m.split("-")[0] == name.split("-")[0]]
+    return min(family, key=lambda m: tuple(int(p) for p in m.split("-")[1:] if p.isdigit()))
+
+
+MINIATURE: dict[str, Callable[[Any], Any]] = {
+    # Image counts shrink together, so the paper's rules by amount (top 20% up to 1M, ratio 0.3 / 0.2) pick what
+    # they pick at full size; they are applied at full size first (`miniature`).
+    "generate.per_class": lambda n: shrink(n, MINIATURE_IMAGES),
+    "select.amount": lambda n: n and shrink(n, MINIATURE_IMAGES),
+    "generate.shard_size": lambda n: shrink(n, 100),                   # 10,000 -> 100: a set is still several shards
+    "train.epochs": lambda e: shrink(e, MINIATURE_EPOCHS),
+    "train.checkpoint_every": lambda e: shrink(e, MINIATURE_EPOCHS),
+    "data.val_size": lambda n: MINIATURE_HELD_OUT,
+    "eval.num_test": lambda n: MINIATURE_HELD_OUT,
+    "model.name": smallest_member,
+    "select.scorer_model": smallest_member,
+    "edm.model_channels": lambda c: shrink(c, 8),                       # DDPM++ 128 -> 16 channels
+    "edm.num_blocks": lambda b: 1,
+    "edm.batch_size": lambda b: shrink(b, 16),                          # 512 -> 32
+    **{f"edm.{k}": (lambda v: v / MINIATURE_KIMG) for k in ("total_kimg", "warmup_kimg", "ema_halflife_kimg")},
+    "edm.checkpoint_every_kimg": lambda k: k / (MINIATURE_KIMG / 10),   # 4 checkpoints a run, as the epochs
+    "resources.use_gpu": lambda _: False,
+    "resources.gpus_per_actor": lambda _: 0.0,
+    "resources.scorer_gpus_per_actor": lambda _: 0.0,
+}
+
+
+def miniature(cfg: ExperimentConfig, overrides: Mapping[str, Any] | None = None) -> ExperimentConfig:
+    """`cfg` (resolved at full size, its rules applied) with the MINIATURE sizes shrunk; `overrides` (--set) still
+    win, taken literally."""
+    flat = to_flat(cfg)
+    return override(cfg, {**{k: shrink_key(k, flat[k]) for k in MINIATURE}, **(overrides or {})})
+
+
+def shrink_key(key: str, value: Any) -> Any:
+    """A value of `key` as the miniature has it (a swept amount: 1M -> 40); keys that are not sizes stay."""
+    return MINIATURE[key](value) if key in MINIATURE else value

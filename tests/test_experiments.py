@@ -36,9 +36,10 @@ def test_every_experiment_composes_valid_configs_for_every_preset(path):
 
     ab = ablation(path)
     for mode in ("tiny", "smoke", "paper"):
-        cfg, values = compose(ab, mode, {})
-        check_space(cfg, {ab.key: values}, ab.coupled.get(mode))
-    paper = compose(ab, "paper", {})[0]
+        run = compose(ab, mode, {})
+        check_space(run.cfg, {ab.key: run.values}, run.coupled)
+        assert run.values and not run.dropped
+    paper = compose(ab, "paper", {}).cfg
     assert paper.model.name == "wrn-28-10"
     # The cluster preset: the scorer on a GPU, and a failure budget for spot nodes.
     assert paper.resources.scorer_gpus_per_actor >= 1 and paper.resources.max_failures >= 3
@@ -52,8 +53,8 @@ def test_the_amount_ablation_applies_the_papers_rule_per_amount():
     from raylab.tune.sweep import _search
 
     ab = ablation(next(p for p in EXPERIMENTS if p.stem == "ablate_amount"))
-    cfg, values = compose(ab, "paper", {})
-    rule = ab.coupled["paper"]
+    run = compose(ab, "paper", {})
+    cfg, values, rule = run.cfg, run.values, run.coupled
     arms = {v: override(cfg, {ab.key: v, **rule(v)}) for v in values}
     assert {(c.select.policy, c.select.top_fraction, c.train.ratio) for v, c in arms.items() if v <= 1_000_000} == {
         ("topk", 0.2, 0.3)}

@@ -55,7 +55,9 @@ def steps_per_epoch(epoch_length: str, *, batch_size: int, num_original: int, nu
     """Optimizer steps in one epoch.
 
     "original": the reference's CIFAR-equivalent epoch, ceil(N_original / B) steps whatever the generated set's
-    size (training_recipe.md "How an epoch is defined"). "generated": one pass over the generated view.
+    size, N_original being the whole training split as loaded, held-out validation images included (the
+    reference's 50,000 for CIFAR: training_recipe.md "How an epoch is defined"; 98 steps at batch 512, not 96).
+    "generated": one pass over the generated view.
     """
     if epoch_length == "original" or ratio >= 1.0:
         return max(1, math.ceil(num_original / batch_size))

@@ -89,10 +89,10 @@ def create_network(layout: Layout, count: int) -> None:
     sh("ip", "addr", "add", f"{layout.subnet}.254/24", "dev", layout.bridge)
     sh("ip", "link", "set", layout.bridge, "up")
     for i in range(count):
-        _add_node_net(layout, i)
+        add_node_net(layout, i)
 
 
-def _add_node_net(layout: Layout, i: int) -> None:
+def add_node_net(layout: Layout, i: int) -> None:
     ns, host_end, node_end = layout.netns(i), f"{layout.tag}h{i}", f"{layout.tag}v{i}"
     sh("ip", "netns", "add", ns)
     sh("ip", "link", "add", host_end, "type", "veth", "peer", "name", node_end)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Callable
 
 from raylab.rehearse import checks, nodes
+from raylab.rehearse.fixtures import place_cifar10
 from raylab.rehearse.spec import (HEAD_HOME, OBJECT_STORE_BYTES, SHARED_PATH, WORKER_CPUS, ClusterSpec, load_spec,
                                   resources_env)
 
@@ -31,6 +32,13 @@ TOOLS = ("ip", "nsenter", "unshare", "mount")
 DEFAULT_JOB = ["python", "experiments/ablate_steps.py", "--smoke", "--set", "train.epochs=3",
                "--set", "resources.num_workers=2", "--set", "resources.placement=SPREAD",
                "--set", "tracking.root={shared}/runs", "--set", f"tracking.uri={MLFLOW_URL}"]
+# The dress rehearsal (`--dress`): the paper configuration in miniature on CIFAR-10 placed under the shared root as
+# the README's cluster command has it (raylab.rehearse.dress); only locations are set.
+DATA_DIR = "data"
+DRESS_JOB = ["python", "-m", "raylab.rehearse.dress", "--set", "tracking.root={shared}/runs",
+             "--set", f"data.root={{shared}}/{DATA_DIR}", "--set", f"tracking.uri={MLFLOW_URL}"]
+# Runs that train what the paper takes as given (the dress job's generator and scorer): the node dies in a trial.
+INPUT_RUNS = ("edm-", "scorer-")
 
 
 @dataclass
@@ -42,6 +50,7 @@ class Options:
     fault: bool = True
     expect_trials: int | None = None
     unshared_node: str = ""   # a worker whose shared root is an empty directory instead (the refusal drill)
+    dress: bool = False       # place the CIFAR-10 fixture; the node dies in a sweep trial, not an input's training
 
 
 @dataclass
@@ -132,6 +141,19 @@ class Cluster:
             self.running.append(nodes.start_node(self.layout, index, name, self.script(index, name), env))
         self.wait_ready(self.count)
 
+    def replace(self, lost: nodes.Node) -> nodes.Node:
+        """A fresh worker node joins, as the autoscaler replaces a lost spot node: a new name, address and disk.
+        It must pass the shared-root check where it takes work (it was not there when the job started)."""
+        index = len(self.names)
+        name = f"worker{index}"
+        self.names.append(name)
+        nodes.add_node_net(self.layout, index)
+        nodes.write_hosts(self.layout, self.names)  # rewritten in place: every node's /etc/hosts sees the new name
+        node = nodes.start_node(self.layout, index, name, self.script(index, name), nodes.node_env(self.layout,
+                                                                                                     self.token))
+        self.running.append(node)
+        return node
+
     def on_head(self, argv: list[str], **kwargs) -> subprocess.Popen:
         env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token, "RAY_USAGE_STATS_ENABLED": "0"}
         return subprocess.Popen(nodes.on_node(self.head, argv, str(self.checkout)), env=env,
@@ -166,7 +188,7 @@ class Cluster:
             except subprocess.TimeoutExpired:
                 pass
         if self.network:
-            nodes.delete_network(self.layout, self.count)
+            nodes.delete_network(self.layout, len(self.names))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -186,11 +208,13 @@ def checkpoints(shared: Path) -> dict[str, set[str]]:
     return out
 
 
-def watch_and_kill(cluster: Cluster, timings: Timings, done: Callable[[], bool], poll: float = 0.5) -> None:
-    """Kill the last worker node once some run has a registered checkpoint; then time until it checkpoints again."""
+def watch_and_kill(cluster: Cluster, timings: Timings, done: Callable[[], bool], poll: float = 0.5,
+                   eligible: Callable[[str], bool] = lambda run: True) -> None:
+    """Kill the last worker node once an `eligible` run has a registered checkpoint; then time until it checkpoints
+    again, and let a replacement node join."""
     victim, run, seen = cluster.running[-1], None, set()
     while not done():
-        found = checkpoints(cluster.layout.shared)
+        found = {name: ckpts for name, ckpts in checkpoints(cluster.layout.shared).items() if eligible(name)}
         if run is None and found:
             run, seen = next(iter(found.items()))
             seen = set(seen)
@@ -202,6 +226,8 @@ def watch_and_kill(cluster: Cluster, timings: Timings, done: Callable[[], bool],
             timings.recovered = time.monotonic()
             print(f"rehearsal: {run} checkpointed again {timings.recovered - timings.killed_at:.0f} s after the "
                   "node loss", flush=True)
+            joined = cluster.replace(victim)
+            print(f"rehearsal: node {joined.name} joins in place of {victim.name}", flush=True)
             return
         time.sleep(poll)
 
@@ -236,11 +262,14 @@ def summary(count: int, trials: list[checks.TrialEpochs], timings: Timings, faul
 
 
 def run_job(cluster: Cluster, opts: Options, timings: Timings) -> int:
+    if opts.dress:
+        place_cifar10(cluster.layout.shared / DATA_DIR)
     job = submit(cluster, opts.command)
     watcher = None
     if opts.fault:
+        eligible = (lambda run: not run.startswith(INPUT_RUNS)) if opts.dress else (lambda run: True)
         watcher = threading.Thread(target=watch_and_kill, args=(cluster, timings, lambda: job.poll() is not None),
-                                   daemon=True)
+                                   kwargs={"eligible": eligible}, daemon=True)
         watcher.start()
     rc = job.wait()
     if watcher is not None:

@@ -177,9 +177,10 @@ def _train(cfg: ExperimentConfig, loop_config: dict[str, Any]) -> dict[str, Any]
     rank, world = rank_and_world()
     seed_everything(cfg.train.seed)  # identical initial weights on every rank; per-rank noise: ctx.generator
     splits = load_splits(cfg.data)
+    # The reference counts the whole training split in an epoch, its held-out validation images included.
     steps = steps_per_epoch(cfg.train.epoch_length, batch_size=cfg.train.batch_size,
-                            num_original=len(splits.train), num_generated=len(loop_config.get("generated") or ()),
-                            ratio=cfg.train.ratio)
+                            num_original=len(splits.train) + len(splits.val),
+                            num_generated=len(loop_config.get("generated") or ()), ratio=cfg.train.ratio)
     ctx = build_context(cfg, splits, steps, world)
     streams = build_streams(cfg, splits, rank, world, loop_config.get("generated"))
     start, best, history = 0, {"metric": selection_metric(cfg, len(splits.val)), "score": -math.inf, "epoch": -1}, []

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
+from raylab.amounts import check_amount
 from raylab.config import (ExperimentConfig, fingerprint, from_flat, identity_flat, override, pin_paths, to_flat,
                            to_json)
 from raylab.cost import ledger
@@ -82,7 +83,7 @@ def check_space(cfg: ExperimentConfig, space: dict[str, Sequence[Any]], coupled:
         if not list(values):
             raise ValueError(f"{key}: the sweep gives it no values")
         for value in values:
-            override(cfg, {key: value, **(coupled(value) if coupled else {})})
+            check_amount(override(cfg, {key: value, **(coupled(value) if coupled else {})}))
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -46,10 +46,11 @@ def test_two_ddp_workers_draw_random_disjoint_rows_from_a_class_sorted_import(ra
     traces = _traces(tmp_path / "trace", 2, 2)
     _, per_rank = split_batch(64, 0.3)
     seeds = {k: t["seed"] for k, t in traces.items()}
-    assert all(s.shape == (8, per_rank) for s in seeds.values())  # 1024 originals / 128 = 8 steps per epoch
-    # A pass is 200,000 / 90 = 2,222 steps: all 16 steps are in the first one, so no row may come twice.
+    # (1024 originals + 32 held out) / 128 = 9 steps per epoch: the reference counts the validation images in.
+    assert all(s.shape == (9, per_rank) for s in seeds.values())
+    # A pass is 200,000 / 90 = 2,222 steps: all 18 steps are in the first one, so no row may come twice.
     every = np.concatenate([s.ravel() for s in seeds.values()])
-    assert len(np.unique(every)) == len(every) == 2 * 2 * 8 * per_rank
+    assert len(np.unique(every)) == len(every) == 2 * 2 * 9 * per_rank
     truth = read_numpy(sorted_import, ["seed", "label"])
     label_of = np.empty(len(truth["seed"]), np.int64)
     label_of[truth["seed"]] = truth["label"]
