@@ -139,7 +139,8 @@ def make_config(preset: str = "tiny", overrides: Mapping[str, Any] | None = None
 # stays the paper's: dataset and archive format, model family, selection and ratio rules, attack, schedule shape,
 # EMA, validation and evaluation protocol, resources layout (GPUs become CPUs) and max_failures.
 
-MINIATURE_IMAGES = 25_000   # generated images: 500K per class -> 20; Table 5's 1M -> 40, 5M -> 200, 20M -> 800
+MINIATURE_IMAGES = 20_000   # generated images: 500K per class -> 25; Table 5's 1M -> 50, 5M -> 250, 20M -> 1,000
+MINIATURE_BATCH = 8         # 512 -> 64: a batch's generated part (45) fits the smallest miniature set (50 kept)
 MINIATURE_EPOCHS = 100      # 400 epochs -> 4; a checkpoint every 10 epochs -> every epoch
 MINIATURE_KIMG = 100_000    # EDM training: 200,000 kimg -> 2 kimg (warm-up, EMA half-life alike)
 MINIATURE_HELD_OUT = 64     # validation and test images (the papers: 1,024 and the whole test set)
@@ -161,6 +162,7 @@ MINIATURE: dict[str, Callable[[Any], Any]] = {
     "generate.per_class": lambda n: shrink(n, MINIATURE_IMAGES),
     "select.amount": lambda n: n and shrink(n, MINIATURE_IMAGES),
     "generate.shard_size": lambda n: shrink(n, 100),                   # 10,000 -> 100: a set is still several shards
+    "train.batch_size": lambda b: shrink(b, MINIATURE_BATCH),
     "train.epochs": lambda e: shrink(e, MINIATURE_EPOCHS),
     "train.checkpoint_every": lambda e: shrink(e, MINIATURE_EPOCHS),
     "data.val_size": lambda n: MINIATURE_HELD_OUT,

@@ -31,8 +31,8 @@ def test_a_miniature_trial_differs_from_its_paper_arm_only_in_sizes(name):
 
 def test_anything_but_a_size_that_differs_fails_the_rehearsal():
     found, wrong = dress.differences("ablate_amount", INPUTS, logged_trials("ablate_amount", INPUTS,
-                                                                            {"train.batch_size": 64}))
-    assert wrong == ["train.batch_size"] and found["train.batch_size"] == (512, {64})
+                                                                            {"train.lr": 0.1}))
+    assert wrong == ["train.lr"] and found["train.lr"] == (0.2, {0.1})
     # The amount arms keep their full-size rules: a trial selecting differently than its arm would is caught.
     _, wrong = dress.differences("ablate_amount", INPUTS, logged_trials("ablate_amount", INPUTS,
                                                                         {"select.policy": "none"}))

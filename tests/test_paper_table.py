@@ -182,7 +182,7 @@ def test_the_miniature_amounts_shrink_with_the_images():
 
     ablation = runpy.run_path(str(EXPERIMENTS / "ablate_amount.py"), run_name="not_main")["ABLATION"]
     small = compose(ablation, "paper", {}, values=[str(M), str(5 * M)], small=True)
-    assert small.values == [40, 200] and small.cfg.generate.per_class == 80  # 20M / 25,000 over 10 classes
+    assert small.values == [50, 250] and small.cfg.generate.per_class == 100  # 20M / 20,000 over 10 classes
     assert [small.coupled(v) for v in small.values] == [{"select.policy": "topk", "train.ratio": 0.3},
                                                          {"select.policy": "none", "train.ratio": 0.2}]
 
@@ -195,3 +195,19 @@ def test_verbs_take_the_miniature_switch_only_with_the_paper_preset(capsys):
     assert "train.epochs=3" in out and "model.name=wrn-10-1" in out  # --set still wins, taken literally
     assert cli.main(["config", "--preset", "tiny", "--miniature"]) == 2
     assert "--miniature: shrinks the paper preset" in capsys.readouterr().err
+
+
+def test_a_view_smaller_than_a_batch_is_refused_by_the_driver_before_any_worker_starts(tmp_path):
+    """The miniature's first try: 40 kept images under batches needing 360 generated ones failed in every worker,
+    four times over (max_failures 3). The driver refuses it in one line instead."""
+    import numpy as np
+
+    from raylab.data.mix import RowIndex
+    from raylab.train.job import run_training
+
+    cfg = make_config("paper", {"tracking.root": str(tmp_path), "resources.use_gpu": False})
+    view = RowIndex(("shard.parquet",), (np.arange(40),), (np.zeros(40, np.int16),))
+    with pytest.raises(ValueError, match=r"the generated view has 40 rows, fewer than one batch's 360 "
+                                         r"\(train.batch_size=512, train.ratio=0.3\)"):
+        run_training(cfg, generated=view)
+    assert not (tmp_path / "train").exists()  # no run directory, no MLflow run

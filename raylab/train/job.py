@@ -14,7 +14,7 @@ from typing import Any
 
 from raylab.config import ExperimentConfig, to_flat, to_json
 from raylab.data.datasets import get_dataset
-from raylab.data.mix import RowIndex
+from raylab.data.mix import RowIndex, split_batch
 from raylab.raytrain import EpochLogger, make_trainer
 from raylab.runs import RunDir, run_dir
 from raylab.train.worker import train_worker
@@ -41,6 +41,12 @@ def _check_inputs(cfg: ExperimentConfig, generated: RowIndex | None) -> None:
     if cfg.train.ratio < 1.0 and generated is None:
         raise ValueError(f"train.ratio: {cfg.train.ratio} < 1 mixes in generated images, but no generated view "
                          "was given (generate one, or set train.ratio=1 to train on original images only)")
+    world = max(cfg.resources.num_workers, 1)
+    need = split_batch(cfg.train.batch_size // world, cfg.train.ratio)[1] * world
+    if generated is not None and len(generated) < need:  # else every worker fails, max_failures times over
+        raise ValueError(f"the generated view has {len(generated)} rows, fewer than one batch's {need} "
+                         f"(train.batch_size={cfg.train.batch_size}, train.ratio={cfg.train.ratio}): keep more "
+                         "images (generate.per_class, select.*) or lower the batch")
 
 
 def open_tracker(cfg: ExperimentConfig, run: RunDir, parent_run_id: str | None, tags: dict | None,
