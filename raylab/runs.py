@@ -46,9 +46,10 @@ STAGE_KEYS: dict[str, list[str]] = {
 
 # What a stage reads besides its config, by content identity (input name -> hash); its run identity needs them all.
 # original: the training split as loaded (raylab.data.datasets.split_identity); generated: the generated view, i.e.
-# its store's identity and its selected rows (raylab.pipeline.select.generated_lineage), "none" at train.ratio=1;
-# scorer: the sha256 of the scorer that scored and labelled that store, as its manifest records it; weights: the
-# sha256 of the evaluated checkpoint; format: the evaluation's chunk format (raylab.eval.job.FORMAT).
+# its store's identity and its selected rows, or a whole store's identity and shards (raylab.pipeline.select
+# .generated_lineage), "none" at train.ratio=1; scorer: the sha256 of the scorer that scored and labelled that
+# store, as its manifest records it (not select.scorer_checkpoint's file today: that may have been retrained since);
+# weights: the sha256 of the evaluated checkpoint; format: the evaluation's chunk format (raylab.eval.job.FORMAT).
 STAGE_INPUTS: dict[str, tuple[str, ...]] = {"scorer": ("original",), "train": ("original", "generated", "scorer"),
                                             "eval": ("weights", "format")}
 
@@ -58,7 +59,7 @@ class RunDir:
     stage: str
     name: str
     path: Path
-    inputs: Mapping[str, str] = field(default_factory=dict)  # the content identities its name covers
+    inputs: Mapping[str, str] = field(default_factory=dict, hash=False)  # the content identities its name covers
 
     @property
     def config_path(self) -> Path:
