@@ -162,15 +162,14 @@ def _train_args(p: argparse.ArgumentParser) -> None:
 @verb("train", "adversarial training on Ray Train (TRADES by default)", _train_args)
 def _train(ns: argparse.Namespace) -> int:
     from raylab.cluster import init_ray
+    from raylab.pipeline.select import generated_input
     from raylab.train.job import run_training
 
-    from raylab.pipeline.select import generated_lineage
-
     cfg = config_from(ns)
-    generated = _generated_input(ns.generated)  # a bad view or store stops here, before Ray starts
-    lineage = generated_lineage(ns.generated) if ns.generated else None
+    # A bad view or store stops here, before Ray starts; its content identity is part of the run's identity.
+    generated = generated_input(ns.generated) if ns.generated else None
     init_ray(shared_root=cfg.tracking.root)
-    _print_training(run_training(cfg, generated=generated, lineage=lineage))
+    _print_training(run_training(cfg, generated=generated))
     return 0
 
 

@@ -1,16 +1,25 @@
 """Run directories: `<tracking.root>/<stage>/<name>/` holding the resolved config, checkpoints and results.
 
-Names are deterministic (stage + content hash of the config keys that produce the run), so rerunning the same
-config finds and resumes the same directory instead of starting over; a changed config gets a new directory.
-Nothing here ever deletes a run directory (the reference `rmtree`d its log dir at start-up, training_recipe.md §4.2).
+A run's identity (`run_identity`) is the one definition of "the same run": the content hash of the config keys
+that produce it (STAGE_KEYS) and of the content identities of the data it reads besides its config (STAGE_INPUTS:
+the original split, the generated view and its scorer, an evaluation's weights). Names are deterministic (stage +
+identity), so rerunning the same inputs finds and resumes the same directory instead of starting over; a changed
+config, or the same config on other data (another generated view, retrained weights), gets a new directory.
+Input identities are those the inputs already record (manifests, view files) or one file's hash, never a pass
+over the shards. Nothing here ever deletes a run directory (the reference `rmtree`d its log dir at start-up,
+training_recipe.md §4.2).
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Mapping
 
-from raylab.config import ExperimentConfig, fingerprint, to_json
+from raylab.config import EvalConfig, ExperimentConfig, fingerprint, to_json
 from raylab.io import atomic_write_text
 
 CONFIG_NAME = "config.json"
@@ -22,7 +31,7 @@ GENERATION_KEYS = ["data.dataset", "data.root", "edm", "generate.generator", "ge
                    "generate.seed", "generate.seed_mode", "generate.latents_on_cpu", "generate.gaussian_rank",
                    "select.scorer_model", "select.scorer_checkpoint"]
 
-# Config keys that determine each stage's output (the rest, e.g. tracking or eval knobs, do not).
+# Config keys that determine each stage's output (the rest, e.g. tracking, or eval knobs for training, do not).
 STAGE_KEYS: dict[str, list[str]] = {
     "edm": ["data.dataset", "data.val_size", "data.max_train", "edm"],
     # Of the scorer's derived config (`train.job.scorer_config`: model = select.scorer_model, CE, no smoothing), so
@@ -30,7 +39,19 @@ STAGE_KEYS: dict[str, list[str]] = {
     "scorer": ["data", "model", "train", "resources.num_workers"],
     "generate": GENERATION_KEYS,
     "train": ["data", "generate", "select", "model", "attack", "train", "resources.num_workers"],
+    # Every eval knob but num_test (a larger num_test reuses the chunks it shares) and transfer (a reporting flag).
+    "eval": ["data.dataset", "model.name", "model.activation",
+             *(f"eval.{f.name}" for f in dataclasses.fields(EvalConfig) if f.name not in ("num_test", "transfer"))],
 }
+
+# What a stage reads besides its config, by content identity (input name -> hash); its run identity needs them all.
+# original: the training split as loaded (raylab.data.datasets.split_identity); generated: the generated view, i.e.
+# its store's identity and its selected rows, or a whole store's identity and shards (raylab.pipeline.select
+# .generated_lineage), "none" at train.ratio=1; scorer: the sha256 of the scorer that scored and labelled that
+# store, as its manifest records it (not select.scorer_checkpoint's file today: that may have been retrained since);
+# weights: the sha256 of the evaluated checkpoint; format: the evaluation's chunk format (raylab.eval.job.FORMAT).
+STAGE_INPUTS: dict[str, tuple[str, ...]] = {"scorer": ("original",), "train": ("original", "generated", "scorer"),
+                                            "eval": ("weights", "format")}
 
 
 @dataclass(frozen=True)
@@ -38,6 +59,7 @@ class RunDir:
     stage: str
     name: str
     path: Path
+    inputs: Mapping[str, str] = field(default_factory=dict, hash=False)  # the content identities its name covers
 
     @property
     def config_path(self) -> Path:
@@ -55,11 +77,26 @@ def write_config(directory: str | os.PathLike, cfg: ExperimentConfig, keep: bool
     return path
 
 
-def run_dir(cfg: ExperimentConfig, stage: str, name: str | None = None) -> RunDir:
-    """The deterministic directory of `stage` for `cfg` (created, with the resolved config written atomically)."""
-    name = name or f"{stage}-{fingerprint(cfg, STAGE_KEYS[stage])}"
+def run_identity(cfg: ExperimentConfig, stage: str, inputs: Mapping[str, str] | None = None) -> str:
+    """Content address of a `stage` run of `cfg` on `inputs` (input name -> content identity, STAGE_INPUTS)."""
+    inputs = dict(inputs or {})
+    missing = [k for k in STAGE_INPUTS.get(stage, ()) if not inputs.get(k)]
+    if missing:
+        raise ValueError(f"{stage} run identity: no content identity for input(s) {', '.join(missing)} (needs "
+                         f"{', '.join(STAGE_INPUTS[stage])})")
+    if not inputs:
+        return fingerprint(cfg, STAGE_KEYS[stage])
+    text = json.dumps({"config": fingerprint(cfg, STAGE_KEYS[stage]), "inputs": inputs}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def run_dir(cfg: ExperimentConfig, stage: str, name: str | None = None, *, inputs: Mapping[str, str] | None = None,
+            prefix: str | None = None) -> RunDir:
+    """The deterministic directory of `stage` for `cfg` on `inputs`, `<prefix or stage>-<run_identity>` unless
+    `name` is given (created, with the resolved config written atomically)."""
+    name = name or f"{prefix or stage}-{run_identity(cfg, stage, inputs)}"
     path = Path(cfg.tracking.root).resolve() / stage / name
     path.mkdir(parents=True, exist_ok=True)
-    run = RunDir(stage, name, path)
+    run = RunDir(stage, name, path, dict(inputs or {}))
     write_config(path, cfg)
     return run

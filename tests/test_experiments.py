@@ -127,6 +127,9 @@ def test_trial_logs_its_inputs_with_content_identity(steps_sweep):
     generated = json.loads(inputs["generated"].profile)
     assert generated["store"] and generated["scorer"] != "none" and generated["store_identity"]
     assert inputs["generated"].digest == generated["identity"][:36] and len(inputs["original"].digest) >= 32
+    # ... and the trial's run directory is named by them (raylab.runs.run_identity): another view, another run
+    assert run.data.tags["raylab.input.generated"] == generated["identity"]
+    assert run.data.tags["raylab.input.scorer"] == generated["scorer"]
 
 
 @pytest.mark.ray

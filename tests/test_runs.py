@@ -8,7 +8,7 @@ import pytest
 from raylab.config import from_json, override, to_json
 from raylab.presets import make_config
 from raylab.eval.job import Target, eval_fingerprint, result_dir
-from raylab.runs import run_dir, write_config
+from raylab.runs import STAGE_INPUTS, run_dir, run_identity, write_config
 from raylab.tune.sweep import sweep_dir, sweep_name
 
 
@@ -39,12 +39,29 @@ def test_strict_loader_rejects_what_python_json_writes_by_default(tmp_path):
         strict_load(tmp_path / "x.json")
 
 
+INPUTS = {"original": "1" * 64, "generated": "2" * 64, "scorer": "3" * 64}
+
+
 @pytest.mark.parametrize("stage", ["edm", "scorer", "generate", "train"])
 def test_run_dir_holds_the_resolved_config(cfg, stage):
-    run = run_dir(cfg, stage)
+    run = run_dir(cfg, stage, inputs={k: INPUTS[k] for k in STAGE_INPUTS.get(stage, ())})
     assert run.path == Path(cfg.tracking.root).resolve() / stage / run.name and run.name.startswith(f"{stage}-")
     assert run.config_path == run.path / "config.json"
     assert_holds_config(run.path, cfg)
+
+
+def test_a_run_identity_is_its_config_and_the_content_of_every_input(cfg):
+    """Issue 24: the same config on another generated view (or original split, or scorer) is another run; the same
+    inputs give the same name wherever they live; a training run cannot be named without its inputs."""
+    name = run_dir(cfg, "train", inputs=INPUTS).name
+    assert run_dir(cfg, "train", inputs=dict(INPUTS)).name == name  # deterministic: a rerun finds its directory
+    for key in INPUTS:
+        assert run_identity(cfg, "train", {**INPUTS, key: "f" * 64}) not in name
+    assert run_identity(override(cfg, {"train.epochs": cfg.train.epochs + 1}), "train", INPUTS) not in name
+    assert run_identity(override(cfg, {"eval.num_test": 7}), "train", INPUTS) in name  # eval knobs: not training's
+    assert run_dir(cfg, "train", inputs=INPUTS, prefix="sweep-x").name == name.replace("train-", "sweep-x-")
+    with pytest.raises(ValueError, match="train run identity: no content identity for input.s. generated, scorer"):
+        run_dir(cfg, "train", inputs={"original": INPUTS["original"]})
 
 
 def test_config_is_rewritten_only_when_it_changed(cfg, tmp_path):

@@ -12,8 +12,9 @@ The test set (its first eval.num_test images) is cut into fixed chunks of eval.c
 stream is a function of (eval.seed, chunk id) alone, so the numbers do not depend on the number of actors, on
 which actor ran a chunk, or on retries: they equal one process running the same chunks (`engine="local"`).
 An interrupted evaluation resumes with the missing chunks only (a chunk file is valid when its range and labels
-match). Results live in `<run dir>/eval/<fingerprint>/` where the fingerprint covers the weights' sha256, the
-model, the dataset and every eval setting except num_test (so a larger num_test reuses the chunks it shares).
+match). Results live in `<run dir>/eval/<fingerprint>/` where the fingerprint is the evaluation's run identity
+(`raylab.runs`): the weights' sha256, the model, the dataset and every eval setting except num_test (so a larger
+num_test reuses the chunks it shares), so retrained weights are a new evaluation and unchanged ones resume.
 Actors write into that directory: on a multi-node cluster it must be on a filesystem every node sees, as must
 the checkpoint.
 
@@ -26,7 +27,6 @@ the layer below: any picklable model source, any uint8 images.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import time
@@ -49,7 +49,7 @@ from raylab.eval.export import load_checkpoint_model, read_state_dict
 from raylab.eval.metrics import EvalError, require_eval_mode
 from raylab.eval.report import EvalHeader, EvalResult, format_table, metric_prefix
 from raylab.io import atomic_write_json, sha256_file
-from raylab.runs import write_config
+from raylab.runs import run_identity, write_config
 
 FORMAT = "raylab-eval/1"     # part of the fingerprint: bump when a chunk's meaning changes
 CHECKS_ITEM = -1             # the work item that runs the gradient-masking checks
@@ -379,11 +379,8 @@ def load_test_subset(cfg: ExperimentConfig) -> tuple[np.ndarray, np.ndarray]:
 
 
 def eval_fingerprint(cfg: ExperimentConfig, weights_sha256: str) -> str:
-    """Content address of an evaluation's chunks: weights, model, dataset and every eval knob but num_test."""
-    knobs = {k: v for k, v in dataclasses.asdict(cfg.eval).items() if k not in ("num_test", "transfer")}
-    payload = {"format": FORMAT, "eval": knobs, "dataset": cfg.data.dataset, "model": cfg.model.name,
-               "activation": cfg.model.activation, "weights": weights_sha256}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+    """Content address of an evaluation's chunks: its run identity (raylab.runs STAGE_KEYS/STAGE_INPUTS "eval")."""
+    return run_identity(cfg, "eval", {"weights": weights_sha256, "format": FORMAT})
 
 
 def result_dir(tgt: Target, weights_sha256: str, out_dir: str | os.PathLike | None = None) -> Path:
@@ -432,7 +429,7 @@ def run_eval(target: str | os.PathLike, cfg_overrides: Mapping[str, Any] | None 
                        "table": table})
     if track and tgt.run is not None and (tgt.run / MLFLOW_RUN_FILE).is_file():
         run_id = (tgt.run / MLFLOW_RUN_FILE).read_text().strip()
-        log_eval(_tracking_uri(cfg, tgt.run), run_id, outcome)
+        log_eval(_tracking_uri(cfg, tgt.run), run_id, outcome, sha)
         outcome = dataclasses.replace(outcome, mlflow_run_id=run_id)
     return outcome
 
@@ -465,8 +462,9 @@ def _figures(result: EvalResult) -> list[tuple[Any, str]]:
     return figures
 
 
-def log_eval(uri: str, run_id: str, outcome: EvalOutcome) -> None:
-    """Metrics at step = the checkpoint's epoch, tables/summary/figures under `eval/<checkpoint>-<fingerprint>/`."""
+def log_eval(uri: str, run_id: str, outcome: EvalOutcome, weights_sha256: str) -> None:
+    """Metrics at step = the checkpoint's epoch, tables/summary/figures under `eval/<checkpoint>-<fingerprint>/`,
+    and tags naming the result directory and the weights it evaluated."""
     from raylab.tracking import Tracker
 
     result, header = outcome.result, outcome.result.header
@@ -477,6 +475,7 @@ def log_eval(uri: str, run_id: str, outcome: EvalOutcome) -> None:
     tracker.log_artifact(outcome.out_dir / "summary.json", prefix)  # + eval config, weights path and sha256
     tracker.log_text(outcome.table, f"{prefix}/table.txt")
     tracker.set_tags({f"eval.{header.checkpoint}.dir": str(outcome.out_dir),
+                      f"eval.{header.checkpoint}.weights_sha256": weights_sha256,
                       f"eval.{header.checkpoint}.warnings": len(result.warnings())})
     for figure, name in _figures(result):
         tracker.log_figure(figure, f"{prefix}/{name}")

@@ -380,10 +380,14 @@ def _folder_bytes(path: Optional[Path]) -> Optional[int]:
     return sum(p.stat().st_size for p in path.iterdir() if p.is_file()) if path else None
 
 
+def _is_view(path: Path) -> bool:
+    return (path / VIEW_META).is_file() or path.name == VIEW_META
+
+
 def open_generated(path: str | os.PathLike) -> RowIndex:
     """The rows training streams from a view directory or a whole shard store (files verified)."""
     path = Path(path)
-    if (path / VIEW_META).is_file() or path.name == VIEW_META:
+    if _is_view(path):
         return load_view(path).row_index()
     cols, names, counts = store_columns(path)
     shard = np.repeat(np.arange(len(names)), counts)
@@ -394,9 +398,10 @@ def open_generated(path: str | os.PathLike) -> RowIndex:
 def generated_lineage(path: str | os.PathLike) -> dict[str, Any]:
     """What a run that trains on the view or store at `path` records as its `generated` input (keyword arguments
     of `Tracker.log_dataset_lineage`): the content identity (a view: its store's identity and the sha256 of its
-    rows; a whole store: its identity), and the store and scorer it came from."""
+    rows; a whole store: its identity and the sha256 of every shard present, so a store that gained shards since
+    is another input), and the store and scorer it came from. Read from the view and manifest files alone."""
     path = Path(path)
-    if (path / VIEW_META).is_file() or path.name == VIEW_META:
+    if _is_view(path):
         view = load_view(path)
         store, manifest = view.store, load_manifest(view.store)
         identity = hashlib.sha256(f"{view.identity_hash}:{view.meta['rows_sha256']}".encode()).hexdigest()
@@ -404,13 +409,31 @@ def generated_lineage(path: str | os.PathLike) -> dict[str, Any]:
         rows, source = len(view), view.path
     else:
         store, manifest = path.resolve(), load_manifest(path)
-        identity, source = manifest["identity_hash"], store
-        rows, extra = sum(e["rows"] for e in manifest["shards"].values()), {"store": store, "policy": "whole store"}
+        shards = sorted((name, e["sha256"]) for name, e in manifest["shards"].items())
+        identity = hashlib.sha256(json.dumps([manifest["identity_hash"], shards]).encode()).hexdigest()
+        rows, source = sum(e["rows"] for e in manifest["shards"].values()), store
+        extra = {"store": store, "policy": "whole store"}
     scorer = (manifest.get("identity") or {}).get("scorer") or {}
     extra |= {"store_identity": manifest["identity_hash"],
               "scorer": scorer.get("sha256", "none") if isinstance(scorer, dict) else str(scorer)}
     return {"manifest_hash": identity, "name": "generated", "source_path": str(source), "num_rows": int(rows),
             "extra": extra}
+
+
+@dataclass(frozen=True)
+class GeneratedInput:
+    """A view or whole store as a training input: the rows training streams and its lineage record."""
+    rows: RowIndex
+    lineage: dict[str, Any]
+
+    def identities(self) -> dict[str, str]:
+        """Its parts of a training run's identity (raylab.runs.STAGE_INPUTS), as its lineage records them."""
+        return {"generated": self.lineage["manifest_hash"], "scorer": self.lineage["extra"]["scorer"]}
+
+
+def generated_input(path: str | os.PathLike) -> GeneratedInput:
+    """The view or store at `path`, files verified (`open_generated`), with its lineage (`generated_lineage`)."""
+    return GeneratedInput(open_generated(path), generated_lineage(path))
 
 
 def selection_samples(view_path: str | os.PathLike, per_class: int = 6) -> tuple[np.ndarray, np.ndarray]:

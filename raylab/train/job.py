@@ -1,23 +1,27 @@
 """The driver of adversarial training: check everything, then one `TorchTrainer.fit()`.
 
 `run_training(cfg, generated=...)` validates the inputs before any compute (config, dataset, generated view),
-resolves the deterministic run directory (rerunning the same config resumes it), opens or reopens the MLflow run,
-and passes the generated view's row index to the workers, which stream its rows through Ray Data
-(`raylab.train.ingest`) in a per-pass random order common to all ranks (`raylab.data.mix`).
+resolves the deterministic run directory (`raylab.runs`: the config and the content identities of the original
+split and the generated view, so rerunning the same inputs resumes it and another view is another run), opens or
+reopens the MLflow run, and passes the generated view's row index to the workers, which stream its rows through
+Ray Data (`raylab.train.ingest`) in a per-pass random order common to all ranks (`raylab.data.mix`).
 """
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from raylab.config import ExperimentConfig, to_flat, to_json
-from raylab.data.datasets import get_dataset
-from raylab.data.mix import RowIndex, split_batch
+from raylab.data.datasets import get_dataset, split_identity
+from raylab.data.mix import split_batch
 from raylab.raytrain import EpochLogger, make_trainer
 from raylab.runs import RunDir, run_dir
 from raylab.train.worker import train_worker
+
+if TYPE_CHECKING:
+    from raylab.pipeline.select import GeneratedInput
 
 MLFLOW_RUN_FILE = "mlflow_run_id"
 COST_FILE = "cost_device_s"  # device-seconds of every attempt at this run so far (a resumed run adds to it)
@@ -36,15 +40,15 @@ class TrainOutcome:
         return self.history[-1] if self.history else {}
 
 
-def _check_inputs(cfg: ExperimentConfig, generated: RowIndex | None) -> None:
+def _check_inputs(cfg: ExperimentConfig, generated: GeneratedInput | None) -> None:
     get_dataset(cfg.data.dataset)
     if cfg.train.ratio < 1.0 and generated is None:
         raise ValueError(f"train.ratio: {cfg.train.ratio} < 1 mixes in generated images, but no generated view "
                          "was given (generate one, or set train.ratio=1 to train on original images only)")
     world = max(cfg.resources.num_workers, 1)
     need = split_batch(cfg.train.batch_size // world, cfg.train.ratio)[1] * world
-    if generated is not None and len(generated) < need:  # else every worker fails, max_failures times over
-        raise ValueError(f"the generated view has {len(generated)} rows, fewer than one batch's {need} "
+    if generated is not None and len(generated.rows) < need:  # else every worker fails, max_failures times over
+        raise ValueError(f"the generated view has {len(generated.rows)} rows, fewer than one batch's {need} "
                          f"(train.batch_size={cfg.train.batch_size}, train.ratio={cfg.train.ratio}): keep more "
                          "images (generate.per_class, select.*) or lower the batch")
 
@@ -58,24 +62,24 @@ def open_tracker(cfg: ExperimentConfig, run: RunDir, parent_run_id: str | None, 
     id_file = run.path / MLFLOW_RUN_FILE
     if id_file.exists():
         return Tracker.resume(resolve_tracking_uri(cfg.tracking), id_file.read_text().strip())
+    tags = {"raylab.stage": run.stage, "raylab.run_dir": str(run.path),
+            **{f"raylab.input.{k}": v for k, v in run.inputs.items()}, **(tags or {})}  # inputs: what names it
     tracker = Tracker.start(cfg.tracking, run_name or run.name, params=to_flat(cfg), config_json=to_json(cfg),
-                            parent_run_id=parent_run_id,
-                            tags={"raylab.stage": run.stage, "raylab.run_dir": str(run.path), **(tags or {})})
+                            parent_run_id=parent_run_id, tags=tags)
     id_file.write_text(tracker.run_id)
     return tracker
 
 
-def log_inputs(tracker: Any, cfg: ExperimentConfig, lineage: dict | None) -> None:
-    """`mlflow.log_input` lineage: the original dataset (content hash of the training split as loaded) and, when
-    given, the generated view with its store and scorer (raylab.pipeline.select.generated_lineage)."""
-    from raylab.data.datasets import split_identity
-
-    identity, rows = split_identity(cfg.data)
+def log_inputs(tracker: Any, cfg: ExperimentConfig, original: tuple[str, int],
+               generated: GeneratedInput | None) -> None:
+    """`mlflow.log_input` lineage: the original dataset (`original`: content hash of the training split as loaded,
+    rows) and, when given, the generated view with its store and scorer (raylab.pipeline.select.generated_lineage)."""
+    identity, rows = original
     tracker.log_dataset_lineage(identity, "original", f"{cfg.data.root}/{cfg.data.dataset}", rows,
                                 extra={"dataset": cfg.data.dataset, "max_train": cfg.data.max_train,
                                        "val_size": cfg.data.val_size})
-    if lineage is not None:
-        tracker.log_dataset_lineage(**lineage)
+    if generated is not None:
+        tracker.log_dataset_lineage(**generated.lineage)
 
 
 def log_model(run_path: Path, tracker: Any) -> None:
@@ -107,23 +111,24 @@ def export_robustbench_supported(run_path: Path) -> bool:
     return from_json((run_path / "config.json").read_text()).model.name.startswith("wrn-")
 
 
-def run_training(cfg: ExperimentConfig, *, generated: RowIndex | None = None, name: str | None = None,
-                 parent_run_id: str | None = None, tags: dict | None = None, callbacks: list | None = None,
-                 stage: str = "train", crash: dict | None = None, trace: str | None = None,
-                 run_name: str | None = None, lineage: dict | None = None) -> TrainOutcome:
-    """Train `cfg` on Ray Train. `generated`: the generated view's rows (`pipeline.select.open_generated`; None
-    when ratio is 1); `lineage`: its MLflow input record (`pipeline.select.generated_lineage`); `crash`: the
-    worker's fault-injection drill (raylab.train.worker._fault_drill); `trace`: a directory where every rank
-    records the generated rows of each batch (tests, `data mix-stats`)."""
+def run_training(cfg: ExperimentConfig, *, generated: GeneratedInput | None = None, name: str | None = None,
+                 prefix: str | None = None, parent_run_id: str | None = None, tags: dict | None = None,
+                 callbacks: list | None = None, stage: str = "train", crash: dict | None = None,
+                 trace: str | None = None, run_name: str | None = None) -> TrainOutcome:
+    """Train `cfg` on Ray Train. `generated`: the generated view (`pipeline.select.generated_input`; None when
+    ratio is 1); `name`: the run directory's name instead of `<prefix or stage>-<run identity>` (raylab.runs);
+    `crash`: the worker's fault-injection drill (raylab.train.worker._fault_drill); `trace`: a directory where
+    every rank records the generated rows of each batch (tests, `data mix-stats`)."""
     _check_inputs(cfg, generated)
     if cfg.data.val_size == 0:
         print("data.val_size=0: no validation set, so best.pt is the last epoch's weights (never chosen by test "
               "accuracy)", flush=True)
-    run = run_dir(cfg, stage, name)
+    original = split_identity(cfg.data)  # seconds at CIFAR-10 scale; the workers load the same split again
+    run = run_dir(cfg, stage, name, prefix=prefix, inputs={"original": original[0], **_input_identities(generated)})
     tracker = open_tracker(cfg, run, parent_run_id, tags, run_name)
-    log_inputs(tracker, cfg, lineage)
-    loop_config = {"flat": to_flat(cfg), "run_dir": str(run.path), "generated": generated, "crash": crash,
-                   "trace": trace}
+    log_inputs(tracker, cfg, original, generated)
+    loop_config = {"flat": to_flat(cfg), "run_dir": str(run.path), "crash": crash, "trace": trace,
+                   "generated": generated.rows if generated is not None else None}
     logger = EpochLogger(tracker.uri, tracker.run_id, "epoch", cfg.train.epochs, label=f"[{run.name}] ")
     trainer = make_trainer(train_worker, loop_config, cfg, run, callbacks=[logger, *(callbacks or [])])
     with tracker:
@@ -137,6 +142,11 @@ def run_training(cfg: ExperimentConfig, *, generated: RowIndex | None = None, na
                              best.get("score", float("nan")), "cost_train_device_s": device_s}, step=cfg.train.epochs)
         log_model(run.path, tracker)
     return TrainOutcome(run, out.get("history", []), best, tracker.run_id, device_s)
+
+
+def _input_identities(generated: GeneratedInput | None) -> dict[str, str]:
+    """The generated view's parts of the run identity; "none" when training on original images only."""
+    return generated.identities() if generated is not None else {"generated": "none", "scorer": "none"}
 
 
 def _add_cost(run: RunDir, seconds: float) -> float:

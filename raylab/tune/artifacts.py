@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any
 from pathlib import Path
 
 from raylab.config import ExperimentConfig, fingerprint
@@ -39,12 +38,6 @@ class GeneratedView:
     rows: int
     fd: float | None  # Frechet distance on scorer features, when the generation measured it
     device_s: float = 0.0  # the generation's measured device time (sampler + scorer busy)
-
-    def lineage(self) -> dict[str, Any]:
-        """The view as a training run's `generated` input (raylab.pipeline.select.generated_lineage)."""
-        from raylab.pipeline.select import generated_lineage
-
-        return generated_lineage(self.view_path)
 
 
 def artifacts_root(cfg: ExperimentConfig) -> Path:

@@ -17,14 +17,12 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from raylab.amounts import check_amount
-from raylab.config import (ExperimentConfig, fingerprint, from_flat, identity_flat, override, pin_paths, to_flat,
-                           to_json)
+from raylab.config import ExperimentConfig, from_flat, identity_flat, override, pin_paths, to_flat, to_json
 from raylab.cost import ledger
 from raylab.io import atomic_write_text
 from raylab.runs import write_config
 
 PARENT_FILE = "mlflow_parent_run_id"
-TRIAL_KEYS = ["data", "generate", "select", "model", "attack", "train"]
 FD_METRIC = "fd_scorer_features"  # the generation's Frechet distance on scorer features (not Inception FID)
 # Keys that follow the swept value of a one-key sweep (a paper rule: Wang et al. 2023 Table 5 selects the top 20%
 # and mixes at 0.3 up to 1M generated images, takes all of them at 0.2 above): value -> {key: value}.
@@ -105,17 +103,15 @@ def run_trial(trial_config: dict[str, Any], *, flat: dict[str, Any], parent_run_
     # flooded the main job's log with 3,000+ lines. Datasets carry this context to their executions.
     ray.data.DataContext.get_current().enable_progress_bars = False
     cfg = from_flat(flat | {k: v for k, v in trial_config.items() if "." in k})
-    parent = parent_run_id
     generated, view = None, None
     if cfg.train.ratio < 1.0:
-        view = ensure_view(cfg, parent)
-        from raylab.pipeline.select import load_view
+        from raylab.pipeline.select import generated_input
 
-        generated = load_view(view.view_path).row_index()
-    out = run_training(cfg, generated=generated, name=f"{sweep}-{fingerprint(cfg, TRIAL_KEYS)}",
-                       run_name=trial_label(cfg, swept or trial_config), parent_run_id=parent_run_id,
-                       callbacks=[TuneReportCallback()], tags={"raylab.sweep": sweep},
-                       lineage=view.lineage() if view is not None else None)
+        view = ensure_view(cfg, parent_run_id)
+        generated = generated_input(view.view_path)
+    # The trial's run directory: `<sweep>-<run identity>` (raylab.runs), the view's content identity included.
+    out = run_training(cfg, generated=generated, prefix=sweep, run_name=trial_label(cfg, swept or trial_config),
+                       parent_run_id=parent_run_id, callbacks=[TuneReportCallback()], tags={"raylab.sweep": sweep})
     final = {"best_epoch": float(out.best.get("epoch", -1)), **evaluate_trial(cfg, out.run.path)}
     if view is not None and view.fd is not None:
         final[FD_METRIC] = float(view.fd)  # Wang et al. 2023 Table 7's FD column, measured on scorer features

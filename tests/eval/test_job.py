@@ -21,6 +21,7 @@ from raylab.eval.chunk import ChunkJob, evaluate_chunk, plan_chunks, to_float
 from raylab.eval.job import chunk_path, evaluate, run_eval
 from raylab.eval.metrics import EvalError
 from raylab.eval.report import format_table
+from raylab.io import sha256_file
 from raylab.models import create_model
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -237,6 +238,7 @@ def test_untrained_wrn_is_not_robust_at_large_eps_and_the_run_gets_the_report(ru
     # Two attacks in one MLflow metric name: '+' is refused by MLflow, so they are joined by '.'
     assert logged.metrics["eval_clean_acc"] == r.clean_acc and logged.metrics["eval_aa_apgd-ce.apgd-t_acc"] == 0.0
     assert logged.metrics["eval_pgd2_acc"] == r.pgd_acc and "eval_aa_after_apgd-ce" in logged.metrics
+    assert logged.tags["eval.best.weights_sha256"] == sha256_file(path / "best.pt")  # which weights these are
     folder = f"eval/best-{out.out_dir.name}"
     names = {Path(a.path).name for a in client_for(uri).list_artifacts(out.mlflow_run_id, folder)}
     assert {"results.csv", "results.json", "summary.json", "certified_accuracy.png"} <= names
@@ -262,6 +264,25 @@ def test_an_intended_transfer_evaluation_is_reported_as_one(run, capsys):
     assert transfer.out_dir == plain.out_dir  # a reporting flag: the chunks are the same evaluation's
     matched = run_eval(path, {**base, "eval.norm": "linf", "eval.eps": "8/255"}, engine="local", track=False)
     assert not [w for w in matched.result.warnings() if "threat model" in w or "transfer" in w]
+
+
+def test_retrained_weights_are_a_new_evaluation_and_unchanged_weights_resume(run, tmp_path):
+    """An evaluation's identity holds its checkpoint's sha256 (raylab.runs "eval"): the same best.pt resumes every
+    chunk, a best.pt changed by more training is evaluated afresh in its own directory."""
+    copy = tmp_path / "train-copy"
+    shutil.copytree(run[0], copy, ignore=shutil.ignore_patterns("eval", "mlflow_run_id"))  # the fixture's run stays
+    settings = {"eval.num_test": 4, "eval.chunk_size": 2, "eval.pgd_steps": 1, "eval.autoattack": "none"}
+    first = run_eval(copy, settings, engine="local")
+    again = run_eval(copy, settings, engine="local")
+    assert again.out_dir == first.out_dir and (again.chunks_computed, first.chunks_computed) == (0, 2)
+    state = torch.load(copy / "best.pt", weights_only=True)
+    state["model"] = {k: v + 0.01 if v.is_floating_point() else v for k, v in state["model"].items()}
+    torch.save({**state, "epoch": 5}, copy / "best.pt")
+    retrained = run_eval(copy, settings, engine="local")
+    assert retrained.out_dir.parent == first.out_dir.parent and retrained.out_dir != first.out_dir
+    assert retrained.chunks_computed == 2 and retrained.result.header.epoch == 5
+    summary = json.loads((retrained.out_dir / "summary.json").read_text())
+    assert summary["weights_sha256"] == sha256_file(copy / "best.pt")
 
 
 def test_run_directory_guards(run):

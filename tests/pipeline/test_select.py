@@ -183,3 +183,25 @@ def test_pseudo_labels_keep_the_same_top_k_in_every_pseudo_class():
         mine = pred == c
         threshold = np.sort(cols["confidence"][mine])[-k]
         assert (cols["confidence"][chosen.keep & mine] >= threshold).all()  # the most confident of each
+
+
+def test_the_training_identity_of_a_view_or_store_is_its_content_read_from_its_files(tmp_path):
+    """What names a training run (raylab.runs STAGE_INPUTS): two selections of one store differ, the same selection
+    rebuilt elsewhere does not, and a whole store that gains a shard is another input."""
+    from raylab.pipeline.select import generated_input
+
+    store, _ = make_store(tmp_path / "store")
+    ids = {}
+    for name, amount in (("a", 6), ("a2", 6), ("b", 12)):
+        build_view(store.root, SelectConfig(policy="none", amount=amount), tmp_path / name)
+        ids[name] = generated_input(tmp_path / name).identities()
+    assert ids["a"] == ids["a2"] and ids["a"]["generated"] != ids["b"]["generated"]
+    assert ids["a"]["scorer"] == "none"  # make_store records no scorer in its identity
+    _, cols = make_store(tmp_path / "source")
+    growing = ShardStore(tmp_path / "growing").create_or_open({"test": "set-a"})  # store's identity, resumed
+    seen = []
+    for first in range(0, K * PER_CLASS, SHARD):
+        growing.write_shard(first, first + SHARD - 1, {k: v[first:first + SHARD] for k, v in cols.items()})
+        seen.append(generated_input(growing.root).identities()["generated"])
+    assert len(set(seen)) == len(seen)  # every shard more is another input
+    assert seen[-1] == generated_input(store.root).identities()["generated"]  # complete: the same bytes, same identity

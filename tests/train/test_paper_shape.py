@@ -11,7 +11,7 @@ from raylab.data.datasets import load_splits
 from raylab.data.mix import split_batch
 from raylab.data.npz_import import import_npz
 from raylab.data.shards import read_numpy
-from raylab.pipeline.select import open_generated
+from raylab.pipeline.select import generated_input
 from tests.train.test_training import small_config, write_generated
 
 CLASSES, PER_CLASS = 10, 20_000
@@ -41,7 +41,7 @@ def test_two_ddp_workers_draw_random_disjoint_rows_from_a_class_sorted_import(ra
                                "resources.cpus_per_worker": 1, "train.batch_size": 128, "train.ratio": 0.3, "train.epochs": 2, "train.loss": "ce",
                                "data.max_train": 1024, "data.val_size": 32, "train.ema_bn": "copy",
                                "train.checkpoint_every": 2})
-    out = run_training(cfg, generated=open_generated(sorted_import), trace=str(tmp_path / "trace"))
+    out = run_training(cfg, generated=generated_input(sorted_import), trace=str(tmp_path / "trace"))
     assert [h["epoch"] for h in out.history] == [1, 2]
     traces = _traces(tmp_path / "trace", 2, 2)
     _, per_rank = split_batch(64, 0.3)
@@ -76,7 +76,7 @@ def test_two_worker_crash_and_resume_equals_the_uninterrupted_two_worker_run(ray
                                     "train.checkpoint_every": 1, "train.epochs": 2, "data.max_train": 128,
                                     "train.batch_size": 32})
     splits = load_splits(cfg.data)
-    generated = open_generated(write_generated(tmp_path / "gen", splits.train.images, splits.train.labels).root)
+    generated = generated_input(write_generated(tmp_path / "gen", splits.train.images, splits.train.labels).root)
     straight = run_training(cfg, generated=generated, name="straight", trace=str(tmp_path / "t-straight"))
     marker = tmp_path / "crashed"
     crashed = run_training(override(cfg, {}), generated=generated, name="crashed", trace=str(tmp_path / "t-crash"),

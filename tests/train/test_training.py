@@ -8,9 +8,9 @@ from raylab.presets import make_config
 from raylab.data.datasets import load_splits
 from raylab.data.mix import GeneratedStream, OriginalStream, split_batch
 from raylab.data.shards import ShardStore
-from raylab.pipeline.select import open_generated
+from raylab.pipeline.select import generated_input, open_generated
 from raylab.models import create_model
-from raylab.tracking import get_run_metrics_history, resolve_tracking_uri
+from raylab.tracking import get_run, get_run_metrics_history, resolve_tracking_uri
 from raylab.train.ema import WeightAverage
 from raylab.train.loop import TrainContext, mixed_batches, run_epoch
 from raylab.train.optim import build_optimizer
@@ -87,7 +87,7 @@ def test_local_mode_training_with_generated_mix_logs_to_mlflow(ray_session, tmp_
     cfg = small_config(tmp_path, **{"resources.num_workers": 0, "train.ratio": 0.5, "train.epochs": 2})
     splits = load_splits(cfg.data)
     store = write_generated(tmp_path / "gen", splits.train.images, splits.train.labels)
-    out = run_training(cfg, generated=open_generated(store.root))
+    out = run_training(cfg, generated=generated_input(store.root))
     assert [h["epoch"] for h in out.history] == [1, 2]
     for name in ("best.pt", "last.pt"):
         weights = torch.load(out.run.path / name, weights_only=True)
@@ -98,6 +98,31 @@ def test_local_mode_training_with_generated_mix_logs_to_mlflow(ray_session, tmp_
     assert [step for step, _ in history] == [1, 2]
     cost = get_run_metrics_history(resolve_tracking_uri(cfg.tracking), out.mlflow_run_id, "cost_train_device_s")
     assert cost == [(2, pytest.approx(out.device_s))] and out.device_s > 0  # the ledger: fit() time x devices
+
+
+@pytest.mark.ray
+def test_the_same_config_on_another_generated_view_is_another_run(ray_session, tmp_path):
+    """Issue 24: `raylab train --generated A`, then the same command with `--generated B`, printed A's run directory
+    and MLflow run and trained nothing. A run's identity holds its view's content: B is a new run that trains,
+    and A again finds and resumes A's run."""
+    from raylab.config import SelectConfig
+    from raylab.pipeline.select import build_view
+    from raylab.train.job import run_training
+
+    cfg = small_config(tmp_path, **{"resources.num_workers": 0, "train.ratio": 0.5, "train.epochs": 1,
+                                    "data.max_train": 64})
+    splits = load_splits(make_config("tiny").data)
+    store = write_generated(tmp_path / "gen", splits.train.images[:200], splits.train.labels[:200])
+    for name, amount in (("a", 20), ("b", 0)):  # two selections of one store (20 rows, all 200): one store identity
+        build_view(store.root, SelectConfig(policy="none", amount=amount), tmp_path / name)
+    a = run_training(cfg, generated=generated_input(tmp_path / "a"))
+    b = run_training(cfg, generated=generated_input(tmp_path / "b"))
+    assert b.run.path != a.run.path and b.mlflow_run_id != a.mlflow_run_id
+    assert [h["epoch"] for h in b.history] == [1]
+    tags = get_run(resolve_tracking_uri(cfg.tracking), b.mlflow_run_id).tags
+    assert tags["raylab.input.generated"] == generated_input(tmp_path / "b").lineage["manifest_hash"]
+    again = run_training(cfg, generated=generated_input(tmp_path / "a"))
+    assert (again.run.path, again.mlflow_run_id) == (a.run.path, a.mlflow_run_id)
 
 
 @pytest.mark.ray
@@ -119,7 +144,7 @@ def test_crashed_worker_resumes_on_the_same_trajectory(ray_session, tmp_path):
                                     "train.checkpoint_every": 1, "train.epochs": 2, "data.max_train": 64})
     splits = load_splits(cfg.data)
     store = write_generated(tmp_path / "gen", splits.train.images, splits.train.labels)
-    generated = open_generated(store.root)
+    generated = generated_input(store.root)
     straight = run_training(override(cfg, {"resources.num_workers": 0}), generated=generated,
                             name="straight")  # local mode: the same trajectory without a second Train run
     marker = tmp_path / "crashed"
