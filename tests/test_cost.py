@@ -41,7 +41,7 @@ def test_the_amount_sweep_generates_once_and_counts_it_once(capsys):
     assert len(generations) == 8 and all("20,000,000 images" in g and "[shared by 8 arms]" in g for g in generations)
     kept = [line.split()[1] for line in out if line.strip().startswith("select")]
     assert kept == ["50,000", "100,000", "200,000", "500,000", "1,000,000", "5,000,000", "10,000,000", "20,000,000"]
-    assert "(topk)" in out[3] and any("(none)" in line for line in out)  # the paper's rule per amount
+    assert "(top 20% per class)" in out[3] and any("(none)" in line for line in out)  # the paper's rule per amount
 
 
 def test_a_sweep_total_counts_shared_artifacts_once_and_overrides_apply():
