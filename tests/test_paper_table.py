@@ -81,7 +81,7 @@ EXPECTED = {
 ARM = re.compile(r"^(\S+=\S+):$")
 GENERATE = re.compile(r"^\s+generate\s+([\d,]+) images, .*\((\d+) heun steps")
 SELECT = re.compile(r"^\s+select\s+([\d,]+) kept; .*\((top 20% per class|none)\)")
-TRAIN = re.compile(r"^\s+train .*\((\d+) epochs of \d+ steps at batch (\d+), ratio ([\d.]+); (.+?)\)")
+TRAIN = re.compile(r"^\s+train .*\((\d+) epochs of \d+ steps at batch (\d+), ratio ([\d.]+); ([^;]+?)[;)]")
 
 
 def parse_plan(text):
