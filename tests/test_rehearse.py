@@ -91,3 +91,14 @@ def test_a_worker_that_does_not_see_the_shared_root_stops_the_job_in_one_line():
     tag = Path(base).name.rsplit("-", 1)[-1]
     assert tag not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout  # torn down
     shutil.rmtree(base, ignore_errors=True)
+
+
+def test_recovery_counts_only_a_checkpoint_created_after_the_kill():
+    """A checkpoint the lost worker group wrote just before the kill can be registered after it (the 1-second
+    "recovery" of a past rehearsal); only one created after the kill is the restarted group's."""
+    import datetime
+
+    from raylab.rehearse.run import created_at
+
+    kill = datetime.datetime(2026, 12, 7, 19, 36, 22).timestamp()
+    assert created_at("checkpoint_2026-12-07_19-36-21.657682") < kill < created_at("checkpoint_2026-12-07_19-37-05.230867")
