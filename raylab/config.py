@@ -212,8 +212,9 @@ class SelectConfig(_Stage):
     top_fraction: float = knob(0.2, lo=0.0, hi=1.0, lo_open=True, doc="per-class fraction kept by topk")
     amount: int = knob(0, lo=0, doc="balanced per-class prefix of the view, 0 = all")
     scorer_model: str = knob("wrn-28-10", choices=MODELS)
-    scorer_checkpoint: str = knob("", doc="scorer of `raylab generate` ('' = the committed tiny digits scorer, "
-                                  "'none' = no scores); `raylab select` uses the scores stored with the set")
+    scorer_checkpoint: str = knob("", doc="scorer of `raylab generate`, with a config.json beside it stating its "
+                                  "architecture ('' = the committed tiny digits scorer, 'none' = no scores); "
+                                  "`raylab select` uses the scores stored with the set")
     second_checkpoint: str = knob("", doc="second scorer for the agreement policy")
     agreement_confidence: float = knob(0.9, lo=0.0, hi=1.0)
 
