@@ -28,8 +28,7 @@ class ConfigError(ValueError):
 def knob(default: Any, *, lo: float | None = None, hi: float | None = None, lo_open: bool = False,
          choices: tuple | None = None, doc: str = "", inf: bool = False):
     """A config field with its allowed range or choices (checked in `__post_init__`); `inf`: +inf is allowed."""
-    return field(default=default, metadata={"lo": lo, "hi": hi, "lo_open": lo_open, "choices": choices, "doc": doc,
-                                            "inf": inf})
+    return field(default=default, metadata=dict(lo=lo, hi=hi, lo_open=lo_open, choices=choices, doc=doc, inf=inf))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -408,7 +407,8 @@ class ExperimentConfig:
         for stage in (self.attack, self.eval):
             if stage.eps > EPS_MAX[stage.norm]:
                 raise ConfigError(f"{stage.SECTION}.eps: {stage.eps:g} is out of range for {stage.SECTION}.norm="
-                                  f"{stage.norm} (must be <= {EPS_MAX[stage.norm]:.4g} in [0, 1] pixels, e.g. 8/255)")
+                                  f"{stage.norm} (must be <= {EPS_MAX[stage.norm]:.4g} in [0, 1] pixels, e.g. "
+                                  f"{'8/255' if stage.norm == 'linf' else '128/255'})")
 
 
 # ---------------------------------------------------------------------------------------------------------------

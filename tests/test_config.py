@@ -89,7 +89,8 @@ def test_strings_are_parsed_like_the_cli():
     ({"generate.s_max": "-inf"}, "generate.s_max: -inf is not allowed"),
     ({"attack.eps": "300/255"}, "attack.eps: 1.17647 is out of range for attack.norm=linf (must be <= 1 in [0, 1]"),
     ({"eval.eps": "300/255"}, "eval.eps: 1.17647 is out of range for eval.norm=linf"),
-    ({"attack.norm": "l2", "attack.eps": 56.0}, "attack.eps: 56 is out of range for attack.norm=l2 (must be <= 55.43"),
+    ({"attack.norm": "l2", "attack.eps": 56.0},
+     "attack.eps: 56 is out of range for attack.norm=l2 (must be <= 55.43 in [0, 1] pixels, e.g. 128/255)"),
     ({"eval.autoattack": "standard", "eval.aa_iters": 25}, "only with eval.autoattack=custom"),
 ])
 def test_validation_errors_are_one_line_and_name_the_key(flat, message):

@@ -223,8 +223,8 @@ def run_generate(cfg: ExperimentConfig, out_dir: str | os.PathLike | None = None
 
     `fd_images`: generated images compared with as many real test images by `QUALITY_METRICS` in the MLflow report
     (0 = off); `fault_after_shards`: the tests' kill drill (see `actors._fault_drill`)."""
+    inputs = check_inputs(cfg)  # before the store (its run directory, its lock file) exists
     store_dir = store_path(cfg, out_dir)
-    inputs = check_inputs(cfg)  # before the store (and its lock file) exists
     with store_lock(store_dir):
         outcome = _generate_locked(cfg, store_dir, fault_after_shards, inputs)
         if track:

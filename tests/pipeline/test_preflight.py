@@ -34,7 +34,7 @@ def test_generation_refuses_a_missing_dataset_before_the_store_exists(assets, tm
     """The quality report reads the test set only after sampling every shard: hours in, at paper scale."""
     cfg = job_config(assets, tmp_path, {"data.dataset": "cifar10", "data.root": str(tmp_path / "data")})
     with pytest.raises(DatasetError) as err:
-        run_generate(cfg, tmp_path / "store", track=False)
+        run_generate(cfg, track=False)  # into its run directory under tracking.root
     assert "\n" not in str(err.value) and str(tmp_path / "data" / "cifar-10-python.tar.gz") in str(err.value)
     assert "data.download=true" in str(err.value) and _nothing_written(tmp_path)
 
@@ -43,7 +43,7 @@ def test_a_scorer_whose_architecture_is_not_stated_is_refused_before_the_store_e
     best = _external(tmp_path, assets)
     cfg = job_config(assets, tmp_path, {"select.scorer_checkpoint": str(best)})
     with pytest.raises(QualityError) as err:
-        run_generate(cfg, tmp_path / "store", track=False)
+        run_generate(cfg, track=False)  # into its run directory under tracking.root
     assert str(err.value) == (
         f"scorer checkpoint {best}: its architecture is not stated ({best.parent / 'config.json'} is missing); put a "
         'config.json beside it that states them, e.g. {"model": {"name": "wrn-28-10", "activation": "relu"}, '
