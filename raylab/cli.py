@@ -94,13 +94,17 @@ def _import_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("npz")
     p.add_argument("out_dir")
     p.add_argument("--shard-size", type=int, default=10_000)
+    config_args(p)  # data.dataset: its classes are the labels allowed
 
 
-@verb("data import-npz", "convert a reference-format .npz (image, label) into Parquet shards", _import_args)
+@verb("data import-npz", "convert a reference-format .npz (image, label) into Parquet shards (labels: classes of "
+      "data.dataset)", _import_args)
 def _data_import(ns: argparse.Namespace) -> int:
+    from raylab.data.datasets import get_dataset
     from raylab.data.npz_import import import_npz
 
-    store = import_npz(ns.npz, ns.out_dir, shard_size=ns.shard_size)
+    classes = get_dataset(config_from(ns).data.dataset).num_classes
+    store = import_npz(ns.npz, ns.out_dir, shard_size=ns.shard_size, num_classes=classes)
     print(f"{ns.out_dir}: {len(store.manifest['shards'])} shards, identity {store.identity_hash[:12]}")
     return 0
 

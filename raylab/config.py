@@ -26,9 +26,9 @@ class ConfigError(ValueError):
 
 
 def knob(default: Any, *, lo: float | None = None, hi: float | None = None, lo_open: bool = False,
-         choices: tuple | None = None, doc: str = ""):
-    """A config field with its allowed range or choices (checked in `__post_init__`)."""
-    return field(default=default, metadata={"lo": lo, "hi": hi, "lo_open": lo_open, "choices": choices, "doc": doc})
+         choices: tuple | None = None, doc: str = "", inf: bool = False):
+    """A config field with its allowed range or choices (checked in `__post_init__`); `inf`: +inf is allowed."""
+    return field(default=default, metadata=dict(lo=lo, hi=hi, lo_open=lo_open, choices=choices, doc=doc, inf=inf))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -93,8 +93,8 @@ def _check_range(key: str, value: Any, meta: Mapping[str, Any]) -> None:
     lo, hi = meta.get("lo"), meta.get("hi")
     if value is None or not isinstance(value, (int, float)) or isinstance(value, bool):
         return
-    if isinstance(value, float) and math.isnan(value):
-        raise ConfigError(f"{key}: NaN is not allowed")
+    if isinstance(value, float) and not math.isfinite(value) and not (value == math.inf and meta.get("inf")):
+        raise ConfigError(f"{key}: {'NaN' if math.isnan(value) else value} is not allowed (must be finite)")
     if lo is not None and (value < lo or (meta.get("lo_open") and value == lo)):
         raise ConfigError(f"{key}: {value} is out of range (must be {'>' if meta.get('lo_open') else '>='} {lo})")
     if hi is not None and value > hi:
@@ -124,6 +124,9 @@ class _Stage:
 
 DATASETS = ("cifar10", "cifar100", "svhn", "digits")
 MODELS = ("wrn-10-1", "wrn-10-2", "wrn-16-2", "wrn-28-10", "wrn-34-10", "wrn-34-20", "wrn-70-16", "resnet18")
+# The largest eps per norm whose ball in [0, 1] pixel space is a threat model (beyond, it holds every image): linf 1;
+# l2 sqrt(3072), the diagonal of the 32x32x3 unit cube (l2 eps above 1 is normal: Wang et al. 2023 use 128/255).
+EPS_MAX = {"linf": 1.0, "l2": math.sqrt(3072)}
 
 
 @dataclass(frozen=True)
@@ -181,7 +184,7 @@ class GenerateConfig(_Stage):
     rho: float = knob(7.0, lo=0.0, lo_open=True)
     s_churn: float = knob(0.0, lo=0.0)
     s_min: float = knob(0.0, lo=0.0)
-    s_max: float = knob(math.inf, lo=0.0)
+    s_max: float = knob(math.inf, lo=0.0, inf=True)
     s_noise: float = knob(1.0, lo=0.0)
     per_class: int = knob(500_000, lo=1, doc="images generated per class (Wang et al. 2023: 500K, top 20% kept)")
     shard_size: int = knob(10_000, lo=1, doc="seeds per Parquet shard")
@@ -208,8 +211,9 @@ class SelectConfig(_Stage):
     top_fraction: float = knob(0.2, lo=0.0, hi=1.0, lo_open=True, doc="per-class fraction kept by topk")
     amount: int = knob(0, lo=0, doc="balanced per-class prefix of the view, 0 = all")
     scorer_model: str = knob("wrn-28-10", choices=MODELS)
-    scorer_checkpoint: str = knob("", doc="scorer of `raylab generate` ('' = the committed tiny digits scorer, "
-                                  "'none' = no scores); `raylab select` uses the scores stored with the set")
+    scorer_checkpoint: str = knob("", doc="scorer of `raylab generate`, with a config.json beside it stating its "
+                                  "architecture ('' = the committed tiny digits scorer, 'none' = no scores); "
+                                  "`raylab select` uses the scores stored with the set")
     second_checkpoint: str = knob("", doc="second scorer for the agreement policy")
     agreement_confidence: float = knob(0.9, lo=0.0, hi=1.0)
 
@@ -400,6 +404,11 @@ class ExperimentConfig:
                               f"resources.num_workers={self.resources.num_workers}")
         if self.attack.step != 0 and self.attack.eps == 0 and self.train.loss in ("trades", "pgd_at"):
             raise ConfigError("attack.eps: 0 makes adversarial training a no-op; use train.loss=ce")
+        for stage in (self.attack, self.eval):
+            if stage.eps > EPS_MAX[stage.norm]:
+                raise ConfigError(f"{stage.SECTION}.eps: {stage.eps:g} is out of range for {stage.SECTION}.norm="
+                                  f"{stage.norm} (must be <= {EPS_MAX[stage.norm]:.4g} in [0, 1] pixels, e.g. "
+                                  f"{'8/255' if stage.norm == 'linf' else '128/255'})")
 
 
 # ---------------------------------------------------------------------------------------------------------------

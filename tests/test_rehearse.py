@@ -49,6 +49,19 @@ def test_start_commands_come_from_cluster_yaml():
     assert resources_env({"CPU": 0.0, "trial_driver": 16.0}) == '{"CPU": 0, "trial_driver": 16}'
 
 
+def test_the_cluster_commands_put_both_roots_on_the_shared_mount():
+    """`ray job submit --working-dir .` ships only what git tracks (data/ is ignored): a data.root left in the
+    job's working directory exists on no worker, so the commands that launch a cluster job name it on the mount."""
+    from raylab.rehearse.run import DEFAULT_JOB
+
+    readme = (ROOT / "README.md").read_text().split("## Scale out")[1].split("```")[1]
+    header = " ".join(line.lstrip("#") for line in (ROOT / "cluster.yaml").read_text().split("cluster_name:")[0]
+                      .splitlines())
+    for command in (readme, header):
+        assert "--set tracking.root=/mnt/raylab/runs" in command and "--set data.root=/mnt/raylab/data" in command
+    assert {"tracking.root={shared}/runs", "data.root={shared}/data"} <= set(DEFAULT_JOB)
+
+
 def test_contract_lines_count_epochs_twice_and_lost():
     good = [TrialEpochs("a", 3, [1, 2, 3]), TrialEpochs("b", 3, [1, 2, 3])]
     shared = {"shards": 2, "views": 2, "checkpoints": 4, "ray storage": 2}

@@ -166,32 +166,42 @@ def import_order(n: int, order_seed: int) -> np.ndarray:
     return np.random.default_rng(order_seed).permutation(n)
 
 
-def _check_args(shard_size: Any, identity_extra: Any, order_seed: Any) -> None:
+def _check_args(shard_size: Any, identity_extra: Any, order_seed: Any, num_classes: Any) -> None:
     if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
         raise ShardError(f"shard_size={shard_size!r} must be an integer >= 1")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ShardError(f"num_classes={num_classes!r} must be an integer >= 1")
     if identity_extra is not None and not isinstance(identity_extra, dict):
         raise ShardError(f"identity_extra must be a dict, got {type(identity_extra).__name__}")
     if isinstance(order_seed, bool) or not isinstance(order_seed, int) or order_seed < 0:
         raise ShardError(f"order_seed={order_seed!r} must be an integer >= 0")
 
 
+def check_labels(npz: Path, labels: np.ndarray, num_classes: int) -> None:
+    """Every label is a class of the dataset the file was generated for, checked before a store exists: a label past
+    the last class would only fail (or train a class the model does not have) when training reads it."""
+    bad = labels[(labels < 0) | (labels >= num_classes)]
+    if len(bad):
+        raise ShardError(f"{npz}: label {bad[0]} ({len(bad)} row(s)) is not a class of a {num_classes}-class dataset "
+                         f"(labels must lie in [0, {num_classes})); set data.dataset to the dataset it was generated for")
+
+
 def import_npz(npz_path: str | os.PathLike, out_dir: str | os.PathLike, shard_size: int = 10_000,
-               identity_extra: dict[str, Any] | None = None, order_seed: int = 0) -> ShardStore:
-    """Convert an `np.savez` file (keys image, label) into shards under out_dir, rows in a seeded random order;
-    reruns skip finished shards."""
-    _check_args(shard_size, identity_extra, order_seed)
+               identity_extra: dict[str, Any] | None = None, order_seed: int = 0, *, num_classes: int) -> ShardStore:
+    """Convert an `np.savez` file (keys image, label; labels in [0, num_classes)) into shards under out_dir, rows in
+    a seeded random order; reruns skip finished shards."""
+    _check_args(shard_size, identity_extra, order_seed, num_classes)
     images, labels_member = open_npz(npz_path)
     n = images.shape[0]
-    identity = npz_identity(npz_path, shard_size, {"order": "permuted", "order_seed": order_seed,
-                                                   **(identity_extra or {})})
-    store = ShardStore(out_dir).create_or_open(identity)
-    todo = store.missing(seed_ranges(n, shard_size))
-    if not todo:
-        return store
-    order = import_order(n, order_seed)
     fd = os.open(images.path, os.O_RDONLY)
     try:
         labels = labels_member.read_all(fd)
+        check_labels(images.path, labels, num_classes)
+        identity = npz_identity(npz_path, shard_size, {"order": "permuted", "order_seed": order_seed,
+                                                       **(identity_extra or {})})
+        store = ShardStore(out_dir).create_or_open(identity)
+        todo = store.missing(seed_ranges(n, shard_size))
+        order = import_order(n, order_seed) if todo else None
         for first, last in todo:
             rows = order[first:last + 1]
             image, label = images.read_rows(fd, rows), labels[rows]

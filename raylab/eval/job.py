@@ -38,9 +38,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from raylab.cluster import RootToken, check_this_node
 from raylab.config import ConfigError, EvalConfig, ExperimentConfig, ResourcesConfig, from_json, override
 from raylab.presets import make_config
-from raylab.data.datasets import get_dataset
+from raylab.data.datasets import check_dataset, get_dataset
 from raylab.eval.autoattack import AAResult, aa_norm, aggregate, resolve_attacks
 from raylab.eval.checks import CheckReport
 from raylab.eval.chunk import (ChunkJob, aa_attacks, aa_budget, evaluate_chunk, plan_chunks, resolve_checks,
@@ -91,6 +92,7 @@ class EvalSpec:
     checks: tuple[str, ...] = ()
     use_gpu: bool = False
     crash: Optional[dict] = None   # fault drill (tests): {"chunk": id, "marker": path}, see _crash_once
+    root: Optional[RootToken] = None  # the token of `out` on Ray: each actor checks its node sees it as it starts
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -153,6 +155,7 @@ class EvalActor:
     """Holds the model and the images; each call evaluates the work items of its batch (batch_size=1)."""
 
     def __init__(self, spec: EvalSpec, images: np.ndarray, labels: np.ndarray):
+        check_this_node(spec.root)
         self.spec, self.images, self.labels = spec, images, labels
         self.model = spec.source.load(_device(spec.use_gpu))
         require_eval_mode(self.model)
@@ -220,9 +223,10 @@ def _run_ray(spec: EvalSpec, images: np.ndarray, labels: np.ndarray, todo: list[
     long: balance beats hiding dispatch latency)."""
     import ray.data
 
-    from raylab.cluster import init_ray
+    from raylab.cluster import init_ray, root_token
 
     init_ray()  # no-op when connected; a local Ray gets >= 4 logical CPUs (actor pools deadlock at 2)
+    spec = dataclasses.replace(spec, root=root_token(spec.out))  # the actors write there, on whichever node
     ds = ray.data.from_items([{"item": i} for i in todo], override_num_blocks=len(todo))
     ds = ds.map_batches(
         EvalActor, fn_constructor_kwargs={"spec": spec, "images": images, "labels": labels}, batch_size=1,
@@ -370,7 +374,9 @@ def resolve_target(target: str | os.PathLike, overrides: Mapping[str, Any] | Non
 
 
 def load_test_subset(cfg: ExperimentConfig) -> tuple[np.ndarray, np.ndarray]:
-    """The first eval.num_test test images (uint8 NHWC) and labels of data.dataset (0 = all)."""
+    """The first eval.num_test test images (uint8 NHWC) and labels of data.dataset (0 = all), read in the driver:
+    the actors get them from it, so only this node needs the dataset."""
+    check_dataset(cfg.data)
     _, test = get_dataset(cfg.data.dataset).load(Path(cfg.data.root), cfg.data.download)
     n = cfg.eval.num_test or len(test)
     if n > len(test):

@@ -32,7 +32,8 @@ TOOLS = ("ip", "nsenter", "unshare", "mount")
 # checkpoints; the trainer's 2 workers spread over 2 worker nodes; every actor lands on a worker (the head has no CPU).
 DEFAULT_JOB = ["python", "experiments/ablate_steps.py", "--smoke", "--set", "train.epochs=3",
                "--set", "resources.num_workers=2", "--set", "resources.placement=SPREAD",
-               "--set", "tracking.root={shared}/runs", "--set", f"tracking.uri={MLFLOW_URL}"]
+               "--set", "tracking.root={shared}/runs", "--set", "data.root={shared}/data",
+               "--set", f"tracking.uri={MLFLOW_URL}"]
 # The dress rehearsal (`--dress`): the paper configuration in miniature on CIFAR-10 placed under the shared root as
 # the README's cluster command has it (raylab.rehearse.dress); only locations are set.
 DATA_DIR = "data"

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from raylab.config import ExperimentConfig, to_flat, to_json
-from raylab.data.datasets import get_dataset, split_identity
+from raylab.data.datasets import check_dataset, split_identity
 from raylab.data.mix import split_batch
 from raylab.raytrain import EpochLogger, make_trainer
 from raylab.runs import RunDir, run_dir
@@ -41,7 +41,7 @@ class TrainOutcome:
 
 
 def _check_inputs(cfg: ExperimentConfig, generated: GeneratedInput | None) -> None:
-    get_dataset(cfg.data.dataset)
+    check_dataset(cfg.data)
     if cfg.train.ratio < 1.0 and generated is None:
         raise ValueError(f"train.ratio: {cfg.train.ratio} < 1 mixes in generated images, but no generated view "
                          "was given (generate one, or set train.ratio=1 to train on original images only)")

@@ -24,7 +24,7 @@ from raylab.data.mix import GeneratedStream, OriginalStream, RowIndex, split_bat
 from raylab.eval.metrics import correct_flags, pgd_flags, random_starts
 from raylab.io import atomic_write
 from raylab.models import create_model
-from raylab.raytrain import load_latest_state, rank_and_world, report
+from raylab.raytrain import load_latest_state, rank_and_world, report, worker_preflight
 from raylab.runtime import rng_state, seed_everything, set_rng_state, torch_threads
 from raylab.train.ema import WeightAverage
 from raylab.train.ingest import generated_stream
@@ -212,6 +212,7 @@ def train_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
 
 
 def _train(cfg: ExperimentConfig, loop_config: dict[str, Any]) -> dict[str, Any]:
+    worker_preflight(cfg, loop_config)
     rank, world = rank_and_world()
     seed_everything(cfg.train.seed)  # identical initial weights on every rank; per-rank noise: ctx.generator
     splits = load_splits(cfg.data)
