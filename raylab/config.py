@@ -230,6 +230,8 @@ class AttackConfig(_Stage):
     step: Optional[float] = knob(None, lo=0.0, doc="None: eps/4 for linf (2/255 at 8/255), 2*eps/steps for l2 (the "
                                  "reference's l2-pgd); also the validation PGD's step")
     steps: int = knob(10, lo=1)
+    precision: str = knob("train", choices=("train", "fp32"), doc="the training attack's forward/backward passes: "
+                          "'train' = as train.bf16 says, 'fp32' = outside bf16 autocast (raylab.precision)")
 
 
 @dataclass(frozen=True)
@@ -259,7 +261,11 @@ class TrainConfig(_Stage):
     attack_bn: str = knob("train_frozen", choices=("train_frozen", "eval"))
     noise_sigma: float = knob(0.25, lo=0.0, doc="Gaussian sigma of the stability loss (Sehwag et al. 2022)")
     grad_clip: float = knob(0.0, lo=0.0, doc="0 = off")
-    bf16: bool = knob(False, doc="bf16 autocast (GPU speed switch)")
+    bf16: bool = knob(False, doc="bf16 autocast of the training forward/backward, fp32 weights (raylab.precision)")
+    tf32: bool = knob(True, doc="GPU: TF32 tensor cores for fp32 matmuls and convolutions (raylab.runtime)")
+    deterministic: bool = knob(False, doc="GPU: deterministic kernels, no cudnn.benchmark autotuning, for an exact "
+                               "resume; costs speed (bench/gpu.py: 'step bf16 deterministic' vs 'step bf16') and an "
+                               "op without a deterministic CUDA kernel fails at its first call (raylab.runtime)")
     channels_last: bool = knob(True, doc="channels_last memory format: on by default, faster with oneDNN on CPU "
                                 "(x1.17 a TRADES step, bench_train_step.py) and with tensor cores on GPU")
     val_pgd_steps: int = knob(40, lo=1)
@@ -292,6 +298,8 @@ class EvalConfig(_Stage):
     chunk_size: int = knob(500, lo=1, doc="test images per resumable chunk")
     batch_size: int = knob(250, lo=1)
     seed: int = knob(0, lo=0)
+    bf16: bool = knob(False, doc="bf16 autocast for every eval measure; off: fp32 (TF32 per eval.tf32)")
+    tf32: bool = knob(True, doc="GPU: TF32 convolutions and matmuls, PyTorch's cuDNN default (raylab.runtime)")
     certify: bool = knob(False)
     certify_sigma: float = knob(0.25, lo=0.0, lo_open=True)
     certify_n0: int = knob(100, lo=1)

@@ -15,6 +15,7 @@ from typing import Any
 from raylab.config import ExperimentConfig, to_flat, to_json
 from raylab.data.datasets import get_dataset
 from raylab.data.mix import RowIndex
+from raylab.precision import precision_params
 from raylab.raytrain import EpochLogger, make_trainer
 from raylab.runs import RunDir, run_dir
 from raylab.train.worker import train_worker
@@ -52,8 +53,8 @@ def open_tracker(cfg: ExperimentConfig, run: RunDir, parent_run_id: str | None, 
     id_file = run.path / MLFLOW_RUN_FILE
     if id_file.exists():
         return Tracker.resume(resolve_tracking_uri(cfg.tracking), id_file.read_text().strip())
-    tracker = Tracker.start(cfg.tracking, run_name or run.name, params=to_flat(cfg), config_json=to_json(cfg),
-                            parent_run_id=parent_run_id,
+    tracker = Tracker.start(cfg.tracking, run_name or run.name, params={**to_flat(cfg), **precision_params(cfg)},
+                            config_json=to_json(cfg), parent_run_id=parent_run_id,
                             tags={"raylab.stage": run.stage, "raylab.run_dir": str(run.path), **(tags or {})})
     id_file.write_text(tracker.run_id)
     return tracker
