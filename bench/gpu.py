@@ -11,10 +11,11 @@ Sections, each in fp32 (TF32 off), TF32 and bf16 autocast (TF32 on for what auto
 FLOPs per image are counted by torch.utils.flop_counter.FlopCounterMode on the eager code (matmuls and
 convolutions, forward and backward, 2 per multiply-add); % of peak = achieved FLOP/s over the dense peak of the
 row's arithmetic on an H100 SXM (NVIDIA's datasheet: bf16 989, TF32 495, fp32 67 TFLOPS); other cards have other
-peaks (--peaks). Timings: median of --iters calls after warm-up calls (cuDNN autotuning, compilation), each call
-ended by a device synchronize. Sections past --budget-s are skipped, and say so.
+peaks (--peaks). Timings: median of a few calls (`Size`) after warm-up calls (cuDNN autotuning, compilation), each
+call ended by a device synchronize. Rows that would start past --budget-s are skipped, and say so.
 
-    python bench/gpu.py                         # CUDA; sized for <= 8 min on one H100
+    python bench/gpu.py                         # CUDA; sized for <= 8 min on one H100 (estimated from FLOPs:
+                                                # not yet run on a GPU; --budget-s drops the compiled rows first)
     python bench/gpu.py --device cpu --quick    # everything tiny on CPU, a CI-sized check (tests/test_bench_gpu.py)
 """
 from __future__ import annotations
@@ -58,7 +59,7 @@ PRECISIONS = ("fp32", "tf32", "bf16")
 
 @dataclass(frozen=True)
 class Size:
-    """What one run measures: full (sized for <= 8 min on an H100) or quick (CPU, seconds)."""
+    """What one run measures: full (one H100) or quick (CPU, seconds)."""
     edm_images: int = 128
     edm_steps: int = 20     # Wang et al. 2023's 20 Heun steps
     sample_iters: int = 2

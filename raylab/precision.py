@@ -4,9 +4,14 @@
   else fp32 (TF32 tensor cores on a GPU with `train.tf32`, raylab.runtime.gpu_backends).
 - The training attack: its perturbation arithmetic (random start, step, projection, [0, 1] clamp) is always fp32:
   x_adv is an fp32 tensor and autocast only rounds the copy that enters the first convolution. `attack.precision`
-  picks its forward/backward passes: "train" (as the training forward; with bf16 that first rounding is ~0.5-1/255
-  at normalized magnitudes, a quarter to a half of the 2/255 step) or "fp32" (outside autocast).
-  bench/bench_precision.py measures what that rounding does to an attack.
+  picks its forward/backward passes: "train" (the default: as the training forward) or "fp32" (outside autocast).
+  Why "train": the attack is 77% of a TRADES-10 step's FLOPs (WRN-28-10: 210 of 273 GFLOP per image, counted by
+  FlopCounterMode), so an fp32 attack gives back most of bf16's speed-up; and bf16's rounding of the input (up to
+  0.5-1/255 on CIFAR-10 at normalized magnitudes, a quarter to a half of the 2/255 step; 0.3/255 median on digits)
+  did not weaken attacks: on fp32-trained tiny digits models (three checkpoints, eps 16/255 and 8/255), PGD-10 and
+  APGD-CE+T in bf16 left at most 1 of 300 images robust that fp32 broke (and broke up to 3 that fp32 did not), and
+  PGD's bf16 examples fooled the fp32 model exactly as often (bench/bench_precision.py; rerun it on a CIFAR-10
+  checkpoint before a paper-scale claim).
 - Evaluation (clean, PGD-k, AutoAttack, certification): fp32 (TF32 with `eval.tf32`); bf16 only with `eval.bf16`.
   Validation inside training runs without autocast (fp32, or TF32 with `train.tf32`).
 """
