@@ -15,8 +15,8 @@ import pickle
 import shlex
 from pathlib import Path
 
-from raylab.config import (ConfigError, ExperimentConfig, all_keys, from_json, override, parse_assignments, pin_paths,
-                           to_flat)
+from raylab.config import ExperimentConfig, all_keys, from_json, override, parse_assignments, pin_paths, to_flat
+from raylab.knobs import ConfigError
 from raylab.presets import PRESETS, explain, make_config, miniature
 
 VERBS: dict[str, tuple[Callable[[argparse.Namespace], int], Callable[[argparse.ArgumentParser], None], str]] = {}

@@ -28,7 +28,8 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 from raylab.amounts import generated_images, kept_images
 from raylab.attacks.pgd import default_step
-from raylab.config import ConfigError, EvalConfig, ExperimentConfig, fingerprint, override
+from raylab.config import EvalConfig, ExperimentConfig, fingerprint, override
+from raylab.knobs import ConfigError
 from raylab.data.datasets import get_dataset
 from raylab.data.mix import steps_per_epoch
 from raylab.data.shard_format import IMAGE_BYTES

@@ -5,8 +5,9 @@ import math
 
 import pytest
 
-from raylab.config import (STAGES, ConfigError, ExperimentConfig, all_keys, fingerprint, from_flat, from_json, override,
+from raylab.config import (STAGES, ExperimentConfig, all_keys, fingerprint, from_flat, from_json, override,
                            parse_assignments, to_flat, to_json)
+from raylab.knobs import ConfigError
 from raylab.presets import PRESETS, make_config
 from raylab.data.datasets import get_dataset
 

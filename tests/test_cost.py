@@ -6,7 +6,7 @@ import pytest
 
 from raylab import cli
 from raylab.presets import make_config
-from raylab.config import ConfigError
+from raylab.knobs import ConfigError
 from raylab.cost import TRAIN_IMG_PER_S, aa_passes, make_plan, plan_arm, validation_s
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"

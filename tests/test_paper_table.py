@@ -132,7 +132,7 @@ def test_svhn_trains_without_flips_or_crops_and_cifar_with_both():
 
 
 def test_an_amount_beyond_the_generation_is_refused_in_one_line(capsys):
-    from raylab.config import ConfigError
+    from raylab.knobs import ConfigError
     from raylab.tune.experiment import run_ablation
 
     with pytest.raises(ConfigError, match=r"select.amount: 2,000,000 is more than the 1,000,000 images"):

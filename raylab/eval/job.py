@@ -39,7 +39,8 @@ import torch
 from torch import nn
 
 from raylab.cluster import RootToken, check_this_node
-from raylab.config import ConfigError, EvalConfig, ExperimentConfig, ResourcesConfig, from_json, override
+from raylab.config import EvalConfig, ExperimentConfig, ResourcesConfig, from_json, override
+from raylab.knobs import ConfigError
 from raylab.presets import make_config
 from raylab.data.datasets import check_dataset, get_dataset
 from raylab.eval.autoattack import AAResult, aa_norm, aggregate, resolve_attacks
@@ -50,7 +51,9 @@ from raylab.eval.export import load_checkpoint_model, read_state_dict
 from raylab.eval.metrics import EvalError, require_eval_mode
 from raylab.eval.report import EvalHeader, EvalResult, format_table, metric_prefix
 from raylab.io import atomic_write_json, sha256_file
+from raylab.precision import BF16Logits, precision_params
 from raylab.runs import run_identity, write_config
+from raylab.runtime import gpu_backends
 
 FORMAT = "raylab-eval/1"     # part of the fingerprint: bump when a chunk's meaning changes
 CHECKS_ITEM = -1             # the work item that runs the gradient-masking checks
@@ -157,8 +160,9 @@ class EvalActor:
     def __init__(self, spec: EvalSpec, images: np.ndarray, labels: np.ndarray):
         check_this_node(spec.root)
         self.spec, self.images, self.labels = spec, images, labels
-        self.model = spec.source.load(_device(spec.use_gpu))
-        require_eval_mode(self.model)
+        model = spec.source.load(_device(spec.use_gpu))
+        require_eval_mode(model)
+        self.model = BF16Logits(model).eval() if spec.eval.bf16 else model  # raylab.precision: fp32 by default
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         items = [int(i) for i in batch["item"]]
@@ -167,7 +171,8 @@ class EvalActor:
     def run(self, item: int) -> bool:
         """Evaluate one work item and persist it; False when a valid result was already there (a retry)."""
         _crash_once(self.spec.crash, item)
-        return self._checks() if item == CHECKS_ITEM else self._chunk(item)
+        with gpu_backends(self.spec.eval.tf32):
+            return self._checks() if item == CHECKS_ITEM else self._chunk(item)
 
     def _tensors(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
         return to_float(self.images[start:stop]), torch.from_numpy(self.labels[start:stop].astype(np.int64))
@@ -424,18 +429,20 @@ def run_eval(target: str | os.PathLike, cfg_overrides: Mapping[str, Any] | None 
     outcome = evaluate(source, images, labels, cfg.eval, out, resources=cfg.resources, checks=checks,
                        engine=engine, header=header, crash=crash)
     reused = outcome.chunks_total - outcome.chunks_computed
+    precision = precision_params(cfg)["precision.eval"]
     table = format_table(outcome.result, [
         f"chunks: {outcome.chunks_total} ({outcome.chunks_computed} computed now, {reused} reused) in "
-        f"{outcome.seconds:.1f} s -> {outcome.out_dir}", f"weights: {tgt.weights} (sha256 {sha[:12]})"])
+        f"{outcome.seconds:.1f} s -> {outcome.out_dir}", f"weights: {tgt.weights} (sha256 {sha[:12]})",
+        f"precision: {precision} (raylab.precision; eval.bf16, eval.tf32)"])
     print(table, flush=True)
     outcome = dataclasses.replace(outcome, table=table)
     atomic_write_json(outcome.out_dir / "summary.json",
                       {**outcome.result.to_json(), "eval_config": dataclasses.asdict(cfg.eval),
                        "weights": str(tgt.weights), "weights_sha256": sha, "chunks": outcome.chunks_total,
-                       "table": table})
+                       "precision": precision, "table": table})
     if track and tgt.run is not None and (tgt.run / MLFLOW_RUN_FILE).is_file():
         run_id = (tgt.run / MLFLOW_RUN_FILE).read_text().strip()
-        log_eval(_tracking_uri(cfg, tgt.run), run_id, outcome, sha)
+        log_eval(_tracking_uri(cfg, tgt.run), run_id, outcome, sha, precision)
         outcome = dataclasses.replace(outcome, mlflow_run_id=run_id)
     return outcome
 
@@ -468,9 +475,10 @@ def _figures(result: EvalResult) -> list[tuple[Any, str]]:
     return figures
 
 
-def log_eval(uri: str, run_id: str, outcome: EvalOutcome, weights_sha256: str) -> None:
+def log_eval(uri: str, run_id: str, outcome: EvalOutcome, weights_sha256: str, precision: str = "fp32") -> None:
     """Metrics at step = the checkpoint's epoch, tables/summary/figures under `eval/<checkpoint>-<fingerprint>/`,
-    and tags naming the result directory and the weights it evaluated."""
+    and tags naming the result directory, the weights it evaluated and what the numbers ran in
+    (`eval.<checkpoint>.precision`; the run's `precision.eval` param is what its training config asked for)."""
     from raylab.tracking import Tracker
 
     result, header = outcome.result, outcome.result.header
@@ -482,6 +490,7 @@ def log_eval(uri: str, run_id: str, outcome: EvalOutcome, weights_sha256: str) -
     tracker.log_text(outcome.table, f"{prefix}/table.txt")
     tracker.set_tags({f"eval.{header.checkpoint}.dir": str(outcome.out_dir),
                       f"eval.{header.checkpoint}.weights_sha256": weights_sha256,
-                      f"eval.{header.checkpoint}.warnings": len(result.warnings())})
+                      f"eval.{header.checkpoint}.warnings": len(result.warnings()),
+                      f"eval.{header.checkpoint}.precision": precision})
     for figure, name in _figures(result):
         tracker.log_figure(figure, f"{prefix}/{name}")

@@ -25,7 +25,7 @@ from raylab.eval.metrics import correct_flags, pgd_flags, random_starts
 from raylab.io import atomic_write
 from raylab.models import create_model
 from raylab.raytrain import load_latest_state, rank_and_world, report, worker_preflight
-from raylab.runtime import rng_state, seed_everything, set_rng_state, torch_threads
+from raylab.runtime import gpu_backends, rng_state, seed_everything, set_rng_state, torch_threads
 from raylab.train.ema import WeightAverage
 from raylab.train.ingest import generated_stream
 from raylab.train.loop import TrainContext, mixed_batches, run_epoch, to_input
@@ -207,7 +207,8 @@ def _save_npz(path: str, **arrays: np.ndarray) -> None:
 
 def train_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     cfg = from_flat(loop_config["flat"])
-    with torch_threads(cfg.resources.cpus_per_worker):  # as many intra-op threads as the worker holds CPUs
+    # As many intra-op threads as the worker holds CPUs; the GPU numerics of train.tf32 / train.deterministic.
+    with torch_threads(cfg.resources.cpus_per_worker), gpu_backends(cfg.train.tf32, cfg.train.deterministic):
         return _train(cfg, loop_config)
 
 
