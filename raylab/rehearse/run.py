@@ -205,7 +205,7 @@ def checkpoints(shared: Path) -> dict[str, set[str]]:
     a node lost then restarts the run from scratch, not from that checkpoint)."""
     out: dict[str, set[str]] = {}
     for ckpt in shared.glob("**/ray_results/*/checkpoint_*"):
-        if (ckpt.parent / SNAPSHOT).exists():
+        if ckpt.is_dir() and (ckpt.parent / SNAPSHOT).exists():  # the snapshot file matches the pattern too
             out.setdefault(ckpt.parent.name, set()).add(ckpt.name)
     return out
 
