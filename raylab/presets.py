@@ -141,7 +141,7 @@ def make_config(preset: str = "tiny", overrides: Mapping[str, Any] | None = None
 
 MINIATURE_IMAGES = 20_000   # generated images: 500K per class -> 25; Table 5's 1M -> 50, 5M -> 250, 20M -> 1,000
 MINIATURE_BATCH = 8         # 512 -> 64: a batch's generated part (45) fits the smallest miniature set (50 kept)
-MINIATURE_EPOCHS = 100      # 400 epochs -> 4; a checkpoint every 10 epochs -> every epoch
+MINIATURE_EPOCHS = 200      # 400 epochs -> 2; a checkpoint every 10 epochs -> every epoch
 MINIATURE_KIMG = 100_000    # EDM training: 200,000 kimg -> 2 kimg (warm-up, EMA half-life alike)
 MINIATURE_HELD_OUT = 64     # validation and test images (the papers: 1,024 and the whole test set)
 
@@ -173,7 +173,7 @@ MINIATURE: dict[str, Callable[[Any], Any]] = {
     "edm.num_blocks": lambda b: 1,
     "edm.batch_size": lambda b: shrink(b, 16),                          # 512 -> 32
     **{f"edm.{k}": (lambda v: v / MINIATURE_KIMG) for k in ("total_kimg", "warmup_kimg", "ema_halflife_kimg")},
-    "edm.checkpoint_every_kimg": lambda k: k / (MINIATURE_KIMG / 10),   # 4 checkpoints a run, as the epochs
+    "edm.checkpoint_every_kimg": lambda k: k / (MINIATURE_KIMG / 10),   # 4 checkpoints a run
     "resources.use_gpu": lambda _: False,
     "resources.gpus_per_actor": lambda _: 0.0,
     "resources.scorer_gpus_per_actor": lambda _: 0.0,
