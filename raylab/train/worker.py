@@ -18,7 +18,8 @@ import torch
 
 from raylab.config import ExperimentConfig, from_flat
 from raylab.data.datasets import Splits, load_splits
-from raylab.data.mix import GeneratedStream, OriginalStream, RowIndex, split_batch, steps_per_epoch
+from raylab.data.mix import GeneratedStream, OriginalStream, split_batch, steps_per_epoch
+from raylab.data.row_index import RowIndex
 from raylab.eval.metrics import clean_accuracy, pgd_accuracy
 from raylab.io import atomic_write
 from raylab.models import create_model
