@@ -27,6 +27,8 @@ import hashlib
 import os
 import struct
 import zipfile
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterator, Sequence
@@ -67,25 +69,27 @@ class Member:
                          order="F" if self.fortran else "C")
 
     def read_rows(self, fd: int, rows: np.ndarray) -> np.ndarray:
-        """Rows `rows` (any order, unique) read by offset: one pread per run of consecutive file rows, each copied
-        straight to its place in the output."""
+        """Rows `rows` (any order, unique) read by offset: one pread per run of consecutive file rows, straight into
+        a buffer in file order, then one gather into the order asked."""
         if self.fortran:  # a row is scattered over the file: map, copy the rows, unmap (rare: savez writes C)
             mapped = self.memmap()
             try:
                 return np.array(mapped[rows])
             finally:
                 del mapped
-        out = np.empty((len(rows), *self.shape[1:]), self.dtype)
-        flat = out.reshape(len(rows), -1).view(np.uint8)
+        rows = np.asarray(rows, np.int64)
         place = np.argsort(rows, kind="stable")
         wanted = rows[place]
+        buf = np.empty((len(rows), self.row_bytes), np.uint8)
+        view = memoryview(buf.reshape(-1))
         breaks = np.flatnonzero(np.diff(wanted) != 1) + 1
-        for start, stop in zip(np.r_[0, breaks], np.r_[breaks, len(rows)]):
-            want = (stop - start) * self.row_bytes
-            data = os.pread(fd, want, self.offset + int(wanted[start]) * self.row_bytes)
-            if len(data) != want:
+        size = self.row_bytes
+        for start, stop in zip(np.r_[0, breaks].tolist(), np.r_[breaks, len(rows)].tolist()):
+            got = os.preadv(fd, [view[start * size:stop * size]], self.offset + int(wanted[start]) * size)
+            if got != (stop - start) * size:
                 raise ShardError(f"{self.path}: truncated (member ends before row {int(wanted[stop - 1])})")
-            flat[place[start:stop]] = np.frombuffer(data, np.uint8).reshape(stop - start, -1)
+        out = np.empty((len(rows), *self.shape[1:]), self.dtype)
+        out.reshape(len(rows), -1).view(np.uint8)[place] = buf
         return out
 
 
@@ -310,14 +314,27 @@ def import_npz(npz_paths: str | os.PathLike | Sequence[str | os.PathLike], out_d
     return store
 
 
+PREFETCH = 2  # shards read ahead by a second thread while the current one is encoded and written
+
+
 def _shards(parts: list[Part], fds: list[int], layout: Layout, dealt: tuple, ranges: list[tuple[int, int]],
             todo: set[tuple[int, int]]) -> Iterator[tuple[int, int, dict[str, np.ndarray]]]:
-    """The missing shards' columns, one shard at a time (memory: one shard)."""
-    for shard, (first, last) in enumerate(ranges):
-        if (first, last) in todo:
-            image, label = _read_shard(parts, fds, layout.shard_rows(dealt, shard))
-            yield first, last, {"image": image, "label": label, "seed": np.arange(first, last + 1, dtype=np.int64),
-                                "class_cond": label}
+    """The missing shards' columns, in order. A reader thread keeps PREFETCH shards ahead (preads, Parquet
+    encoding, sha256 and fsync all release the GIL): memory is 1 + PREFETCH shards."""
+    def read(shard: int, first: int, last: int) -> tuple[int, int, dict[str, np.ndarray]]:
+        image, label = _read_shard(parts, fds, layout.shard_rows(dealt, shard))
+        return first, last, {"image": image, "label": label, "seed": np.arange(first, last + 1, dtype=np.int64),
+                             "class_cond": label}
+
+    work = [(shard, first, last) for shard, (first, last) in enumerate(ranges) if (first, last) in todo]
+    with ThreadPoolExecutor(1, thread_name_prefix="import-npz-read") as pool:
+        ahead: deque = deque()
+        for item in work:
+            ahead.append(pool.submit(read, *item))
+            if len(ahead) > PREFETCH:
+                yield ahead.popleft().result()
+        while ahead:
+            yield ahead.popleft().result()
 
 
 def _open_store(out_dir: str | os.PathLike, identity: dict) -> ShardStore:
