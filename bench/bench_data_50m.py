@@ -1,0 +1,232 @@
+"""The reference's largest published set, 50M images in 4 parts, imported, selected and streamed: start-up time,
+driver and worker RSS, rows read per rank at 2, 4 and 8 workers, and the import's rows/s.
+
+    python bench/bench_data_50m.py [--rows 50000000] [--parts 4] [--dir DIR] [--keep] [--skip-worker]
+
+The parts are reference-format `.npz` files of constant (all-zero) images whose image bytes are holes of sparse
+files (tests/data/npz_parts.py: 154 GB apparent, a few MB on disk), concatenated class by class as the published
+sets are; Parquet stores the constant images in ~2.5 MB per 10,000-row shard. Each phase runs in a fresh process
+(its peak RSS is its own):
+
+1. import: `import_npz(parts, store)` (what `raylab data import-npz P1 P2 P3 P4 STORE` runs): rows/s, CPU seconds,
+   peak RSS. Reading a hole costs the kernel a zero-filled page, not a disk read; a real 154 GB set reads 48 KB
+   runs from disk instead (one pread per 16 rows).
+2. select: `build_view(store, select.policy=none)`, the view training streams (time, peak RSS).
+3. start-up: what a training driver does before Ray starts, `generated_input(view)` (row index: built beside the
+   view on first use, memory-mapped after; every shard checked on a stat) and pickling the Train loop config; the
+   first start (builds the index) and a second one; also on the whole store.
+4. reads: per rank, the rows it takes and the rows of the row groups it reads over the first 100 windows of a pass
+   (3.3M rows), at 2, 4 and 8 workers, global batch 2048 x 0.8 generated (Wang et al. 2023 at 20M+: 1,638 rows a
+   step); and for one rank, the same counted on real reads of 3 windows.
+5. worker: 2 Ray Train workers stream 100 batches each of 819 generated rows through the Ray Data ingest: RSS of
+   each worker before and at its peak, against its window share (WINDOW_ROWS / 2 rows of 3,072 bytes).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pickle
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # raylab and tests.data.npz_parts from the checkout
+
+import numpy as np  # noqa: E402
+
+from raylab.data.mix import WINDOW_ROWS  # noqa: E402
+
+GLOBAL_GENERATED = 1638  # 2048 - round(0.2 * 2048): the paper's batch above 1M generated images
+WORLDS = (2, 4, 8)
+READ_WINDOWS = 100
+
+
+def _stats(start: float, **extra) -> dict:
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return {"wall_s": time.perf_counter() - start, "cpu_s": ru.ru_utime + ru.ru_stime,
+            "maxrss_mb": ru.ru_maxrss / 1024, "load": os.getloadavg()[0], **extra}
+
+
+def phase_import(d: Path, parts: list[str]) -> dict:
+    from raylab.data.npz_import import import_npz
+
+    start = time.perf_counter()
+    store = import_npz(parts, d / "store")
+    rows = sum(e["rows"] for e in store.manifest["shards"].values())
+    disk = sum(p.stat().st_size for p in store.shard_paths())
+    return _stats(start, rows=rows, shards=len(store.shard_paths()), store_gb=disk / 1e9)
+
+
+def phase_select(d: Path) -> dict:
+    from raylab.config import SelectConfig
+    from raylab.pipeline.select import build_view
+
+    start = time.perf_counter()
+    view = build_view(d / "store", SelectConfig(policy="none"), d / "view")
+    return _stats(start, rows=len(view))
+
+
+def phase_startup(target: Path) -> dict:
+    from raylab.pipeline.generated_input import generated_input
+
+    start = time.perf_counter()
+    generated = generated_input(target)
+    loop_config = pickle.dumps({"generated": generated.rows})  # what TorchTrainer ships to every worker
+    return _stats(start, rows=len(generated.rows), loop_config_bytes=len(loop_config))
+
+
+def phase_reads(d: Path) -> dict:
+    from raylab.data import mix
+    from raylab.data.mix import GeneratedStream
+    from raylab.pipeline.generated_input import open_generated
+
+    index, out = open_generated(d / "view"), {}
+    for world in WORLDS:
+        ratios = []
+        for rank in range(world):
+            plan = GeneratedStream(index, GLOBAL_GENERATED // world, seed=0, rank=rank, world=world).pass_plan()
+            taken, read = np.sum([plan.reads(w) for w in plan.windows[:READ_WINDOWS]], axis=0)
+            ratios.append((int(taken), int(read)))
+        out[world] = ratios
+    counted = []
+    real = mix.read_parquet
+    mix.read_parquet = lambda *a, **k: counted.append(real(*a, **k).num_rows) or real(*a, **k)
+    plan = GeneratedStream(index, GLOBAL_GENERATED // 4, seed=0, rank=1, world=4).pass_plan()
+    got = sum(mix.read_window(plan.for_window(w), w).num_rows for w in plan.windows[:3])
+    planned = np.sum([plan.reads(w) for w in plan.windows[:3]], axis=0).tolist()
+    return {"per_rank": out, "real": {"taken": got, "read": sum(counted), "planned": planned}}
+
+
+def phase_worker(d: Path) -> dict:
+    from raylab.cluster import init_ray
+    from raylab.config import to_flat
+    from raylab.pipeline.generated_input import generated_input
+    from raylab.presets import make_config
+    from raylab.raytrain import make_trainer
+    from raylab.runs import run_dir
+
+    cfg = make_config("paper", {"train.batch_size": 2048, "train.ratio": 0.2, "resources.num_workers": 2,
+                                "resources.use_gpu": False, "resources.cpus_per_worker": 1,
+                                "resources.max_failures": 0, "tracking.root": str(d / "runs")})
+    init_ray()
+    generated = generated_input(d / "view")
+    make_trainer(_stream_worker, {"flat": to_flat(cfg), "generated": generated.rows, "batches": 100, "out": str(d)},
+                 cfg, run_dir(cfg, "bench", "stream-50m")).fit()
+    return {"workers": [json.loads((d / f"worker-{r}.json").read_text()) for r in range(2)]}
+
+
+def _stream_worker(loop_config: dict) -> None:
+    """A Train worker streaming its generated batches as training does (no model), sampling its own memory."""
+    import psutil
+
+    from raylab.config import from_flat
+    from raylab.raytrain import rank_and_world
+    from raylab.train.ingest import generated_stream
+
+    rank, world = rank_and_world()
+    proc = psutil.Process()
+    before = proc.memory_info()
+    stream = generated_stream(from_flat(loop_config["flat"]), loop_config["generated"], rank, world)
+    peak, start = [0, 0], time.perf_counter()
+    for _ in range(loop_config["batches"]):
+        stream.next_batch()
+        m = proc.memory_info()
+        peak = [max(peak[0], m.rss), max(peak[1], m.rss - m.shared)]
+    result = {"rank": rank, "rss_before_mb": before.rss / 2**20, "rss_peak_mb": peak[0] / 2**20,
+              "private_peak_mb": peak[1] / 2**20, "rows": loop_config["batches"] * stream.batch,
+              "rows_s": loop_config["batches"] * stream.batch / (time.perf_counter() - start),
+              "window_share_mb": WINDOW_ROWS // world * 3072 / 2**20}
+    Path(loop_config["out"], f"worker-{rank}.json").write_text(json.dumps(result))
+
+
+PHASES = {"import": lambda d, a: phase_import(d, a), "select": lambda d, a: phase_select(d),
+          "startup-view": lambda d, a: phase_startup(d / "view"), "startup-store": lambda d, a: phase_startup(d / "store"),
+          "reads": lambda d, a: phase_reads(d), "worker": lambda d, a: phase_worker(d)}
+
+
+def run_phase(name: str, d: Path, extra: list[str]) -> dict:
+    """One phase in a fresh process: its own peak RSS and CPU time."""
+    proc = subprocess.run([sys.executable, __file__, "--phase", name, "--dir", str(d), *extra],
+                          capture_output=True, text=True)
+    if proc.returncode:
+        raise SystemExit(f"phase {name} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def write_parts(d: Path, rows: int, parts: int) -> list[str]:
+    from tests.data.npz_parts import write_constant_npz
+
+    labels = np.repeat(np.arange(10, dtype=np.int64), rows // 10)
+    return [str(write_constant_npz(d / f"part{i + 1}.npz", part))
+            for i, part in enumerate(np.array_split(labels, parts))]
+
+
+def report(r: dict, rows: int) -> None:
+    imp, sel = r["import"], r["select"]
+    print(f"1. import {rows:,} rows in 4 parts: {imp['wall_s']:.0f} s = {rows / imp['wall_s']:,.0f} rows/s wall, "
+          f"{rows / imp['cpu_s']:,.0f} rows per CPU-second ({imp['cpu_s']:.0f} CPU s), peak RSS "
+          f"{imp['maxrss_mb']:.0f} MB, {imp['shards']} shards, {imp['store_gb']:.1f} GB, load average "
+          f"{imp['load']:.1f} on 2 cores")
+    print(f"2. select (policy none): {sel['wall_s']:.0f} s, peak RSS {sel['maxrss_mb']:.0f} MB")
+    for key in ("startup-view-1", "startup-view-2", "startup-store-1", "startup-store-2"):
+        s = r[key]
+        print(f"3. start-up {key[8:]:8s}: {s['wall_s']:6.1f} s, driver peak RSS {s['maxrss_mb']:6.0f} MB, loop "
+              f"config {s['loop_config_bytes']} bytes")
+    for world, ranks in r["reads"]["per_rank"].items():
+        ratios = [read / taken for taken, read in ranks]
+        print(f"4. world {world}: rows read / rows consumed per rank over {READ_WINDOWS} windows: max "
+              f"{max(ratios):.3f}, mean {np.mean(ratios):.3f} ({ranks[0][0]:,} rows consumed by rank 0)")
+    real = r["reads"]["real"]
+    print(f"   real reads, rank 1 of 4, 3 windows: took {real['taken']:,}, read {real['read']:,} "
+          f"(plan: {real['planned']})")
+    for w in r.get("worker", {}).get("workers") or []:
+        print(f"5. worker {w['rank']}: RSS {w['rss_before_mb']:.0f} MB before, peak {w['rss_peak_mb']:.0f} MB "
+              f"(private {w['private_peak_mb']:.0f} MB; its window share {w['window_share_mb']:.0f} MB), "
+              f"{w['rows']:,} rows at {w['rows_s']:,.0f} rows/s")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", type=int, default=50_000_000)
+    ap.add_argument("--parts", type=int, default=4)
+    ap.add_argument("--dir", default=None, help="work directory (default: a temp dir, deleted after)")
+    ap.add_argument("--keep", action="store_true", help="keep the store, view and parts")
+    ap.add_argument("--skip-worker", action="store_true")
+    ap.add_argument("--phase", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("parts_given", nargs="*", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.phase:
+        print(json.dumps(PHASES[args.phase](Path(args.dir), args.parts_given), default=str))
+        return
+    d = Path(args.dir or tempfile.mkdtemp(prefix="bench_data_50m-"))
+    d.mkdir(parents=True, exist_ok=True)
+    try:
+        parts = write_parts(d, args.rows, args.parts)
+        results = {"import": run_phase("import", d, parts)}
+        for part in parts:
+            Path(part).unlink()
+        results["select"] = run_phase("select", d, [])
+        for target in ("view", "store"):
+            for n in (1, 2):
+                results[f"startup-{target}-{n}"] = run_phase(f"startup-{target}", d, [])
+        results["reads"] = run_phase("reads", d, [])
+        if not args.skip_worker:
+            results["worker"] = run_phase("worker", d, [])
+        print(json.dumps(results, default=str))
+        report(results, args.rows)
+    finally:
+        if not args.keep:
+            shutil.rmtree(d, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
