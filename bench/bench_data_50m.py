@@ -50,10 +50,16 @@ WORLDS = (2, 4, 8)
 READ_WINDOWS = 100
 
 
+def peak_rss_mb() -> float:
+    """This process's peak RSS: VmHWM (getrusage's ru_maxrss keeps the parent's peak across fork and exec)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+
+
 def _stats(start: float, **extra) -> dict:
     ru = resource.getrusage(resource.RUSAGE_SELF)
-    return {"wall_s": time.perf_counter() - start, "cpu_s": ru.ru_utime + ru.ru_stime,
-            "maxrss_mb": ru.ru_maxrss / 1024, "load": os.getloadavg()[0], **extra}
+    return {"wall_s": time.perf_counter() - start, "cpu_s": ru.ru_utime + ru.ru_stime, "maxrss_mb": peak_rss_mb(),
+            "load": os.getloadavg()[0], **extra}
 
 
 def phase_import(d: Path, parts: list[str]) -> dict:
@@ -137,20 +143,47 @@ def _stream_worker(loop_config: dict) -> None:
     before = proc.memory_info()
     stream = generated_stream(from_flat(loop_config["flat"]), loop_config["generated"], rank, world)
     peak, start = [0, 0], time.perf_counter()
-    for _ in range(loop_config["batches"]):
+    for i in range(loop_config["batches"]):
         stream.next_batch()
+        if i == 0:
+            first = time.perf_counter()  # Ray Data's start of the pass, paid once per pass
         m = proc.memory_info()
         peak = [max(peak[0], m.rss), max(peak[1], m.rss - m.shared)]
+    rows = (loop_config["batches"] - 1) * stream.batch
     result = {"rank": rank, "rss_before_mb": before.rss / 2**20, "rss_peak_mb": peak[0] / 2**20,
-              "private_peak_mb": peak[1] / 2**20, "rows": loop_config["batches"] * stream.batch,
-              "rows_s": loop_config["batches"] * stream.batch / (time.perf_counter() - start),
-              "window_share_mb": WINDOW_ROWS // world * 3072 / 2**20}
+              "private_peak_mb": peak[1] / 2**20, "rows": rows, "first_s": first - start,
+              "rows_s": rows / (time.perf_counter() - first), "window_share_mb": WINDOW_ROWS // world * 3072 / 2**20}
     Path(loop_config["out"], f"worker-{rank}.json").write_text(json.dumps(result))
+
+
+def phase_legacy(d: Path) -> dict:
+    """What the replaced start-up cost, on 20 of the shards, extrapolated to all: the row index built with one
+    boolean mask over all N rows per shard (RowIndex.from_positions, View.rows), and the sha256 of every shard at
+    every start (here 12.7 GB of constant-image shards; the real set's shards are 154 GB)."""
+    from raylab.data.npz_import import npz_members
+    from raylab.io import sha256_file
+
+    shard = npz_members(d / "view" / "rows.npz", ("shard",))["shard"]
+    shards = int(shard[-1]) + 1
+    start = time.perf_counter()
+    for i in range(20):
+        np.flatnonzero(shard == i)
+    mask_s = (time.perf_counter() - start) / 20 * shards
+    paths = sorted((d / "store").glob("gen-*.parquet"))[:20]
+    start = time.perf_counter()
+    for p in paths:
+        sha256_file(p)
+    seconds = time.perf_counter() - start
+    per_byte = seconds / sum(p.stat().st_size for p in paths)
+    store_bytes = sum(p.stat().st_size for p in (d / "store").glob("gen-*.parquet"))
+    return {"index_s": mask_s, "hash_s": per_byte * store_bytes, "hash_real_s": per_byte * 153.6e9,
+            "hash_mb_s": 1 / per_byte / 1e6}
 
 
 PHASES = {"import": lambda d, a: phase_import(d, a), "select": lambda d, a: phase_select(d),
           "startup-view": lambda d, a: phase_startup(d / "view"), "startup-store": lambda d, a: phase_startup(d / "store"),
-          "reads": lambda d, a: phase_reads(d), "worker": lambda d, a: phase_worker(d)}
+          "reads": lambda d, a: phase_reads(d), "worker": lambda d, a: phase_worker(d),
+          "legacy": lambda d, a: phase_legacy(d)}
 
 
 def run_phase(name: str, d: Path, extra: list[str]) -> dict:
@@ -181,6 +214,10 @@ def report(r: dict, rows: int) -> None:
         s = r[key]
         print(f"3. start-up {key[8:]:8s}: {s['wall_s']:6.1f} s, driver peak RSS {s['maxrss_mb']:6.0f} MB, loop "
               f"config {s['loop_config_bytes']} bytes")
+    old = r["legacy"]
+    print(f"   replaced: the per-shard mask index {old['index_s']:.0f} s, sha256 of every shard at every start "
+          f"{old['hash_s']:.0f} s here ({old['hash_mb_s']:.0f} MB/s; {old['hash_real_s']:.0f} s for the real 154 GB), "
+          "extrapolated from 20 shards")
     for world, ranks in r["reads"]["per_rank"].items():
         ratios = [read / taken for taken, read in ranks]
         print(f"4. world {world}: rows read / rows consumed per rank over {READ_WINDOWS} windows: max "
@@ -190,8 +227,8 @@ def report(r: dict, rows: int) -> None:
           f"(plan: {real['planned']})")
     for w in r.get("worker", {}).get("workers") or []:
         print(f"5. worker {w['rank']}: RSS {w['rss_before_mb']:.0f} MB before, peak {w['rss_peak_mb']:.0f} MB "
-              f"(private {w['private_peak_mb']:.0f} MB; its window share {w['window_share_mb']:.0f} MB), "
-              f"{w['rows']:,} rows at {w['rows_s']:,.0f} rows/s")
+              f"(private {w['private_peak_mb']:.0f} MB; its window share {w['window_share_mb']:.0f} MB); first batch "
+              f"{w['first_s']:.1f} s, then {w['rows']:,} rows at {w['rows_s']:,.0f} rows/s")
 
 
 def main() -> None:
@@ -219,6 +256,7 @@ def main() -> None:
             for n in (1, 2):
                 results[f"startup-{target}-{n}"] = run_phase(f"startup-{target}", d, [])
         results["reads"] = run_phase("reads", d, [])
+        results["legacy"] = run_phase("legacy", d, [])
         if not args.skip_worker:
             results["worker"] = run_phase("worker", d, [])
         print(json.dumps(results, default=str))

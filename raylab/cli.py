@@ -142,7 +142,8 @@ def _mix_lines(target: str, cfg: ExperimentConfig, index, stats) -> list[str]:
     world = max(cfg.resources.num_workers, 1)
     present = (stats.counts > 0).sum(1)
     p = stats.p_values()
-    return [f"{target}: {len(index)} rows in {len(index.files)} shards, {int((stats.expected > 0).sum())} classes",
+    shards = len(np.unique(index.blocks["file"]))
+    return [f"{target}: {len(index)} rows in {shards} shards, {int((stats.expected > 0).sum())} classes",
             f"{len(stats.counts)} batches of {int(stats.counts[0].sum())} generated rows ({world} worker(s); "
             f"train.batch_size={cfg.train.batch_size}, train.ratio={cfg.train.ratio}, train.seed={cfg.train.seed})",
             f"classes per batch: mean {present.mean():.1f}, fewest {present.min()}",

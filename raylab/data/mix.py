@@ -193,11 +193,15 @@ def rank_share(window: Window, sequence: np.ndarray, group: int, world: int, ran
     storage, batch = storage[order], batch[order]
     part_lo = np.maximum(lo, batch * group) - batch * group  # where this part starts within its global batch
     part_hi = np.minimum(hi, (batch + 1) * group) - batch * group
-    before = (lambda x, r: (x // world) * r + np.minimum(x % world, r))  # t < x with t mod world < r
     k = np.arange(len(storage)) - (np.maximum(lo, batch * group) - lo)  # index within the part
-    mine = (k >= before(part_hi, rank) - before(part_lo, rank)) & (k < before(part_hi, rank + 1)
-                                                                   - before(part_lo, rank + 1))
-    return storage[mine]
+    start = _below(part_hi, rank, world) - _below(part_lo, rank, world)
+    stop = _below(part_hi, rank + 1, world) - _below(part_lo, rank + 1, world)
+    return storage[(k >= start) & (k < stop)]
+
+
+def _below(x: np.ndarray, r: int, world: int) -> np.ndarray:
+    """How many t < x have t mod world < r."""
+    return (x // world) * r + np.minimum(x % world, r)
 
 
 @dataclass(frozen=True)
@@ -241,18 +245,19 @@ def read_window(plan: PassPlan, window: Window) -> pa.Table:
     index = plan.index
     block, rows = plan.take(window)
     needed = np.unique(block)
+    info = index.blocks[needed]
     columns = ["image", "seed"] + (["label"] if index.label is None else [])
-    parts, at, offset = [], np.zeros(len(index.blocks), np.int64), 0
-    for f in np.unique(index.blocks["file"][needed]):
-        mine = needed[index.blocks["file"][needed] == f]
-        parts.append(read_parquet(index.files[f], columns, row_groups=index.blocks["group"][mine].tolist()))
-        at[mine] = offset + np.cumsum(index.blocks["stored"][mine]) - index.blocks["stored"][mine]
+    parts, at, offset = [], np.empty(len(needed), np.int64), 0  # at: where each needed block's rows begin
+    for f in np.unique(info["file"]):
+        mine = np.flatnonzero(info["file"] == f)
+        parts.append(read_parquet(index.files[f], columns, row_groups=info["group"][mine].tolist()))
+        at[mine] = offset + np.cumsum(info["stored"][mine]) - info["stored"][mine]
         offset += parts[-1].num_rows
     if not parts:
         return pa.table({"image": pa.array([], IMAGE_TYPE), "seed": pa.array([], pa.int64()),
                          "label": pa.array([], pa.int16())})
-    table = pa.concat_tables(parts).take(pa.array(at[block] + index.file_rows(rows, block)
-                                                  - index.blocks["first"][block]))
+    where = np.searchsorted(needed, block)
+    table = pa.concat_tables(parts).take(pa.array(at[where] + index.file_rows(rows, block) - info["first"][where]))
     if index.label is not None:
         table = table.append_column("label", pa.array(index.labels(rows), pa.int16()))
     return table.select(["image", "seed", "label"]).combine_chunks()

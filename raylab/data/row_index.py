@@ -83,12 +83,12 @@ class RowIndex:
     def subset(self, blocks: Sequence[int]) -> "RowIndex":
         """An in-memory index of `blocks` alone, renumbered 0..len-1 in the order given (what a read task of an
         index with no file behind it carries: O(its blocks) rows)."""
-        picked = self.blocks[np.asarray(blocks, np.int64)].copy()
-        sizes = self.sizes[np.asarray(blocks, np.int64)]
-        rows = np.concatenate([np.arange(s, s + n) for s, n in zip(picked["start"], sizes)] or [np.empty(0, int)])
+        blocks = np.asarray(blocks, np.int64)
+        picked, sizes = self.blocks[blocks].copy(), self.block_sizes(blocks)
+        rows = np.repeat(picked["start"] - (np.cumsum(sizes) - sizes), sizes) + np.arange(int(sizes.sum()))
         picked["start"] = np.cumsum(sizes) - sizes
-        pick = (lambda a: None if a is None else np.asarray(a[rows]))
-        return RowIndex(self.files, picked, int(sizes.sum()), pick(self.row), pick(self.label))
+        return RowIndex(self.files, picked, int(sizes.sum()), None if self.row is None else np.asarray(self.row[rows]),
+                        None if self.label is None else np.asarray(self.label[rows]))
 
     @classmethod
     def from_positions(cls, files: Sequence[str], shard: np.ndarray, row: np.ndarray, label: np.ndarray,
@@ -96,14 +96,13 @@ class RowIndex:
         """In memory, from per-row (shard index into `files`, row in shard, label), one block per shard (`stored`:
         rows per file; default: up to the last row named)."""
         shard, row = np.asarray(shard, np.int64), np.asarray(row, np.int64)
-        order = np.lexsort((row, shard))
+        order = np.lexsort((row, shard))  # one sort: grouped by shard, rows ascending
         counts = np.bincount(shard, minlength=len(files))
-        if stored is None:
-            stored = [int(row[shard == i].max()) + 1 if counts[i] else 0 for i in range(len(files))]
         used = np.flatnonzero(counts)
         blocks = np.zeros(len(used), BLOCK)
-        blocks["file"], blocks["stored"] = used, np.asarray(stored)[used]
-        blocks["start"] = np.cumsum(counts[used]) - counts[used]
+        blocks["file"], blocks["start"] = used, np.cumsum(counts[used]) - counts[used]
+        last_row = row[order][blocks["start"] + counts[used] - 1]
+        blocks["stored"] = last_row + 1 if stored is None else np.asarray(stored)[used]
         return cls(tuple(str(f) for f in files), blocks, len(row), row[order].astype(np.int32),
                    np.asarray(label)[order].astype(np.int16))
 
