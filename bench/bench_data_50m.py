@@ -1,7 +1,7 @@
 """The reference's largest published set, 50M images in 4 parts, imported, selected and streamed: start-up time,
 driver and worker RSS, rows read per rank at 2, 4 and 8 workers, and the import's rows/s.
 
-    python bench/bench_data_50m.py [--rows 50000000] [--parts 4] [--dir DIR] [--keep] [--skip-worker]
+    python bench/bench_data_50m.py [--rows 50000000] [--parts 4] [--real ROWS] [--dir DIR] [--keep] [--skip-worker]
 
 The parts are reference-format `.npz` files of constant (all-zero) images whose image bytes are holes of sparse
 files (tests/data/npz_parts.py: 154 GB apparent, a few MB on disk), concatenated class by class as the published
@@ -20,6 +20,8 @@ sets are; Parquet stores the constant images in ~2.5 MB per 10,000-row shard. Ea
    step); and for one rank, the same counted on real reads of 3 windows.
 5. worker: 2 Ray Train workers stream 100 batches each of 819 generated rows through the Ray Data ingest: RSS of
    each worker before and at its peak, against its window share (WINDOW_ROWS / 2 rows of 3,072 bytes).
+6. with --real ROWS: the import of ROWS random images from 4 parts written to disk and dropped from the page cache
+   (3 KB a row on disk, twice while writing), and one pread per row (the old importer's reads) on the same part.
 """
 from __future__ import annotations
 
@@ -180,10 +182,65 @@ def phase_legacy(d: Path) -> dict:
             "hash_mb_s": 1 / per_byte / 1e6}
 
 
+def write_random_parts(d: Path, rows: int, parts: int) -> list[Path]:
+    """Parts of random images, class-sorted labels, written by np.savez from a memory map (streamed, bounded
+    memory), synced and dropped from the page cache: an import that reads them reads the disk."""
+    labels, paths = np.repeat(np.arange(10, dtype=np.int64), rows // 10), []
+    rng = np.random.default_rng(0)
+    for i, part in enumerate(np.array_split(labels, parts)):
+        raw = np.lib.format.open_memmap(d / "raw.npy", mode="w+", dtype=np.uint8, shape=(len(part), 32, 32, 3))
+        for a in range(0, len(part), 50_000):
+            raw[a:a + 50_000] = rng.integers(0, 256, raw[a:a + 50_000].shape, dtype=np.uint8)
+        paths.append(d / f"real{i + 1}.npz")
+        np.savez(paths[-1], image=raw, label=part)
+        del raw
+        (d / "raw.npy").unlink()
+    for path in paths:
+        drop_cache(path)
+    return paths
+
+
+def drop_cache(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def phase_real_import(d: Path) -> dict:
+    """The import of the random parts (`write_random_parts`), read from disk."""
+    from raylab.data.npz_import import import_npz
+
+    paths = sorted(d.glob("real*.npz"))
+    start = time.perf_counter()
+    store = import_npz(paths, d / "real-store")
+    out = _stats(start, rows=sum(e["rows"] for e in store.manifest["shards"].values()))
+    shutil.rmtree(store.root)
+    return out
+
+
+def phase_real_per_row(d: Path) -> dict:
+    """The old importer's reads for comparison: one pread per row, in a random order, on the same (dropped) part."""
+    from raylab.data.npz_import import open_npz
+
+    path = sorted(d.glob("real*.npz"))[0]
+    drop_cache(path)
+    images, _ = open_npz(path)
+    sample = np.random.default_rng(1).permutation(images.shape[0])[:20_000]
+    fd, start = os.open(path, os.O_RDONLY), time.perf_counter()
+    for row in sample.tolist():
+        os.pread(fd, images.row_bytes, images.offset + row * images.row_bytes)
+    os.close(fd)
+    return {"rows_s": len(sample) / (time.perf_counter() - start)}
+
+
 PHASES = {"import": lambda d, a: phase_import(d, a), "select": lambda d, a: phase_select(d),
           "startup-view": lambda d, a: phase_startup(d / "view"), "startup-store": lambda d, a: phase_startup(d / "store"),
           "reads": lambda d, a: phase_reads(d), "worker": lambda d, a: phase_worker(d),
-          "legacy": lambda d, a: phase_legacy(d)}
+          "legacy": lambda d, a: phase_legacy(d), "real-parts": lambda d, a: write_random_parts(d, int(a[0]), 4),
+          "real-import": lambda d, a: phase_real_import(d), "real-per-row": lambda d, a: phase_real_per_row(d)}
 
 
 def run_phase(name: str, d: Path, extra: list[str]) -> dict:
@@ -229,6 +286,12 @@ def report(r: dict, rows: int) -> None:
         print(f"5. worker {w['rank']}: RSS {w['rss_before_mb']:.0f} MB before, peak {w['rss_peak_mb']:.0f} MB "
               f"(private {w['private_peak_mb']:.0f} MB; its window share {w['window_share_mb']:.0f} MB); first batch "
               f"{w['first_s']:.1f} s, then {w['rows']:,} rows at {w['rows_s']:,.0f} rows/s")
+    if "real" in r:
+        real = r["real"]
+        print(f"6. import {real['rows']:,} random images from 4 parts on disk (page cache dropped): "
+              f"{real['rows'] / real['wall_s']:,.0f} rows/s wall, {real['rows'] / real['cpu_s']:,.0f} rows per "
+              f"CPU-second, peak RSS {real['maxrss_mb']:.0f} MB, load average {real['load']:.1f}; one pread per "
+              f"row (the old importer's reads) on the same part: {real['per_row']['rows_s']:,.0f} rows/s")
 
 
 def main() -> None:
@@ -238,11 +301,13 @@ def main() -> None:
     ap.add_argument("--dir", default=None, help="work directory (default: a temp dir, deleted after)")
     ap.add_argument("--keep", action="store_true", help="keep the store, view and parts")
     ap.add_argument("--skip-worker", action="store_true")
+    ap.add_argument("--real", type=int, default=0, metavar="ROWS",
+                    help="also import ROWS random images from 4 parts on disk, page cache dropped (3 KB a row)")
     ap.add_argument("--phase", default=None, help=argparse.SUPPRESS)
     ap.add_argument("parts_given", nargs="*", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.phase:
-        print(json.dumps(PHASES[args.phase](Path(args.dir), args.parts_given), default=str))
+        print(json.dumps(PHASES[args.phase](Path(args.dir), args.parts_given), default=str))  # the last line
         return
     d = Path(args.dir or tempfile.mkdtemp(prefix="bench_data_50m-"))
     d.mkdir(parents=True, exist_ok=True)
@@ -259,6 +324,9 @@ def main() -> None:
         results["legacy"] = run_phase("legacy", d, [])
         if not args.skip_worker:
             results["worker"] = run_phase("worker", d, [])
+        if args.real:
+            run_phase("real-parts", d, [str(args.real)])
+            results["real"] = run_phase("real-import", d, []) | {"per_row": run_phase("real-per-row", d, [])}
         print(json.dumps(results, default=str))
         report(results, args.rows)
     finally:

@@ -14,14 +14,14 @@ Policies (registry keyed like `select.policy`; each maps the store's non-image c
 Then `select.amount` keeps a balanced per-class prefix in plan order, so every amount of the Wang et al. 2023 Table 5
 ablation is a nested subset of one generated set (plan order is random with respect to image content).
 
-A view is a directory: `rows.npz` (seed, label, shard, row, score of each kept row, sorted by seed) written first,
+A view is a directory: `rows.npz` (seed, label, shard, row, score of each kept row, in store order) written first,
 then `view.json` (store path, store identity hash, policy, counts, the sha256 of rows.npz) written last, both
-atomically, so a view with a `view.json` is complete, and a view whose store was regenerated refuses to load.
+atomically, so a view with a `view.json` is complete, and a view whose store was regenerated refuses to load. Its
+row index for training, `index/`, is built beside them on first use (`raylab.pipeline.generated_input`).
 """
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import math
 import os
@@ -35,7 +35,7 @@ from raylab.config import SelectConfig
 from raylab.data.shard_format import IMAGE_BYTES, ShardError, table_to_numpy
 from raylab.data.shard_layout import load_manifest
 from raylab.data.shards import read_numpy, read_table
-from raylab.io import atomic_write, atomic_write_bytes, atomic_write_json, sha256_file
+from raylab.io import atomic_write, atomic_write_json, sha256_file
 
 VIEW_FORMAT = "raylab-view/1"
 VIEW_META, VIEW_ROWS = "view.json", "rows.npz"
@@ -157,14 +157,9 @@ def scores_path(store: str | os.PathLike, scorer_sha256: str) -> Path:
     return Path(store) / SCORES_DIR / f"{scorer_sha256[:16]}.npz"
 
 
-def _npz_bytes(arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> bytes:
-    buf = io.BytesIO()
-    np.savez(buf, meta=np.array(json.dumps(meta, sort_keys=True)), **arrays)
-    return buf.getvalue()
-
-
 def _write_npz(path: str | os.PathLike, arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> Path:
-    """`_npz_bytes` written atomically straight to the file: a 50M-row view's 1.1 GB is never held twice more."""
+    """`arrays` and the JSON `meta` as an uncompressed .npz, written atomically straight to its temp file (a
+    50M-row view's 1.1 GB is not built in memory first)."""
     def write(tmp: str) -> None:
         with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a temp file's name
             np.savez(f, meta=np.array(json.dumps(meta, sort_keys=True)), **arrays)
@@ -174,7 +169,7 @@ def _write_npz(path: str | os.PathLike, arrays: Mapping[str, np.ndarray], meta: 
 def save_scores(path: str | os.PathLike, cols: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> Path:
     order = np.argsort(cols["seed"], kind="stable")
     arrays = {k: np.asarray(cols[k])[order] for k in ("seed", "score", "pred", "confidence")}
-    return atomic_write_bytes(path, _npz_bytes(arrays, {"format": SCORES_FORMAT, **meta}))
+    return _write_npz(path, arrays, {"format": SCORES_FORMAT, **meta})
 
 
 def load_scores(path: str | os.PathLike, identity_hash: Optional[str] = None) -> tuple[dict, dict[str, np.ndarray]]:

@@ -42,13 +42,14 @@ def test_a_four_part_set_is_one_store_whose_batches_have_a_uniform_class_mix(ray
                      "--set", f"tracking.root={tmp_path}"]) == 0
     out = capsys.readouterr().out
     assert f"{ROWS} rows" in out and "10 classes" in out
-    # 40 global batches of 358 generated rows, both ranks together: every class in every batch, and no batch off
-    # the uniform mix (a uniform draw has p < 0.001 in 1 batch of 1,000; class-sorted parts read in file order
-    # gave 2-3 classes per batch).
+    # 40 global batches of 358 generated rows, both ranks together: every class in every batch, and the batches as
+    # far from the set's mix as uniform draws are (p < 0.001 for 1 batch in 1,000; median p 0.5). The parts read
+    # one after another would give batches of 2 or 3 classes.
     assert re.search(r"classes per batch: mean 10\.0, fewest 10\n", out), out
     below = int(re.search(r"(\d+) of 40 batches below p = 0\.001", out)[1])
+    median_p = float(re.search(r"median p ([\d.e-]+),", out)[1])
     worst = float(re.search(r"max class share: mean [\d.]+%, worst ([\d.]+)%", out)[1])
-    assert below == 0 and worst < 20, out  # 10% expected
+    assert below <= 1 and median_p > 0.1 and worst < 20, out  # 10% expected
 
 
 def test_the_row_index_of_2m_rows_is_memory_mapped_and_pickles_as_its_path(four_parts):
