@@ -8,8 +8,8 @@ files (tests/data/npz_parts.py: 154 GB apparent, a few MB on disk), concatenated
 sets are; Parquet stores the constant images in ~2.5 MB per 10,000-row shard. Each phase runs in a fresh process
 (its peak RSS is its own):
 
-1. import: `import_npz(parts, store)` (what `raylab data import-npz P1 P2 P3 P4 STORE` runs): rows/s, CPU seconds,
-   peak RSS. Reading a hole costs the kernel a zero-filled page, not a disk read; a real 154 GB set reads 48 KB
+1. import: `import_npz(parts, store, num_classes=10)` (what `raylab data import-npz P1 P2 P3 P4 STORE` runs):
+   rows/s, CPU seconds, peak RSS. Reading a hole costs the kernel a zero-filled page, not a disk read; a real 154 GB set reads 48 KB
    runs from disk instead (one pread per 16 rows).
 2. select: `build_view(store, select.policy=none)`, the view training streams (time, peak RSS).
 3. start-up: what a training driver does before Ray starts, `generated_input(view)` (row index: built beside the
@@ -68,7 +68,7 @@ def phase_import(d: Path, parts: list[str]) -> dict:
     from raylab.data.npz_import import import_npz
 
     start = time.perf_counter()
-    store = import_npz(parts, d / "store")
+    store = import_npz(parts, d / "store", num_classes=10)
     rows = sum(e["rows"] for e in store.manifest["shards"].values())
     disk = sum(p.stat().st_size for p in store.shard_paths())
     return _stats(start, rows=rows, shards=len(store.shard_paths()), store_gb=disk / 1e9)
@@ -215,7 +215,7 @@ def phase_real_import(d: Path) -> dict:
 
     paths = sorted(d.glob("real*.npz"))
     start = time.perf_counter()
-    store = import_npz(paths, d / "real-store")
+    store = import_npz(paths, d / "real-store", num_classes=10)
     out = _stats(start, rows=sum(e["rows"] for e in store.manifest["shards"].values()))
     shutil.rmtree(store.root)
     return out
@@ -237,7 +237,8 @@ def phase_real_per_row(d: Path) -> dict:
 
 
 PHASES = {"import": lambda d, a: phase_import(d, a), "select": lambda d, a: phase_select(d),
-          "startup-view": lambda d, a: phase_startup(d / "view"), "startup-store": lambda d, a: phase_startup(d / "store"),
+          "startup-view": lambda d, a: phase_startup(d / "view"),
+          "startup-store": lambda d, a: phase_startup(d / "store"),
           "reads": lambda d, a: phase_reads(d), "worker": lambda d, a: phase_worker(d),
           "legacy": lambda d, a: phase_legacy(d), "real-parts": lambda d, a: write_random_parts(d, int(a[0]), 4),
           "real-import": lambda d, a: phase_real_import(d), "real-per-row": lambda d, a: phase_real_per_row(d)}

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import math
 
-from raylab.config import ConfigError, ExperimentConfig
+from raylab.config import ExperimentConfig
+from raylab.knobs import ConfigError
 from raylab.data.datasets import get_dataset
 
 # Wang et al. 2023 §3: "The original-to-generated ratio in each batch is 0.3 for 1M generated data; the ratio is set

@@ -15,8 +15,8 @@ import pickle
 import shlex
 from pathlib import Path
 
-from raylab.config import (ConfigError, ExperimentConfig, all_keys, from_json, override, parse_assignments, pin_paths,
-                           to_flat)
+from raylab.config import ExperimentConfig, all_keys, from_json, override, parse_assignments, pin_paths, to_flat
+from raylab.knobs import ConfigError
 from raylab.presets import PRESETS, explain, make_config, miniature
 
 VERBS: dict[str, tuple[Callable[[argparse.Namespace], int], Callable[[argparse.ArgumentParser], None], str]] = {}
@@ -94,17 +94,20 @@ def _import_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("npz", nargs="+", help="the set's .npz part(s), in order (a 50M set: its 4 parts)")
     p.add_argument("out_dir", help="the store: one for all parts")
     p.add_argument("--shard-size", type=int, default=10_000)
+    config_args(p)  # data.dataset: its classes are the labels allowed
 
 
 @verb("data import-npz", "convert a reference-format .npz set (image, label; one file or its parts) into one store "
-      "of Parquet shards (resumable)", _import_args)
+      "of Parquet shards (labels: classes of data.dataset; resumable)", _import_args)
 def _data_import(ns: argparse.Namespace) -> int:
     import time
 
+    from raylab.data.datasets import get_dataset
     from raylab.data.npz_import import import_npz
 
+    classes = get_dataset(config_from(ns).data.dataset).num_classes
     start = time.perf_counter()
-    store = import_npz(ns.npz, ns.out_dir, shard_size=ns.shard_size)
+    store = import_npz(ns.npz, ns.out_dir, shard_size=ns.shard_size, num_classes=classes)
     manifest = store.manifest
     rows = sum(e["rows"] for e in manifest["shards"].values())
     print(f"{ns.out_dir}: {rows} rows from {len(ns.npz)} part(s) in {len(manifest['shards'])} shards, identity "

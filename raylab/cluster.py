@@ -1,5 +1,6 @@
 """Connecting to Ray: a cluster when one is named, else a local instance sized to work on small machines; and the
-check that every node of a cluster sees the same shared root before any compute.
+check that every node of a cluster sees the same shared root: every node alive when a job starts, and every node
+that takes a piece of its work (an autoscaled node joins later).
 
 On a 2-core laptop Ray Data actor pools and Train+ingest can deadlock silently at 2 logical CPUs
 (reference/ray_mlflow.md §2), so a local instance gets at least 4 logical CPUs (oversubscription is harmless).
@@ -16,13 +17,15 @@ import os
 import secrets
 import socket
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, TextIO
+from typing import Iterator, Optional, TextIO
 
 from raylab.io import atomic_write_text
 
 MIN_LOCAL_CPUS = 4
 CHECK_DIR = ".raylab-root-check"
+ROOT_ID = "root-id"  # in CHECK_DIR: the shared root's random identity, written once
 PROBE_TIMEOUT_S = 120.0
 _CHECKED: set[str] = set()
 
@@ -118,9 +121,46 @@ def quiet_ray_chatter() -> Iterator[None]:
 # ---------------------------------------------------------------------------------------------------------------
 # The shared-root check.
 
+@dataclass(frozen=True)
+class RootToken:
+    """The shared root as the driver sees it: `path` (under `root`) holds `token`. Work on any node checks it
+    (`check_this_node`) before it touches the root."""
+    root: str
+    path: str
+    token: str
+
+
+def root_token(root: str | os.PathLike) -> RootToken:
+    """The token of `root`: its identity file `CHECK_DIR/ROOT_ID`, created once with a random token and never
+    rewritten, so every driver of every job on the root hands out the same token, and a node that joins while a job
+    runs finds it there. A node that mounts nothing, or another directory, at the path fails the check."""
+    root = Path(root).resolve()
+    path = root / CHECK_DIR / ROOT_ID
+    if not path.is_file():
+        tmp = atomic_write_text(path.with_name(f".{ROOT_ID}.{secrets.token_hex(8)}"), secrets.token_hex(16))
+        try:
+            os.link(tmp, path)  # never replaces: of two drivers racing, the first token stays
+        except FileExistsError:
+            pass
+        except OSError:  # a filesystem without hard links: a rename, racy only between two first-ever drivers
+            if not path.exists():
+                os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+    return RootToken(str(root), str(path), path.read_text())
+
+
+def this_node() -> str:
+    """How a refusal names the node it ran on: the hostname, and the node's address inside Ray."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        return f"{socket.gethostname()} ({ray.util.get_node_ip_address()})"
+    return socket.gethostname()
+
+
 def probe_root(path: str, token: str) -> tuple[str, str]:
     """(this node, "" when `path` holds `token`, else what is wrong): what runs on every node."""
-    node = f"{socket.gethostname()} ({_node_ip()})"
+    node = this_node()
     try:
         text = Path(path).read_text()
     except FileNotFoundError:
@@ -128,12 +168,6 @@ def probe_root(path: str, token: str) -> tuple[str, str]:
     except OSError as err:
         return node, f"cannot read ({err.strerror})"
     return node, "" if text == token else "sees another directory at"
-
-
-def _node_ip() -> str:
-    import ray
-
-    return ray.util.get_node_ip_address()
 
 
 def problem_line(root: str, results: list[tuple[str, str]]) -> str | None:
@@ -154,24 +188,30 @@ def alive_nodes() -> list[dict]:
 
 
 def check_shared_root(root: str | os.PathLike) -> None:
-    """Write a fresh token under `root` and read it back with a task pinned to every alive node; raise
-    SharedRootError naming the first node (and the path) that cannot, before any compute starts."""
+    """Read the root's token (`root_token`) back with a task pinned to every alive node; raise SharedRootError
+    naming the first node (and the path) that cannot, before any compute starts."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    root = str(Path(root).resolve())
-    token = secrets.token_hex(16)
-    path = Path(root) / CHECK_DIR / token
-    atomic_write_text(path, token)
+    token = root_token(root)
     probe = ray.remote(num_cpus=0, max_retries=0)(probe_root)
-    try:
-        refs = [probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
-                .remote(str(path), token) for n in alive_nodes()]
-        results = ray.get(refs, timeout=PROBE_TIMEOUT_S)
-    finally:
-        path.unlink(missing_ok=True)
-        with contextlib.suppress(OSError):
-            path.parent.rmdir()  # only when empty: another job's check may be running
-    line = problem_line(root, results)
+    refs = [probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+            .remote(token.path, token.token) for n in alive_nodes()]
+    line = problem_line(token.root, ray.get(refs, timeout=PROBE_TIMEOUT_S))
     if line:
         raise SharedRootError(line)
+
+
+_SEEN: set[RootToken] = set()
+
+
+def check_this_node(token: Optional[RootToken]) -> None:
+    """The shared-root check of one piece of work, where it runs (a Ray Train worker as it starts; a sampler,
+    scorer or eval actor as it is built; the shard writer): the nodes probed when the job started are not all the
+    nodes that take its work, since autoscaled workers join later. Once per process and token; None = not on Ray."""
+    if token is None or token in _SEEN:
+        return
+    line = problem_line(token.root, [probe_root(token.path, token.token)])
+    if line:
+        raise SharedRootError(line)
+    _SEEN.add(token)

@@ -15,108 +15,10 @@ import hashlib
 import json
 import math
 import os
-import typing
 from dataclasses import dataclass, field, fields
-from fractions import Fraction
 from typing import Any, Mapping, Optional, Sequence
 
-
-class ConfigError(ValueError):
-    """A one-line message naming the offending key and what is allowed."""
-
-
-def knob(default: Any, *, lo: float | None = None, hi: float | None = None, lo_open: bool = False,
-         choices: tuple | None = None, doc: str = ""):
-    """A config field with its allowed range or choices (checked in `__post_init__`)."""
-    return field(default=default, metadata={"lo": lo, "hi": hi, "lo_open": lo_open, "choices": choices, "doc": doc})
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Value parsing and checking (shared by every stage).
-
-def _parse_float(text: str) -> float:
-    text = text.strip()
-    if text.lower() in ("inf", "+inf", "infinity"):
-        return math.inf
-    return float(Fraction(text)) if "/" in text else float(text)
-
-
-def _parse_bool(text: str) -> bool:
-    low = text.strip().lower()
-    if low in ("1", "true", "yes", "on"):
-        return True
-    if low in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(text)
-
-
-_PARSERS = {int: int, float: _parse_float, bool: _parse_bool, str: str}
-
-
-def base_type(tp: Any) -> tuple[Any, bool]:
-    """(underlying type, optional?) for `T`, `Optional[T]` and `tuple[int, ...]`."""
-    args = typing.get_args(tp)
-    if typing.get_origin(tp) is typing.Union and type(None) in args:
-        return next(a for a in args if a is not type(None)), True
-    return tp, False
-
-
-def _coerce(key: str, tp: Any, value: Any) -> Any:
-    """Turn a Python or string value into `tp`, or raise a one-line ConfigError."""
-    base, optional = base_type(tp)
-    if optional and isinstance(value, str) and value.strip().lower() in ("none", "null"):
-        return None
-    if value is None:
-        if optional:
-            return None
-        raise ConfigError(f"{key}: None is not allowed (expected {base.__name__})")
-    if typing.get_origin(base) is tuple:
-        items = value.split(",") if isinstance(value, str) else list(value)
-        return tuple(_coerce(key, int, v) for v in items if str(v).strip() != "")
-    if isinstance(value, str) and base is not str:
-        try:
-            return _PARSERS[base](value)
-        except (ValueError, ZeroDivisionError):
-            raise ConfigError(f"{key}: cannot parse {value!r} as {base.__name__}") from None
-    if base is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    ok = isinstance(value, bool) if base is bool else isinstance(value, base) and not isinstance(value, bool)
-    if not ok:
-        raise ConfigError(f"{key}: expected {base.__name__}, got {type(value).__name__} {value!r}")
-    return value
-
-
-def _check_range(key: str, value: Any, meta: Mapping[str, Any]) -> None:
-    choices = meta.get("choices")
-    if choices is not None and value not in choices:
-        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, choices))}")
-    lo, hi = meta.get("lo"), meta.get("hi")
-    if value is None or not isinstance(value, (int, float)) or isinstance(value, bool):
-        return
-    if isinstance(value, float) and math.isnan(value):
-        raise ConfigError(f"{key}: NaN is not allowed")
-    if lo is not None and (value < lo or (meta.get("lo_open") and value == lo)):
-        raise ConfigError(f"{key}: {value} is out of range (must be {'>' if meta.get('lo_open') else '>='} {lo})")
-    if hi is not None and value > hi:
-        raise ConfigError(f"{key}: {value} is out of range (must be <= {hi})")
-
-
-class _Stage:
-    """Base of every stage config: coerces and checks each field when constructed."""
-
-    SECTION = ""
-
-    def __post_init__(self) -> None:
-        hints = typing.get_type_hints(type(self))
-        for f in fields(self):
-            key = f"{self.SECTION}.{f.name}"
-            value = _coerce(key, hints[f.name], getattr(self, f.name))
-            _check_range(key, value, f.metadata)
-            object.__setattr__(self, f.name, value)
-        self.check()
-
-    def check(self) -> None:
-        """Cross-field rules inside one stage (overridden where needed)."""
+from raylab.knobs import ConfigError, Stage, knob
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -124,10 +26,13 @@ class _Stage:
 
 DATASETS = ("cifar10", "cifar100", "svhn", "digits")
 MODELS = ("wrn-10-1", "wrn-10-2", "wrn-16-2", "wrn-28-10", "wrn-34-10", "wrn-34-20", "wrn-70-16", "resnet18")
+# The largest eps per norm whose ball in [0, 1] pixel space is a threat model (beyond, it holds every image): linf 1;
+# l2 sqrt(3072), the diagonal of the 32x32x3 unit cube (l2 eps above 1 is normal: Wang et al. 2023 use 128/255).
+EPS_MAX = {"linf": 1.0, "l2": math.sqrt(3072)}
 
 
 @dataclass(frozen=True)
-class DataConfig(_Stage):
+class DataConfig(Stage):
     SECTION = "data"
     dataset: str = knob("cifar10", choices=DATASETS, doc="original (real) dataset")
     root: str = knob("data", doc="directory holding the dataset archives")
@@ -138,7 +43,7 @@ class DataConfig(_Stage):
 
 
 @dataclass(frozen=True)
-class EDMConfig(_Stage):
+class EDMConfig(Stage):
     """EDM network and its training (Karras et al. 2022, reference/edm.md §2)."""
     SECTION = "edm"
     arch: str = knob("ddpmpp", choices=("ddpmpp", "ncsnpp"))
@@ -169,7 +74,7 @@ class EDMConfig(_Stage):
 
 
 @dataclass(frozen=True)
-class GenerateConfig(_Stage):
+class GenerateConfig(Stage):
     """Sampling a generated set (EDM Algorithm 2; Wang et al. 2023 uses 20 Heun steps)."""
     SECTION = "generate"
     generator: str = knob("edm", choices=("edm", "gaussian", "none"))
@@ -181,7 +86,7 @@ class GenerateConfig(_Stage):
     rho: float = knob(7.0, lo=0.0, lo_open=True)
     s_churn: float = knob(0.0, lo=0.0)
     s_min: float = knob(0.0, lo=0.0)
-    s_max: float = knob(math.inf, lo=0.0)
+    s_max: float = knob(math.inf, lo=0.0, inf=True)
     s_noise: float = knob(1.0, lo=0.0)
     per_class: int = knob(500_000, lo=1, doc="images generated per class (Wang et al. 2023: 500K, top 20% kept)")
     shard_size: int = knob(10_000, lo=1, doc="seeds per Parquet shard")
@@ -201,28 +106,29 @@ class GenerateConfig(_Stage):
 
 
 @dataclass(frozen=True)
-class SelectConfig(_Stage):
+class SelectConfig(Stage):
     """Scoring and selection of generated images (Wang et al. 2023 App. A; Sehwag et al. 2022 two-classifier filter)."""
     SECTION = "select"
     policy: str = knob("topk", choices=("topk", "none", "agreement", "pseudo"))
     top_fraction: float = knob(0.2, lo=0.0, hi=1.0, lo_open=True, doc="per-class fraction kept by topk")
     amount: int = knob(0, lo=0, doc="balanced per-class prefix of the view, 0 = all")
     scorer_model: str = knob("wrn-28-10", choices=MODELS)
-    scorer_checkpoint: str = knob("", doc="scorer of `raylab generate` ('' = the committed tiny digits scorer, "
-                                  "'none' = no scores); `raylab select` uses the scores stored with the set")
+    scorer_checkpoint: str = knob("", doc="scorer of `raylab generate`, with a config.json beside it stating its "
+                                  "architecture ('' = the committed tiny digits scorer, 'none' = no scores); "
+                                  "`raylab select` uses the scores stored with the set")
     second_checkpoint: str = knob("", doc="second scorer for the agreement policy")
     agreement_confidence: float = knob(0.9, lo=0.0, hi=1.0)
 
 
 @dataclass(frozen=True)
-class ModelConfig(_Stage):
+class ModelConfig(Stage):
     SECTION = "model"
     name: str = knob("wrn-28-10", choices=MODELS)
     activation: str = knob("silu", choices=("silu", "relu"))
 
 
 @dataclass(frozen=True)
-class AttackConfig(_Stage):
+class AttackConfig(Stage):
     """The training attack (Wang et al. 2023: PGD-10, eps 8/255, step 2/255)."""
     SECTION = "attack"
     norm: str = knob("linf", choices=("linf", "l2"))
@@ -230,10 +136,12 @@ class AttackConfig(_Stage):
     step: Optional[float] = knob(None, lo=0.0, doc="None: eps/4 for linf (2/255 at 8/255), 2*eps/steps for l2 (the "
                                  "reference's l2-pgd); also the validation PGD's step")
     steps: int = knob(10, lo=1)
+    precision: str = knob("train", choices=("train", "fp32"), doc="the training attack's forward/backward passes: "
+                          "'train' = as train.bf16 says, 'fp32' = outside bf16 autocast (raylab.precision)")
 
 
 @dataclass(frozen=True)
-class TrainConfig(_Stage):
+class TrainConfig(Stage):
     """Adversarial training (reference/training_recipe.md §1; paper defaults)."""
     SECTION = "train"
     loss: str = knob("trades", choices=("trades", "pgd_at", "ce", "stability"))
@@ -259,7 +167,11 @@ class TrainConfig(_Stage):
     attack_bn: str = knob("train_frozen", choices=("train_frozen", "eval"))
     noise_sigma: float = knob(0.25, lo=0.0, doc="Gaussian sigma of the stability loss (Sehwag et al. 2022)")
     grad_clip: float = knob(0.0, lo=0.0, doc="0 = off")
-    bf16: bool = knob(False, doc="bf16 autocast (GPU speed switch)")
+    bf16: bool = knob(False, doc="bf16 autocast of the training forward/backward, fp32 weights (raylab.precision)")
+    tf32: bool = knob(True, doc="GPU: TF32 tensor cores for fp32 matmuls and convolutions (raylab.runtime)")
+    deterministic: bool = knob(False, doc="GPU: deterministic kernels, no cudnn.benchmark autotuning, for an exact "
+                               "resume; costs speed (bench/gpu.py: 'step bf16 deterministic' vs 'step bf16') and an "
+                               "op without a deterministic CUDA kernel fails at its first call (raylab.runtime)")
     channels_last: bool = knob(True, doc="channels_last memory format: on by default, faster with oneDNN on CPU "
                                 "(x1.17 a TRADES step, bench_train_step.py) and with tensor cores on GPU")
     val_pgd_steps: int = knob(40, lo=1)
@@ -273,7 +185,7 @@ class TrainConfig(_Stage):
 
 
 @dataclass(frozen=True)
-class EvalConfig(_Stage):
+class EvalConfig(Stage):
     SECTION = "eval"
     num_test: int = knob(0, lo=0, doc="test images evaluated, 0 = all")
     checkpoint: str = knob("best", choices=("best", "last"))
@@ -292,6 +204,8 @@ class EvalConfig(_Stage):
     chunk_size: int = knob(500, lo=1, doc="test images per resumable chunk")
     batch_size: int = knob(250, lo=1)
     seed: int = knob(0, lo=0)
+    bf16: bool = knob(False, doc="bf16 autocast for every eval measure; off: fp32 (TF32 per eval.tf32)")
+    tf32: bool = knob(True, doc="GPU: TF32 convolutions and matmuls, PyTorch's cuDNN default (raylab.runtime)")
     certify: bool = knob(False)
     certify_sigma: float = knob(0.25, lo=0.0, lo_open=True)
     certify_n0: int = knob(100, lo=1)
@@ -314,7 +228,7 @@ class EvalConfig(_Stage):
 
 
 @dataclass(frozen=True)
-class CostConfig(_Stage):
+class CostConfig(Stage):
     """Per-device throughput behind `raylab plan`'s device-hours. Defaults: the A100 figures Wang et al. 2023 publish
     (App. B.2); `raylab.cost` documents how each is derived."""
     SECTION = "cost"
@@ -326,7 +240,7 @@ class CostConfig(_Stage):
 
 
 @dataclass(frozen=True)
-class SweepConfig(_Stage):
+class SweepConfig(Stage):
     SECTION = "sweep"
     name: str = knob("sweep")
     search: str = knob("grid", choices=("grid", "random", "asha"))
@@ -338,7 +252,7 @@ class SweepConfig(_Stage):
 
 
 @dataclass(frozen=True)
-class TrackingConfig(_Stage):
+class TrackingConfig(Stage):
     SECTION = "tracking"
     root: str = knob("runs", doc="run root: run directories, shards, views, checkpoints, Ray Train/Tune storage, "
                      "MLflow artifacts (default store); on a cluster the shared root every node mounts")
@@ -348,7 +262,7 @@ class TrackingConfig(_Stage):
 
 
 @dataclass(frozen=True)
-class ResourcesConfig(_Stage):
+class ResourcesConfig(Stage):
     """Where things run (maps onto Ray's ScalingConfig and actor pools)."""
     SECTION = "resources"
     num_workers: int = knob(1, lo=0, doc="Ray Train workers; 0 = local mode in the driver")
@@ -370,7 +284,7 @@ class ResourcesConfig(_Stage):
                                                        "workers together; 0 = Ray Data's default")
 
 
-STAGES: dict[str, type[_Stage]] = {cls.SECTION: cls for cls in (
+STAGES: dict[str, type[Stage]] = {cls.SECTION: cls for cls in (
     DataConfig, EDMConfig, GenerateConfig, SelectConfig, ModelConfig, AttackConfig, TrainConfig, EvalConfig,
     SweepConfig, CostConfig, TrackingConfig, ResourcesConfig)}
 
@@ -400,6 +314,11 @@ class ExperimentConfig:
                               f"resources.num_workers={self.resources.num_workers}")
         if self.attack.step != 0 and self.attack.eps == 0 and self.train.loss in ("trades", "pgd_at"):
             raise ConfigError("attack.eps: 0 makes adversarial training a no-op; use train.loss=ce")
+        for stage in (self.attack, self.eval):
+            if stage.eps > EPS_MAX[stage.norm]:
+                raise ConfigError(f"{stage.SECTION}.eps: {stage.eps:g} is out of range for {stage.SECTION}.norm="
+                                  f"{stage.norm} (must be <= {EPS_MAX[stage.norm]:.4g} in [0, 1] pixels, e.g. "
+                                  f"{'8/255' if stage.norm == 'linf' else '128/255'})")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -15,7 +15,9 @@ Derived, not published (plans mark them "est."):
   so other step counts, the scorer's forward pass and evaluation scale from the training figure;
 - evaluation passes per test image: PGD-k k + 1; AutoAttack from its attacks' default iterations (APGD-CE 100,
   APGD-T 9 targets x 100, FAB-T 9 x 100, Square 5,000 forward queries; the custom version at its `eval.aa_*`
-  budget), each attack after the first running on the ~60% of points still robust.
+  budget), each attack after the first running on the ~60% of points still robust;
+- validation after every training epoch: PGD-k of the validation images and a clean pass over the test set, split
+  over the resources.num_workers devices, all of them held until the largest share is done (`validation_s`).
 """
 from __future__ import annotations
 
@@ -26,7 +28,8 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 from raylab.amounts import generated_images, kept_images
 from raylab.attacks.pgd import default_step
-from raylab.config import ConfigError, EvalConfig, ExperimentConfig, fingerprint, override
+from raylab.config import EvalConfig, ExperimentConfig, fingerprint, override
+from raylab.knobs import ConfigError
 from raylab.data.datasets import get_dataset
 from raylab.data.mix import steps_per_epoch
 from raylab.data.shard_format import IMAGE_BYTES
@@ -128,6 +131,18 @@ def _attack_note(cfg: ExperimentConfig) -> str:
             f"step {step * 255:g}/255")
 
 
+def validation_s(cfg: ExperimentConfig, val: int) -> Optional[float]:
+    """Device-seconds of one epoch's validation (train.worker.validate): PGD-k on the validation images (k
+    forward-backward passes, the clean and adversarial forwards and the clean-accuracy forward: k + 1 passes) and a
+    clean forward over the test set, each split over the resources.num_workers devices. Every device is held until
+    the largest share is done, so that share counts once per device."""
+    devices = max(cfg.resources.num_workers, 1)
+    test = get_dataset(cfg.data.dataset).sizes[1]
+    attack = _passes_s(cfg, math.ceil(val / devices), cfg.train.val_pgd_steps + 1)
+    clean = _passes_s(cfg, math.ceil(test / devices), 1 / 3)
+    return None if attack is None or clean is None else devices * (attack + clean)
+
+
 def _train(cfg: ExperimentConfig, kept: int) -> StagePlan:
     originals, val = _originals(cfg)
     # The reference's epoch counts the whole training split, its held-out validation images included.
@@ -136,13 +151,21 @@ def _train(cfg: ExperimentConfig, kept: int) -> StagePlan:
     steps = per_epoch * cfg.train.epochs
     images = steps * cfg.train.batch_size
     rate = train_rate(cfg)
-    validate = _passes_s(cfg, val * cfg.train.epochs, cfg.train.val_pgd_steps + 1)
-    device_s = None if rate is None or validate is None else images / rate + validate
+    validate = validation_s(cfg, val)
+    device_s = None if rate is None or validate is None else images / rate + validate * cfg.train.epochs
     return StagePlan("train", "train-" + fingerprint(cfg, ["data", "generate", "select", "model", "attack", "train"]),
                      images, steps=steps, device_s=device_s,
                      note=f"{cfg.train.epochs} epochs of {per_epoch} steps at batch {cfg.train.batch_size}, ratio "
                           f"{cfg.train.ratio:g}; {_attack_note(cfg)}"
-                          + ("" if cfg.attack.steps == PUBLISHED_ATTACK_STEPS else "; est."))
+                          + ("" if cfg.attack.steps == PUBLISHED_ATTACK_STEPS else "; est.")
+                          + _validation_note(cfg, val, validate, device_s))
+
+
+def _validation_note(cfg: ExperimentConfig, val: int, validate: Optional[float], total: Optional[float]) -> str:
+    devices, test = max(cfg.resources.num_workers, 1), get_dataset(cfg.data.dataset).sizes[1]
+    share = "" if validate is None or not total else f" {validate * cfg.train.epochs / total:.0%} (est.)"
+    return (f"; validation{share}: PGD-{cfg.train.val_pgd_steps} of {val:,} + clean {test:,} test images per epoch "
+            f"over {devices} device{'s' if devices > 1 else ''}")
 
 
 def aa_passes(ev: EvalConfig) -> float:

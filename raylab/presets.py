@@ -15,8 +15,8 @@ from dataclasses import fields
 from typing import Any, Callable, Mapping
 
 from raylab.amounts import check_amount, kept_images, paper_ratio
-from raylab.config import (MODELS, STAGES, ConfigError, DataConfig, ExperimentConfig, base_type, from_flat, override,
-                           split_key, to_flat)
+from raylab.config import MODELS, STAGES, DataConfig, ExperimentConfig, from_flat, override, split_key, to_flat
+from raylab.knobs import ConfigError, base_type
 
 PRESETS: dict[str, dict[str, Any]] = {
     # A GPU cluster: 4 GPU workers per trial, GPU sampler/scorer/eval actors. The scorer is a WRN-28-10 over 5M

@@ -21,15 +21,19 @@ from typing import Any, Callable
 import torch
 from ray.train import UserCallback
 
+from raylab.cluster import check_this_node, root_token
 from raylab.config import ExperimentConfig
+from raylab.data.datasets import check_dataset
 from raylab.runs import RunDir
 
 STATE_FILE = "state.pt"
+ROOT_KEY = "shared_root"  # in every worker's loop config: the driver's `RootToken` of tracking.root
 
 
 def make_trainer(train_fn: Callable[[dict], Any], loop_config: dict, cfg: ExperimentConfig, run: RunDir, *,
                  callbacks: list | None = None):
-    """A TorchTrainer for `cfg.resources` (gloo on CPU, nccl on GPU) storing under `<root>/ray_results/<run>`."""
+    """A TorchTrainer for `cfg.resources` (gloo on CPU, nccl on GPU) storing under `<root>/ray_results/<run>`; its
+    workers get the shared root's token (ROOT_KEY) for `worker_preflight`."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -40,8 +44,17 @@ def make_trainer(train_fn: Callable[[dict], Any], loop_config: dict, cfg: Experi
     run_config = RunConfig(name=run.name, storage_path=str(Path(cfg.tracking.root).resolve() / "ray_results"),
                            failure_config=FailureConfig(max_failures=res.max_failures),
                            checkpoint_config=CheckpointConfig(num_to_keep=2), callbacks=callbacks)
-    return TorchTrainer(train_fn, train_loop_config=loop_config, scaling_config=scaling, run_config=run_config,
+    return TorchTrainer(train_fn, train_loop_config={**loop_config, ROOT_KEY: root_token(cfg.tracking.root)},
+                        scaling_config=scaling, run_config=run_config,
                         torch_config=TorchConfig(backend="nccl" if res.use_gpu else "gloo"))
+
+
+def worker_preflight(cfg: ExperimentConfig, loop_config: dict) -> None:
+    """First on every Ray Train worker, before its first step, wherever Ray placed or restarted it (an autoscaled
+    node joins after the job's start-up probe): its node sees the shared root the driver wrote its token under, and
+    holds data.dataset intact. One line naming the node otherwise."""
+    check_this_node(loop_config.get(ROOT_KEY))
+    check_dataset(cfg.data)
 
 
 def rank_and_world() -> tuple[int, int]:

@@ -1,7 +1,8 @@
-"""Process-level helpers with single-process defaults: device choice, seeding, torch thread count."""
+"""Process-level helpers with single-process defaults: device choice, seeding, torch thread count, GPU numerics."""
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 from typing import Iterator
 
@@ -49,3 +50,33 @@ def torch_threads(count: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(previous)
+
+
+@contextlib.contextmanager
+def gpu_backends(tf32: bool, deterministic: bool = False) -> Iterator[None]:
+    """The process's GPU numerics, set explicitly for the duration (previous values restored after: local mode and
+    the local eval engine run in the driver), by the train worker and the eval actors alike.
+
+    - TF32 for fp32 matmuls (cuBLAS) and convolutions (cuDNN), both ways at once: PyTorch's own defaults differ
+      (cuDNN on since 1.7, so the papers' A100 runs had it; cuBLAS off since 1.12), so "fp32" meant a mix.
+    - cudnn.benchmark: autotune each convolution shape once (the reference turns it on); off when deterministic.
+    - deterministic: torch.use_deterministic_algorithms (an op without a deterministic CUDA kernel raises at its
+      first call) and cudnn.deterministic, so a resumed run repeats the uninterrupted one bit for bit on the same
+      GPU and software. cuBLAS needs CUBLAS_WORKSPACE_CONFIG before its first call.
+    None of it changes CPU arithmetic."""
+    precision = "tf32" if tf32 else "ieee"
+    saved = (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision,
+             torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic,
+             torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cuda.matmul.fp32_precision = torch.backends.cudnn.conv.fp32_precision = precision
+    torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = not deterministic, deterministic
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        yield
+    finally:
+        matmul, conv, benchmark, cudnn_det, det, warn_only = saved
+        torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = matmul, conv
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = benchmark, cudnn_det
+        torch.use_deterministic_algorithms(det, warn_only=warn_only)

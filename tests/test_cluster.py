@@ -1,16 +1,42 @@
-"""The shared-root check (raylab.cluster): a task on every node reads a token the driver wrote under the root."""
+"""The shared-root check (raylab.cluster): a task on every node reads a token the driver wrote under the root, and
+every piece of work reads it again where it runs (nodes that join later were never probed)."""
 import os
+import re
+import socket
 import stat
 
 import pytest
 
-from raylab.cluster import CHECK_DIR, SharedRootError, check_shared_root, probe_root, problem_line
+from raylab.cluster import (CHECK_DIR, ROOT_ID, RootToken, SharedRootError, check_shared_root, check_this_node,
+                            probe_root, problem_line, root_token, this_node)
 from raylab.io import atomic_write_text
 
 
-def test_every_node_of_the_session_sees_the_root_and_no_token_is_left(ray_session, tmp_path):
+def test_every_node_of_the_session_sees_the_root_under_one_token_that_stays(ray_session, tmp_path):
     check_shared_root(tmp_path)
-    assert not (tmp_path / CHECK_DIR).exists()
+    token = root_token(tmp_path)
+    check_shared_root(tmp_path)  # a second job (or driver) on the root: the same token, never rewritten
+    assert root_token(tmp_path) == token and token.path == str(tmp_path / CHECK_DIR / ROOT_ID)
+    assert sorted(p.name for p in (tmp_path / CHECK_DIR).iterdir()) == [ROOT_ID]  # no temp file left
+    assert len(token.token) == 32 and (tmp_path / CHECK_DIR / ROOT_ID).read_text() == token.token
+
+
+def test_work_refuses_a_node_without_the_root_in_one_line_naming_node_and_path(tmp_path):
+    """What every Ray Train worker, actor and writer task runs first: a node that mounts nothing at the path, or
+    another directory (a local one at the same path), is refused, wherever and whenever it joined."""
+    shared = tmp_path / "shared"
+    token = root_token(shared)
+    check_this_node(token)  # this node sees it
+    elsewhere = RootToken(str(tmp_path / "local"), str(tmp_path / "local" / CHECK_DIR / ROOT_ID), token.token)
+    with pytest.raises(SharedRootError) as err:
+        check_this_node(elsewhere)
+    assert str(err.value) == (f"shared root: node {this_node()} does not see {tmp_path / 'local'}: mount "
+                              "the same filesystem at the same path on every node (tracking.root)")
+    root_token(tmp_path / "local")  # a directory of its own at that path: another token
+    with pytest.raises(SharedRootError, match=f"sees another directory at {tmp_path / 'local'}:"):
+        check_this_node(elsewhere)
+    check_this_node(None)  # not on Ray (local engines, unit tests): nothing to check
+    assert this_node().startswith(socket.gethostname())
 
 
 def test_a_root_the_driver_cannot_write_is_refused_before_any_task(ray_session, tmp_path):
@@ -63,3 +89,29 @@ def test_rays_chatter_is_dropped_and_everything_else_kept():
     out.write("partial")
     out.flush()
     assert sink.getvalue() == "(run_trial pid=1) E RuntimeError: a real error\nepoch 1/3  loss 0.5\npartial"
+
+
+def test_every_ray_train_worker_checks_root_and_dataset_before_its_first_step(tmp_path):
+    """The trainers hand the driver's token to their workers; a worker checks it, then the dataset's files, before
+    anything else (here outside Ray: the check comes before the worker even asks Ray Train for its rank)."""
+    from raylab.config import to_flat
+    from raylab.data.datasets import DatasetError
+    from raylab.presets import make_config
+    from raylab.raytrain import ROOT_KEY, make_trainer, worker_preflight
+    from raylab.runs import run_dir
+    from raylab.train.edm_worker import edm_worker
+    from raylab.train.worker import train_worker
+
+    cfg = make_config("tiny", {"tracking.root": str(tmp_path / "runs")})
+    trainer = make_trainer(train_worker, {"flat": to_flat(cfg)}, cfg, run_dir(cfg, "train"))
+    token = root_token(tmp_path / "runs")
+    assert trainer.train_loop_config[ROOT_KEY] == token
+    elsewhere = RootToken(str(tmp_path / "gone"), str(tmp_path / "gone" / CHECK_DIR / ROOT_ID), token.token)
+    refused = re.escape(f"node {this_node()} does not see {tmp_path / 'gone'}: mount")
+    for worker in (train_worker, edm_worker):
+        with pytest.raises(SharedRootError, match=refused):
+            worker({"flat": to_flat(cfg), ROOT_KEY: elsewhere})
+    cifar = make_config("tiny", {"data.dataset": "cifar10", "data.root": str(tmp_path / "data")})
+    with pytest.raises(DatasetError, match=re.escape(f"data.dataset=cifar10 on node {this_node()}: {tmp_path}/data/")):
+        worker_preflight(cifar, {ROOT_KEY: token})
+    worker_preflight(cfg, {ROOT_KEY: token})  # digits, and a node that sees the root: nothing to refuse

@@ -5,8 +5,9 @@ import math
 
 import pytest
 
-from raylab.config import (STAGES, ConfigError, ExperimentConfig, all_keys, fingerprint, from_flat, from_json, override,
+from raylab.config import (STAGES, ExperimentConfig, all_keys, fingerprint, from_flat, from_json, override,
                            parse_assignments, to_flat, to_json)
+from raylab.knobs import ConfigError
 from raylab.presets import PRESETS, make_config
 from raylab.data.datasets import get_dataset
 
@@ -83,6 +84,14 @@ def test_strings_are_parsed_like_the_cli():
     ({"edm.batch_size": 33, "resources.num_workers": 2}, "edm.batch_size: 33 is not divisible by resources.num"),
     ({"generate.sigma_min": 100.0}, "must be < generate.sigma_max"),
     ({"train.lr": float("nan")}, "NaN"),
+    ({"train.beta": "inf"}, "train.beta: inf is not allowed (must be finite)"),
+    ({"train.grad_clip": float("inf")}, "train.grad_clip: inf is not allowed"),
+    ({"edm.p_mean": "-inf"}, "edm.p_mean: -inf is not allowed"),
+    ({"generate.s_max": "-inf"}, "generate.s_max: -inf is not allowed"),
+    ({"attack.eps": "300/255"}, "attack.eps: 1.17647 is out of range for attack.norm=linf (must be <= 1 in [0, 1]"),
+    ({"eval.eps": "300/255"}, "eval.eps: 1.17647 is out of range for eval.norm=linf"),
+    ({"attack.norm": "l2", "attack.eps": 56.0},
+     "attack.eps: 56 is out of range for attack.norm=l2 (must be <= 55.43 in [0, 1] pixels, e.g. 128/255)"),
     ({"eval.autoattack": "standard", "eval.aa_iters": 25}, "only with eval.autoattack=custom"),
 ])
 def test_validation_errors_are_one_line_and_name_the_key(flat, message):
@@ -91,6 +100,26 @@ def test_validation_errors_are_one_line_and_name_the_key(flat, message):
     text = str(err.value)
     assert message in text and "\n" not in text
     assert text.split(":")[0] in set(all_keys()) | set(flat)
+
+
+def test_threat_models_up_to_the_whole_pixel_range_are_allowed():
+    """linf up to 1 (every pixel anywhere in [0, 1]); l2 above 1 (128/255 is the papers', 2.0 is not rare) up to
+    sqrt(3072), the diagonal of the 32x32x3 cube."""
+    assert from_flat({"attack.eps": 1.0, "eval.eps": "255/255"}).attack.eps == 1.0
+    cfg = from_flat({"attack.norm": "l2", "attack.eps": "128/255", "eval.norm": "l2", "eval.eps": 2.0})
+    assert cfg.attack.eps == pytest.approx(128 / 255) and cfg.eval.eps == 2.0
+    assert from_flat({"eval.norm": "l2", "eval.eps": math.sqrt(3072)}).eval.eps == math.sqrt(3072)
+
+
+@pytest.mark.parametrize("setting", ["train.beta=inf", "attack.eps=300/255"])
+def test_a_refused_knob_stops_the_cli_before_anything_is_written(tmp_path, capsys, setting):
+    from raylab.cli import main
+
+    root = tmp_path / "runs"
+    assert main(["train", "--set", setting, "--set", f"tracking.root={root}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"raylab: error: {setting.split('=')[0]}: ") and "\n" not in err
+    assert not root.exists()
 
 
 def test_override_leaves_the_original_untouched_and_fingerprint_tracks_only_chosen_keys():

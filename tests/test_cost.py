@@ -6,8 +6,8 @@ import pytest
 
 from raylab import cli
 from raylab.presets import make_config
-from raylab.config import ConfigError
-from raylab.cost import TRAIN_IMG_PER_S, aa_passes, make_plan, plan_arm
+from raylab.knobs import ConfigError
+from raylab.cost import TRAIN_IMG_PER_S, aa_passes, make_plan, plan_arm, validation_s
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 
@@ -28,6 +28,24 @@ def test_paper_generation_and_training_reproduce_the_published_a100_times():
     train = stages(epoch)["train"]
     assert train.steps == 25  # ceil(50,000 / 2048): the reference's CIFAR-sized epoch
     assert train.device_s / 60 == pytest.approx(3.45 * 4, rel=0.01)
+
+
+def test_validation_is_split_over_the_workers_and_every_held_device_is_counted():
+    """Issue 24. At batch 2048 on 32 A100 a WRN-28-10 epoch is 51,200 x 12 / 32 = 19,200 passes per device; the
+    epoch's validation (PGD-40 of 1,024 images, 41 passes each, and a clean forward over the 10,000 test images) is
+    43,317 passes: on one device it outlasted the training. Each of the 32 devices now validates 32 + 313 images,
+    and all 32 are held until the largest share is done."""
+    pass_s = 1 / (TRAIN_IMG_PER_S["wrn-28-10"] * 12)  # one forward-backward pass of one image on one A100
+    one, many = (make_config("paper", {"train.batch_size": 2048, "train.epochs": 1, "train.ratio": 1.0,
+                                       "resources.num_workers": workers}) for workers in (1, 32))
+    assert validation_s(one, 1024) == pytest.approx((1024 * 41 + 10_000 / 3) * pass_s)
+    assert validation_s(many, 1024) == pytest.approx(32 * (32 * 41 + 313 / 3) * pass_s)
+    training_per_device = 25 * 2048 * 12 / 32 * pass_s
+    assert validation_s(many, 1024) / 32 < training_per_device < validation_s(one, 1024)
+    train = stages(many)["train"]
+    assert train.device_s == pytest.approx(train.images * 12 * pass_s + validation_s(many, 1024))
+    assert "validation 7% (est.): PGD-40 of 1,024 + clean 10,000 test images per epoch over 32 devices" in train.note
+    assert validation_s(make_config("paper", {"train.epochs": 1, "data.val_size": 0}), 0) > 0  # the test pass stays
 
 
 def test_the_amount_sweep_generates_once_and_counts_it_once(capsys):

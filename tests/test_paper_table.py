@@ -81,7 +81,7 @@ EXPECTED = {
 ARM = re.compile(r"^(\S+=\S+):$")
 GENERATE = re.compile(r"^\s+generate\s+([\d,]+) images, .*\((\d+) heun steps")
 SELECT = re.compile(r"^\s+select\s+([\d,]+) kept; .*\((top 20% per class|none)\)")
-TRAIN = re.compile(r"^\s+train .*\((\d+) epochs of \d+ steps at batch (\d+), ratio ([\d.]+); (.+?)\)")
+TRAIN = re.compile(r"^\s+train .*\((\d+) epochs of \d+ steps at batch (\d+), ratio ([\d.]+); ([^;]+?)[;)]")
 
 
 def parse_plan(text):
@@ -132,7 +132,7 @@ def test_svhn_trains_without_flips_or_crops_and_cifar_with_both():
 
 
 def test_an_amount_beyond_the_generation_is_refused_in_one_line(capsys):
-    from raylab.config import ConfigError
+    from raylab.knobs import ConfigError
     from raylab.tune.experiment import run_ablation
 
     with pytest.raises(ConfigError, match=r"select.amount: 2,000,000 is more than the 1,000,000 images"):
@@ -204,9 +204,12 @@ def test_a_view_smaller_than_a_batch_is_refused_by_the_driver_before_any_worker_
 
     from raylab.data.row_index import RowIndex
     from raylab.pipeline.generated_input import GeneratedInput
+    from raylab.rehearse.fixtures import place_cifar10
     from raylab.train.job import run_training
 
-    cfg = make_config("paper", {"tracking.root": str(tmp_path), "resources.use_gpu": False})
+    place_cifar10(tmp_path / "data", train_per_class=2, test_per_class=1)
+    cfg = make_config("paper", {"tracking.root": str(tmp_path), "data.root": str(tmp_path / "data"),
+                                "resources.use_gpu": False})
     view = GeneratedInput(RowIndex.from_positions(["shard.parquet"], np.zeros(40), np.arange(40), np.zeros(40)), {})
     with pytest.raises(ValueError, match=r"the generated view has 40 rows, fewer than one batch's 360 "
                                          r"\(train.batch_size=512, train.ratio=0.3\)"):

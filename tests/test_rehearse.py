@@ -49,6 +49,19 @@ def test_start_commands_come_from_cluster_yaml():
     assert resources_env({"CPU": 0.0, "trial_driver": 16.0}) == '{"CPU": 0, "trial_driver": 16}'
 
 
+def test_the_cluster_commands_put_both_roots_on_the_shared_mount():
+    """`ray job submit --working-dir .` ships only what git tracks (data/ is ignored): a data.root left in the
+    job's working directory exists on no worker, so the commands that launch a cluster job name it on the mount."""
+    from raylab.rehearse.run import DEFAULT_JOB
+
+    readme = (ROOT / "README.md").read_text().split("## Scale out")[1].split("```")[1]
+    header = " ".join(line.lstrip("#") for line in (ROOT / "cluster.yaml").read_text().split("cluster_name:")[0]
+                      .splitlines())
+    for command in (readme, header):
+        assert "--set tracking.root=/mnt/raylab/runs" in command and "--set data.root=/mnt/raylab/data" in command
+    assert {"tracking.root={shared}/runs", "data.root={shared}/data"} <= set(DEFAULT_JOB)
+
+
 def test_contract_lines_count_epochs_twice_and_lost():
     good = [TrialEpochs("a", 3, [1, 2, 3]), TrialEpochs("b", 3, [1, 2, 3])]
     shared = {"shards": 2, "views": 2, "checkpoints": 4, "ray storage": 2}
@@ -91,3 +104,14 @@ def test_a_worker_that_does_not_see_the_shared_root_stops_the_job_in_one_line():
     tag = Path(base).name.rsplit("-", 1)[-1]
     assert tag not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout  # torn down
     shutil.rmtree(base, ignore_errors=True)
+
+
+def test_recovery_counts_only_a_checkpoint_created_after_the_kill():
+    """A checkpoint the lost worker group wrote just before the kill can be registered after it (the 1-second
+    "recovery" of a past rehearsal); only one created after the kill is the restarted group's."""
+    import datetime
+
+    from raylab.rehearse.run import created_at
+
+    kill = datetime.datetime(2026, 12, 7, 19, 36, 22).timestamp()
+    assert created_at("checkpoint_2026-12-07_19-36-21.657682") < kill < created_at("checkpoint_2026-12-07_19-37-05.230867")

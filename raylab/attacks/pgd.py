@@ -116,7 +116,7 @@ ATTACK_MODES: dict[str, Callable[[nn.Module], contextlib.AbstractContextManager]
 # PGD.
 
 def _check_args(x: Tensor, y: Tensor, norm: str, eps: float, step: float, steps: int, objective: str,
-                ref_logits: Optional[Tensor]) -> None:
+                ref_logits: Optional[Tensor], start: Optional[Tensor] = None) -> None:
     """Every bad argument is reported before any forward pass."""
     if norm not in NORMS:
         raise AttackError(f"attack norm: {norm!r} is not one of {', '.join(NORMS)}")
@@ -133,6 +133,8 @@ def _check_args(x: Tensor, y: Tensor, norm: str, eps: float, step: float, steps:
     if y.shape[:1] != x.shape[:1] or not (soft_ok or (y.dim() == 1 and not y.is_floating_point())):
         raise AttackError(f"attack labels: shape {tuple(y.shape)} {y.dtype} must be ({x.shape[0]},) int64 "
                           f"class indices{'' if objective == 'margin' else ' or (N, K) float probabilities'}")
+    if start is not None and start.shape != x.shape:
+        raise AttackError(f"attack start: shape {tuple(start.shape)} must be the images' {tuple(x.shape)}")
 
 
 def default_step(norm: str, eps: float, steps: int) -> float:
@@ -144,7 +146,7 @@ def default_step(norm: str, eps: float, steps: int) -> float:
 
 def pgd(model: nn.Module, x: Tensor, y: Tensor, *, norm: str, eps: float, step: Optional[float], steps: int,
         objective: str = "ce", generator: Optional[torch.Generator] = None, ref_logits: Optional[Tensor] = None,
-        random_start: bool = True) -> Tensor:
+        random_start: bool = True, start: Optional[Tensor] = None) -> Tensor:
     """Maximize `objective` over x' with ||x' - x||_norm <= eps and x' in [0, 1]; returns x' (detached).
 
     Args:
@@ -157,14 +159,19 @@ def pgd(model: nn.Module, x: Tensor, y: Tensor, *, norm: str, eps: float, step: 
         objective: "ce", "kl" (needs `ref_logits`, the detached clean logits) or "margin".
         generator: source of the random start; the global RNG is used only when it is None.
         random_start: start at a uniform point of the ball (clamped to [0, 1]) instead of at x.
+        start: that point's perturbation (x's shape), drawn beforehand (`NORMS[norm].init` over a whole set, then
+            sliced: an image's start then does not depend on how the set was split or batched); None: drawn here.
     Gradients are taken w.r.t. the input only; parameter `.grad`s are left untouched.
     """
     step = default_step(norm, eps, steps) if step is None else step
-    _check_args(x, y, norm, eps, step, steps, objective, ref_logits)
+    _check_args(x, y, norm, eps, step, steps, objective, ref_logits, start)
     ops, loss_fn = NORMS[norm], OBJECTIVES[objective]
     x = x.detach()
     ref = ref_logits.detach() if ref_logits is not None else None
-    x_adv = clamp01(x + ops.init(x, eps, generator)) if random_start else x.clone()
+    if random_start:
+        x_adv = clamp01(x + (ops.init(x, eps, generator) if start is None else start.to(x)))
+    else:
+        x_adv = x.clone()
     for _ in range(steps):
         x_adv.requires_grad_(True)
         with torch.enable_grad():

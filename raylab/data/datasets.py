@@ -11,12 +11,17 @@ archive (checked against its published md5, then extracted into place atomically
 The embedded default, `digits`, is scikit-learn's handwritten digits (real scans that ship inside the installed
 package) rendered to 32×32×3, so everything runs offline.
 
-Add a dataset with `@register_dataset(name, num_classes=..., mean=..., std=...)` on a function
+`check_dataset` is the check before compute, on every node that reads the dataset: the files the loader will read
+are in data.root and match their published md5 (hashed once per version of a file: a record beside it), or one
+line names the file, the node and the fix.
+
+Add a dataset with `@register_dataset(name, num_classes=..., mean=..., std=..., check=...)` on a function
 `(root: Path, download: bool) -> (train, test)`; the names must match `raylab.config.DATASETS`.
 """
 from __future__ import annotations
 
 import codecs
+import contextlib
 import hashlib
 import logging
 import os
@@ -31,7 +36,8 @@ from typing import Any, BinaryIO, Callable, Sequence
 
 import numpy as np
 
-from raylab.io import file_digest, mkstemp_umask
+from raylab.cluster import this_node
+from raylab.io import atomic_write_text, file_digest, mkstemp_umask
 from raylab.config import DataConfig
 
 log = logging.getLogger(__name__)
@@ -41,6 +47,10 @@ IMAGE_SHAPE = (32, 32, 3)  # H, W, C of every image in raylab (datasets, shards,
 
 class DatasetError(ValueError):
     """A one-line message naming the dataset file or setting at fault and what to do."""
+
+
+class DatasetMissing(DatasetError):
+    """A dataset file is not in data.root."""
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -97,6 +107,11 @@ class Splits:
 # Registry.
 
 Loader = Callable[[Path, bool], "tuple[ImageSet, ImageSet]"]
+Checker = Callable[[Path, bool], None]  # (root, download): raises DatasetError unless the loader will find its files
+
+
+def _nothing_to_check(root: Path, download: bool) -> None:
+    """A dataset that ships inside an installed package (digits) has no file to check."""
 
 
 @dataclass(frozen=True)
@@ -109,19 +124,20 @@ class DatasetSpec:
     std: tuple[float, float, float]
     val_size: int = 1024  # the papers hold out the first 1024 CIFAR-10 training images
     sizes: tuple[int, int] = (0, 0)  # (train, test) images, for plans made without loading (0 = unknown)
+    check: Checker = _nothing_to_check  # `check_dataset`: its files are there and intact
 
 
 DATASET_LOADERS: dict[str, DatasetSpec] = {}
 
 
 def register_dataset(name: str, *, num_classes: int, mean: Sequence[float], std: Sequence[float],
-                     val_size: int = 1024, sizes: tuple[int, int] = (0, 0)):
+                     val_size: int = 1024, sizes: tuple[int, int] = (0, 0), check: Checker = _nothing_to_check):
     """Decorator: record `load(root, download) -> (train, test)` under `name`; `val_size` is the default holdout,
-    `sizes` the (train, test) image counts."""
+    `sizes` the (train, test) image counts, `check` the check of its files before compute."""
     def wrap(load: Loader) -> Loader:
         if name in DATASET_LOADERS:
             raise DatasetError(f"dataset {name!r} is registered twice")
-        DATASET_LOADERS[name] = DatasetSpec(name, load, num_classes, tuple(mean), tuple(std), val_size, sizes)
+        DATASET_LOADERS[name] = DatasetSpec(name, load, num_classes, tuple(mean), tuple(std), val_size, sizes, check)
         return load
     return wrap
 
@@ -145,6 +161,20 @@ def load_splits(cfg: DataConfig) -> Splits:
     if cfg.max_train:
         rest = rest.take(slice(0, cfg.max_train))
     return Splits(rest, val, test, train.class_names, spec.mean, spec.std)
+
+
+def check_dataset(cfg: DataConfig) -> None:
+    """The files `load_splits(cfg)` reads are in data.root and intact, on this node (missing ones downloaded first
+    when data.download allows). The driver runs it before generation or training and every Ray Train worker before
+    its first step: a dataset left in a job's working directory, which `ray job submit --working-dir` does not ship
+    (data/ is gitignored), or a truncated copy fails at once in one line, not when the generation job reads the test
+    set after sampling every shard."""
+    try:
+        get_dataset(cfg.dataset).check(Path(cfg.root), cfg.download)
+    except DatasetError as err:
+        shared = " (on a cluster: data.root on the shared root every node mounts)"
+        raise DatasetError(f"data.dataset={cfg.dataset} on node {this_node()}: {err}"
+                           f"{shared if isinstance(err, DatasetMissing) else ''}") from None
 
 
 def split_identity(cfg: DataConfig) -> tuple[str, int]:
@@ -215,7 +245,7 @@ def ensure_file(root: Path, filename: str, download: bool) -> Path:
     if path.is_file():
         return path
     if not download:
-        raise DatasetError(f"{path}: dataset file missing; set data.download=true or place {filename} there")
+        raise DatasetMissing(f"{path}: dataset file missing; set data.download=true or place {filename} there")
     remote = REMOTES[filename]
     log.info("downloading %s to %s", remote.url, path)
     return download_file(remote.url, path, remote.md5)
@@ -231,6 +261,49 @@ def check_placed_archive(path: Path) -> None:
     if got != remote.md5:
         raise DatasetError(f"{path}: md5 {got} != the published {remote.md5} (truncated or another file); replace "
                            f"it with the original from {remote.url} or delete it and set data.download=true")
+
+
+def verify_recorded(path: Path) -> None:
+    """`check_placed_archive` once per version of a file: a record beside it (`.NAME.md5`: size, mtime and the md5
+    it matched) lets later checks, on any node that sees the same file, skip hashing 170 MB (CIFAR) or 245 MB
+    (SVHN) again; a file whose size or mtime changed is hashed again. A data.root this process cannot write keeps
+    no record (hashed on every check)."""
+    remote = REMOTES.get(path.name)
+    if remote is None:
+        return
+    stat = path.stat()
+    record, seen = path.with_name(f".{path.name}.md5"), f"{stat.st_size} {stat.st_mtime_ns} {remote.md5}\n"
+    with contextlib.suppress(OSError):
+        if record.read_text() == seen:
+            return
+    check_placed_archive(path)
+    with contextlib.suppress(OSError):
+        atomic_write_text(record, seen)
+
+
+def archive_check(folder: str, archive: str, members: Sequence[str]) -> Checker:
+    """The check of a dataset read from `root/folder`, which the loader extracts from `root/archive` when absent:
+    the extracted files when the folder is there (raylab extracts only a verified archive, atomically; it is all
+    the loader reads), else the archive, placed or downloaded now, against its published md5."""
+    def check(root: Path, download: bool) -> None:
+        target = root / folder
+        if not target.is_dir():
+            verify_recorded(ensure_file(root, archive, download))
+            return
+        missing = [m for m in members if not (target / m).is_file()]
+        if missing:
+            raise DatasetMissing(f"{target / missing[0]}: dataset file missing from the extracted folder; delete "
+                                 "the folder to re-extract the archive")
+    return check
+
+
+def files_check(*names: str) -> Checker:
+    """The check of a dataset read straight from files in root: each there (downloaded now when allowed) and
+    matching its published md5."""
+    def check(root: Path, download: bool) -> None:
+        for name in names:
+            verify_recorded(ensure_file(root, name, download))
+    return check
 
 
 def _safe_members(tar: tarfile.TarFile, folder: str) -> list[tarfile.TarInfo]:
@@ -318,18 +391,22 @@ def _load_cifar(folder: Path, train: list[str], test: str, meta: str, label_key:
     return train_set, _cifar_set([read_pickle(folder / test)], label_key, names)
 
 
+CIFAR10_TRAIN = [f"data_batch_{i}" for i in range(1, 6)]
+
+
 # Normalization constants: per-channel mean/std of the training images in [0, 1] (the values used across the
 # robustness literature, e.g. Rebuffi et al. 2021 and the Wang et al. 2023 code).
 @register_dataset("cifar10", num_classes=10, mean=(0.4914, 0.4822, 0.4465), std=(0.2471, 0.2435, 0.2616),
-                  sizes=(50_000, 10_000))
+                  sizes=(50_000, 10_000), check=archive_check("cifar-10-batches-py", "cifar-10-python.tar.gz",
+                                                              [*CIFAR10_TRAIN, "test_batch", "batches.meta"]))
 def load_cifar10(root: Path, download: bool) -> tuple[ImageSet, ImageSet]:
     folder = ensure_extracted(root, "cifar-10-batches-py", "cifar-10-python.tar.gz", download)
-    return _load_cifar(folder, [f"data_batch_{i}" for i in range(1, 6)], "test_batch", "batches.meta",
-                       b"labels", b"label_names")
+    return _load_cifar(folder, CIFAR10_TRAIN, "test_batch", "batches.meta", b"labels", b"label_names")
 
 
 @register_dataset("cifar100", num_classes=100, mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762),
-                  sizes=(50_000, 10_000))
+                  sizes=(50_000, 10_000), check=archive_check("cifar-100-python", "cifar-100-python.tar.gz",
+                                                              ["train", "test", "meta"]))
 def load_cifar100(root: Path, download: bool) -> tuple[ImageSet, ImageSet]:
     folder = ensure_extracted(root, "cifar-100-python", "cifar-100-python.tar.gz", download)
     return _load_cifar(folder, ["train"], "test", "meta", b"fine_labels", b"fine_label_names")
@@ -351,7 +428,8 @@ def _svhn_set(path: Path) -> ImageSet:
 
 
 # SVHN: 0.5/0.5, the convention of the SVHN robustness papers (Gowal et al. 2020), not measured statistics.
-@register_dataset("svhn", num_classes=10, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), sizes=(73_257, 26_032))
+@register_dataset("svhn", num_classes=10, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), sizes=(73_257, 26_032),
+                  check=files_check("train_32x32.mat", "test_32x32.mat"))
 def load_svhn(root: Path, download: bool) -> tuple[ImageSet, ImageSet]:
     return tuple(_svhn_set(ensure_file(root, f"{split}_32x32.mat", download)) for split in ("train", "test"))
 

@@ -264,13 +264,36 @@ def store_sources(part_rows: Sequence[int], shard_size: int, order_seed: int = 0
     return np.concatenate([layout.shard_rows(dealt, s) for s in range(layout.shards)])
 
 
-def _check_args(shard_size: Any, identity_extra: Any, order_seed: Any) -> None:
+def _check_args(shard_size: Any, identity_extra: Any, order_seed: Any, num_classes: Any) -> None:
     if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
         raise ShardError(f"shard_size={shard_size!r} must be an integer >= 1")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ShardError(f"num_classes={num_classes!r} must be an integer >= 1")
     if identity_extra is not None and not isinstance(identity_extra, dict):
         raise ShardError(f"identity_extra must be a dict, got {type(identity_extra).__name__}")
     if isinstance(order_seed, bool) or not isinstance(order_seed, int) or order_seed < 0:
         raise ShardError(f"order_seed={order_seed!r} must be an integer >= 0")
+
+
+LABEL_CHUNK = 1 << 22  # labels per read of the label check: 32 MB of int64
+
+
+def check_labels(part: Part, num_classes: int) -> None:
+    """Every label of the part is a class of the dataset it was generated for, checked before a store exists (a
+    label past the last class would only fail, or train a class the model does not have, when training reads it);
+    read in chunks: a 12.5M-row part's labels are 100 MB."""
+    fd, count, first = os.open(part.path, os.O_RDONLY), 0, None
+    try:
+        for a in range(0, part.rows, LABEL_CHUNK):
+            labels = part.labels.read_rows(fd, np.arange(a, min(a + LABEL_CHUNK, part.rows)))
+            bad = labels[(labels < 0) | (labels >= num_classes)]
+            count, first = count + len(bad), first if first is not None or not len(bad) else bad[0]
+    finally:
+        os.close(fd)
+    if count:
+        raise ShardError(f"{part.path}: label {first} ({count} row(s)) is not a class of a {num_classes}-class "
+                         f"dataset (labels must lie in [0, {num_classes})); set data.dataset to the dataset it was "
+                         "generated for")
 
 
 def _read_shard(parts: list[Part], fds: list[int], rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -289,13 +312,16 @@ def _read_shard(parts: list[Part], fds: list[int], rows: np.ndarray) -> tuple[np
 
 
 def import_npz(npz_paths: str | os.PathLike | Sequence[str | os.PathLike], out_dir: str | os.PathLike,
-               shard_size: int = 10_000, identity_extra: dict[str, Any] | None = None,
-               order_seed: int = 0) -> ShardStore:
-    """Convert one or several `np.savez` files (keys image, label), concatenated in the order given, into one
-    store under out_dir, rows dealt over the shards (`Layout`); reruns write only the missing shards."""
-    _check_args(shard_size, identity_extra, order_seed)
+               shard_size: int = 10_000, identity_extra: dict[str, Any] | None = None, order_seed: int = 0, *,
+               num_classes: int) -> ShardStore:
+    """Convert one or several `np.savez` files (keys image, label; labels in [0, num_classes)), concatenated in the
+    order given, into one store under out_dir, rows dealt over the shards (`Layout`); reruns write only the missing
+    shards."""
+    _check_args(shard_size, identity_extra, order_seed, num_classes)
     paths = [npz_paths] if isinstance(npz_paths, (str, os.PathLike)) else list(npz_paths)
     parts = open_parts(paths)
+    for part in parts:
+        check_labels(part, num_classes)
     layout = Layout.of([p.rows for p in parts], shard_size, order_seed)
     identity = {"source": "npz", "parts": [part_identity(p) for p in parts], "shard_size": shard_size,
                 "order": "dealt-runs", "run_rows": layout.run_rows, "order_seed": order_seed, **(identity_extra or {})}

@@ -38,9 +38,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from raylab.config import ConfigError, EvalConfig, ExperimentConfig, ResourcesConfig, from_json, override
+from raylab.cluster import RootToken, check_this_node
+from raylab.config import EvalConfig, ExperimentConfig, ResourcesConfig, from_json, override
+from raylab.knobs import ConfigError
 from raylab.presets import make_config
-from raylab.data.datasets import get_dataset
+from raylab.data.datasets import check_dataset, get_dataset
 from raylab.eval.autoattack import AAResult, aa_norm, aggregate, resolve_attacks
 from raylab.eval.checks import CheckReport
 from raylab.eval.chunk import (ChunkJob, aa_attacks, aa_budget, evaluate_chunk, plan_chunks, resolve_checks,
@@ -49,7 +51,9 @@ from raylab.eval.export import load_checkpoint_model, read_state_dict
 from raylab.eval.metrics import EvalError, require_eval_mode
 from raylab.eval.report import EvalHeader, EvalResult, format_table, metric_prefix
 from raylab.io import atomic_write_json, sha256_file
+from raylab.precision import BF16Logits, precision_params
 from raylab.runs import run_identity, write_config
+from raylab.runtime import gpu_backends
 
 FORMAT = "raylab-eval/1"     # part of the fingerprint: bump when a chunk's meaning changes
 CHECKS_ITEM = -1             # the work item that runs the gradient-masking checks
@@ -91,6 +95,7 @@ class EvalSpec:
     checks: tuple[str, ...] = ()
     use_gpu: bool = False
     crash: Optional[dict] = None   # fault drill (tests): {"chunk": id, "marker": path}, see _crash_once
+    root: Optional[RootToken] = None  # the token of `out` on Ray: each actor checks its node sees it as it starts
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -153,9 +158,11 @@ class EvalActor:
     """Holds the model and the images; each call evaluates the work items of its batch (batch_size=1)."""
 
     def __init__(self, spec: EvalSpec, images: np.ndarray, labels: np.ndarray):
+        check_this_node(spec.root)
         self.spec, self.images, self.labels = spec, images, labels
-        self.model = spec.source.load(_device(spec.use_gpu))
-        require_eval_mode(self.model)
+        model = spec.source.load(_device(spec.use_gpu))
+        require_eval_mode(model)
+        self.model = BF16Logits(model).eval() if spec.eval.bf16 else model  # raylab.precision: fp32 by default
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         items = [int(i) for i in batch["item"]]
@@ -164,7 +171,8 @@ class EvalActor:
     def run(self, item: int) -> bool:
         """Evaluate one work item and persist it; False when a valid result was already there (a retry)."""
         _crash_once(self.spec.crash, item)
-        return self._checks() if item == CHECKS_ITEM else self._chunk(item)
+        with gpu_backends(self.spec.eval.tf32):
+            return self._checks() if item == CHECKS_ITEM else self._chunk(item)
 
     def _tensors(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
         return to_float(self.images[start:stop]), torch.from_numpy(self.labels[start:stop].astype(np.int64))
@@ -220,9 +228,10 @@ def _run_ray(spec: EvalSpec, images: np.ndarray, labels: np.ndarray, todo: list[
     long: balance beats hiding dispatch latency)."""
     import ray.data
 
-    from raylab.cluster import init_ray
+    from raylab.cluster import init_ray, root_token
 
     init_ray()  # no-op when connected; a local Ray gets >= 4 logical CPUs (actor pools deadlock at 2)
+    spec = dataclasses.replace(spec, root=root_token(spec.out))  # the actors write there, on whichever node
     ds = ray.data.from_items([{"item": i} for i in todo], override_num_blocks=len(todo))
     ds = ds.map_batches(
         EvalActor, fn_constructor_kwargs={"spec": spec, "images": images, "labels": labels}, batch_size=1,
@@ -370,7 +379,9 @@ def resolve_target(target: str | os.PathLike, overrides: Mapping[str, Any] | Non
 
 
 def load_test_subset(cfg: ExperimentConfig) -> tuple[np.ndarray, np.ndarray]:
-    """The first eval.num_test test images (uint8 NHWC) and labels of data.dataset (0 = all)."""
+    """The first eval.num_test test images (uint8 NHWC) and labels of data.dataset (0 = all), read in the driver:
+    the actors get them from it, so only this node needs the dataset."""
+    check_dataset(cfg.data)
     _, test = get_dataset(cfg.data.dataset).load(Path(cfg.data.root), cfg.data.download)
     n = cfg.eval.num_test or len(test)
     if n > len(test):
@@ -418,18 +429,20 @@ def run_eval(target: str | os.PathLike, cfg_overrides: Mapping[str, Any] | None 
     outcome = evaluate(source, images, labels, cfg.eval, out, resources=cfg.resources, checks=checks,
                        engine=engine, header=header, crash=crash)
     reused = outcome.chunks_total - outcome.chunks_computed
+    precision = precision_params(cfg)["precision.eval"]
     table = format_table(outcome.result, [
         f"chunks: {outcome.chunks_total} ({outcome.chunks_computed} computed now, {reused} reused) in "
-        f"{outcome.seconds:.1f} s -> {outcome.out_dir}", f"weights: {tgt.weights} (sha256 {sha[:12]})"])
+        f"{outcome.seconds:.1f} s -> {outcome.out_dir}", f"weights: {tgt.weights} (sha256 {sha[:12]})",
+        f"precision: {precision} (raylab.precision; eval.bf16, eval.tf32)"])
     print(table, flush=True)
     outcome = dataclasses.replace(outcome, table=table)
     atomic_write_json(outcome.out_dir / "summary.json",
                       {**outcome.result.to_json(), "eval_config": dataclasses.asdict(cfg.eval),
                        "weights": str(tgt.weights), "weights_sha256": sha, "chunks": outcome.chunks_total,
-                       "table": table})
+                       "precision": precision, "table": table})
     if track and tgt.run is not None and (tgt.run / MLFLOW_RUN_FILE).is_file():
         run_id = (tgt.run / MLFLOW_RUN_FILE).read_text().strip()
-        log_eval(_tracking_uri(cfg, tgt.run), run_id, outcome, sha)
+        log_eval(_tracking_uri(cfg, tgt.run), run_id, outcome, sha, precision)
         outcome = dataclasses.replace(outcome, mlflow_run_id=run_id)
     return outcome
 
@@ -462,9 +475,10 @@ def _figures(result: EvalResult) -> list[tuple[Any, str]]:
     return figures
 
 
-def log_eval(uri: str, run_id: str, outcome: EvalOutcome, weights_sha256: str) -> None:
+def log_eval(uri: str, run_id: str, outcome: EvalOutcome, weights_sha256: str, precision: str = "fp32") -> None:
     """Metrics at step = the checkpoint's epoch, tables/summary/figures under `eval/<checkpoint>-<fingerprint>/`,
-    and tags naming the result directory and the weights it evaluated."""
+    and tags naming the result directory, the weights it evaluated and what the numbers ran in
+    (`eval.<checkpoint>.precision`; the run's `precision.eval` param is what its training config asked for)."""
     from raylab.tracking import Tracker
 
     result, header = outcome.result, outcome.result.header
@@ -476,6 +490,7 @@ def log_eval(uri: str, run_id: str, outcome: EvalOutcome, weights_sha256: str) -
     tracker.log_text(outcome.table, f"{prefix}/table.txt")
     tracker.set_tags({f"eval.{header.checkpoint}.dir": str(outcome.out_dir),
                       f"eval.{header.checkpoint}.weights_sha256": weights_sha256,
-                      f"eval.{header.checkpoint}.warnings": len(result.warnings())})
+                      f"eval.{header.checkpoint}.warnings": len(result.warnings()),
+                      f"eval.{header.checkpoint}.precision": precision})
     for figure, name in _figures(result):
         tracker.log_figure(figure, f"{prefix}/{name}")

@@ -109,11 +109,14 @@ def clean_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_
 
 def pgd_flags(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm: str, eps: float,
               step: float | None = None, steps: int = 40, objective: str = "margin", batch_size: int,
-              generator: torch.Generator, random_start: bool = True) -> torch.Tensor:
+              generator: torch.Generator | None = None, random_start: bool = True,
+              start: torch.Tensor | None = None) -> torch.Tensor:
     """Per-example bool: correct on the clean image AND on its PGD adversarial example.
 
     The clean image is itself a point of the eps-ball, so a point misclassified clean is never robust, whatever the
     attack returned. `step` defaults to `attacks.pgd.default_step` (2/255 at L-inf 8/255, the papers' PGD-40; 2·eps/steps at L2).
+    The random start comes from `generator`, batch by batch, or from `start` (`random_starts` of the whole set,
+    sliced as x was): then an image's result does not depend on the slice or the batch it was attacked in.
     """
     require_eval_mode(model)
     check_images(x, y)
@@ -123,6 +126,7 @@ def pgd_flags(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm: str, 
     check_choice("objective", objective, OBJECTIVES)
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise EvalError(f"steps: {steps!r} must be an integer >= 1")
+    _check_start(x, start, generator, random_start)
     step = default_step(norm, eps, steps) if step is None else step
     check_eps(step, "step")
     device = model_device(model)
@@ -130,10 +134,28 @@ def pgd_flags(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm: str, 
     for s in batch_slices(len(x), batch_size):
         xb, yb = x[s].to(device), y[s].to(device)
         x_adv = pgd(model, xb, yb, norm=norm, eps=eps, step=step, steps=steps, objective=objective,
-                    generator=generator, random_start=random_start)
+                    generator=generator, random_start=random_start, start=None if start is None else start[s])
         with torch.no_grad():
             flags.append(((model(xb).argmax(1) == yb) & (model(x_adv).argmax(1) == yb)).cpu())
     return torch.cat(flags) if flags else torch.zeros(0, dtype=torch.bool)
+
+
+def random_starts(x: torch.Tensor, *, norm: str, eps: float, generator: torch.Generator) -> torch.Tensor:
+    """The PGD random start of every image of x, drawn at once (x's shape): ranks that draw it from the same seed
+    and attack slices of x with the matching slices of it (`pgd_flags(start=...)`) give each image the start it
+    gets when one device attacks the whole set."""
+    check_images(x)
+    check_eps(eps)
+    check_choice("norm", norm, NORMS)
+    return NORMS[norm].init(x, eps, generator)
+
+
+def _check_start(x: torch.Tensor, start: torch.Tensor | None, generator: torch.Generator | None,
+                 random_start: bool) -> None:
+    if start is not None and (not isinstance(start, torch.Tensor) or start.shape != x.shape):
+        raise EvalError(f"start: expected one random start per image, shape {tuple(x.shape)}, got {_describe(start)}")
+    if random_start and start is None and generator is None:
+        raise EvalError("generator: the random start needs a torch.Generator (or start=random_starts(...))")
 
 
 def pgd_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm: str, eps: float,

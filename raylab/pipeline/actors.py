@@ -18,6 +18,7 @@ from typing import Any, Optional
 import numpy as np
 import pyarrow as pa
 
+from raylab.cluster import RootToken, check_this_node
 from raylab.config import GenerateConfig
 from raylab.data.shards import ShardStore, read_numpy
 from raylab.data.shard_layout import load_manifest, shard_name
@@ -46,6 +47,7 @@ class JobSpec:
     identity: dict[str, Any]
     note: str = ""
     fault_after_shards: Optional[tuple[str, int]] = None  # fault drill (tests): (marker, k), see _fault_drill
+    root: Optional[RootToken] = None  # tracking.root's token: every actor checks its node sees it as it starts
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -96,6 +98,7 @@ class SamplerActor:
     """Holds the generator; each call samples the shards in its batch (batch_size=1: one shard)."""
 
     def __init__(self, spec: JobSpec):
+        check_this_node(spec.root)
         self.spec, self.device = spec, pick_device(spec.use_gpu)
         self.generator = GENERATORS[spec.generator].load(Path(spec.checkpoint), spec.generate, self.device)
         self.sampled: list[str] = []  # shard names sampled by this process (for the fault drill)
@@ -116,6 +119,7 @@ class ScorerActor:
     """Holds the scorer; adds label / score / pred / confidence to each shard row."""
 
     def __init__(self, spec: JobSpec):
+        check_this_node(spec.root)
         self.spec = spec
         self.scorer = Scorer.load(spec.scorer, pick_device(spec.use_gpu))
 
@@ -149,9 +153,10 @@ WRITTEN = pa.schema([("first", pa.int64()), ("rows", pa.int64()), ("bytes", pa.i
                      ("sample_s", pa.float64()), ("score_s", pa.float64())])
 
 
-def write_shards(table: pa.Table, store: str, plan: SeedPlan) -> pa.Table:
+def write_shards(table: pa.Table, store: str, plan: SeedPlan, root: Optional[RootToken] = None) -> pa.Table:
     """Writer UDF: each shard row through ShardStore.write_shard; returns a `WRITTEN` row per shard (with the
-    sampler's and scorer's busy seconds for it)."""
+    sampler's and scorer's busy seconds for it). A task runs on any node: it checks the node sees `root` first."""
+    check_this_node(root)
     out = []
     for i in range(table.num_rows):
         row = table.slice(i, 1)
@@ -168,7 +173,8 @@ def write_shards(table: pa.Table, store: str, plan: SeedPlan) -> pa.Table:
 class ShardScorerActor:
     """Reads one verified shard per call and scores its images against their stored labels."""
 
-    def __init__(self, store: str, scorer: dict[str, Any], use_gpu: bool):
+    def __init__(self, store: str, scorer: dict[str, Any], use_gpu: bool, root: Optional[RootToken] = None):
+        check_this_node(root)
         self.store, self.scorer = store, Scorer.load(scorer, pick_device(use_gpu))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

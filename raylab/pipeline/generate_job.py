@@ -42,9 +42,9 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import numpy as np
 import torch
 
-from raylab.cluster import init_ray
+from raylab.cluster import init_ray, root_token
 from raylab.config import ExperimentConfig, ResourcesConfig, to_flat, to_json
-from raylab.data.datasets import get_dataset, load_splits
+from raylab.data.datasets import check_dataset, get_dataset, load_splits
 from raylab.data.shards import ShardStore, read_numpy
 from raylab.data.shard_layout import load_manifest, remove_temp_files, shard_name
 from raylab.io import exclusive
@@ -73,9 +73,9 @@ def resolve_scorer(cfg: ExperimentConfig) -> tuple[Optional[dict[str, Any]], str
     if cfg.select.scorer_checkpoint.lower() == NO_SCORER:
         return None, "scoring off (select.scorer_checkpoint=none): shards get no score/pred/confidence"
     if cfg.select.scorer_checkpoint:
-        return scorer_identity(cfg.select.scorer_checkpoint, cfg), ""
+        return scorer_identity(cfg.select.scorer_checkpoint), ""
     if cfg.data.dataset == "digits" and DEFAULT_SCORER.is_file():
-        return scorer_identity(DEFAULT_SCORER, cfg), ""
+        return scorer_identity(DEFAULT_SCORER), ""
     return None, ("no scorer (select.scorer_checkpoint is '' and no committed scorer for "
                   f"{cfg.data.dataset}): shards get no score/pred/confidence; only select.policy=none applies")
 
@@ -104,10 +104,23 @@ def store_path(cfg: ExperimentConfig, out_dir: str | os.PathLike | None = None) 
     return Path(out_dir) if out_dir else run_dir(cfg, "generate").path / "shards"
 
 
-def plan_job(cfg: ExperimentConfig, out_dir: str | os.PathLike | None = None,
-             fault_after_shards: Optional[tuple[str, int]] = None) -> JobSpec:
-    """Resolve generator, scorer, plan and identity, and open the store; no sampling happens here."""
+Inputs = tuple[Optional[dict[str, Any]], str]  # `check_inputs`: (scorer identity or None, note)
+
+
+def check_inputs(cfg: ExperimentConfig) -> Inputs:
+    """What is refused before a store exists or anything runs: the Inception detector, the original dataset's files
+    (the quality report reads its test set after sampling every shard) and the scorer, whose architecture its
+    config.json must state (raylab.pipeline.quality.scorer_identity). Returns `resolve_scorer`'s answer."""
     _check_inception(cfg)
+    check_dataset(cfg.data)
+    return resolve_scorer(cfg)
+
+
+def plan_job(cfg: ExperimentConfig, out_dir: str | os.PathLike | None = None,
+             fault_after_shards: Optional[tuple[str, int]] = None, inputs: Optional[Inputs] = None) -> JobSpec:
+    """Resolve generator, scorer, plan and identity, and open the store; no sampling happens here. `inputs`:
+    `check_inputs(cfg)` when the caller already ran it."""
+    scorer, note = inputs or check_inputs(cfg)
     store_dir = store_path(cfg, out_dir)
     store_dir.mkdir(parents=True, exist_ok=True)
     kind, path = _resolve_generator(cfg, store_dir)
@@ -116,7 +129,6 @@ def plan_job(cfg: ExperimentConfig, out_dir: str | os.PathLike | None = None,
     if label_dim not in (0, num_classes):
         raise GenerateError(f"generate.checkpoint: {path} is conditioned on {label_dim} classes, data.dataset="
                             f"{cfg.data.dataset} has {num_classes}")
-    scorer, note = resolve_scorer(cfg)
     if label_dim == 0 and scorer is None:
         raise GenerateError("unconditional generator: its images need scorer pseudo-labels, set "
                             "select.scorer_checkpoint=PATH (" + note + ")")
@@ -160,8 +172,8 @@ def build_pipeline(spec: JobSpec, todo: Sequence[tuple[int, int]], res: Resource
     for stage, cls, fmt in stages:
         stage_spec = replace(spec, use_gpu=stage_resources(res, stage).use_gpu)  # each pool its own device
         ds = actor_pool(ds, cls, {"spec": stage_spec}, stage, res, fmt)
-    return ds.map_batches(write_shards, fn_kwargs={"store": spec.store, "plan": spec.plan}, batch_size=1,
-                          batch_format="pyarrow")
+    return ds.map_batches(write_shards, fn_kwargs={"store": spec.store, "plan": spec.plan, "root": spec.root},
+                          batch_size=1, batch_format="pyarrow")
 
 
 @dataclass(frozen=True)
@@ -211,9 +223,10 @@ def run_generate(cfg: ExperimentConfig, out_dir: str | os.PathLike | None = None
 
     `fd_images`: generated images compared with as many real test images by `QUALITY_METRICS` in the MLflow report
     (0 = off); `fault_after_shards`: the tests' kill drill (see `actors._fault_drill`)."""
+    inputs = check_inputs(cfg)  # before the store (its run directory, its lock file) exists
     store_dir = store_path(cfg, out_dir)
     with store_lock(store_dir):
-        outcome = _generate_locked(cfg, store_dir, fault_after_shards)
+        outcome = _generate_locked(cfg, store_dir, fault_after_shards, inputs)
         if track:
             report = generation_report(outcome.store, outcome.spec, cfg, fd_images)
             outcome = replace(outcome, quality=report["quality"],
@@ -222,9 +235,9 @@ def run_generate(cfg: ExperimentConfig, out_dir: str | os.PathLike | None = None
     return outcome
 
 
-def _generate_locked(cfg: ExperimentConfig, store_dir: Path,
-                     fault_after_shards: Optional[tuple[str, int]]) -> GenerateOutcome:
-    spec = plan_job(cfg, store_dir, fault_after_shards)
+def _generate_locked(cfg: ExperimentConfig, store_dir: Path, fault_after_shards: Optional[tuple[str, int]],
+                     inputs: Inputs) -> GenerateOutcome:
+    spec = plan_job(cfg, store_dir, fault_after_shards, inputs)
     store = ShardStore(spec.store)
     remove_temp_files(store.root)
     for line in store.set_aside_corrupt(spec.plan.shards()):  # a rerun repairs what it finds, it does not trust
@@ -233,6 +246,7 @@ def _generate_locked(cfg: ExperimentConfig, store_dir: Path,
     start = time.perf_counter()
     if todo:
         init_ray(shared_root=cfg.tracking.root)  # only now: every check above runs before Ray starts
+        spec = replace(spec, root=root_token(cfg.tracking.root))  # what each actor and writer task checks
     written = build_pipeline(spec, todo, cfg.resources).take_all() if todo else []
     outcome = GenerateOutcome(
         store.root, store.identity_hash, spec, shards_written=len(written), shards_present=len(spec.plan.shards())

@@ -19,6 +19,7 @@ The generation job (raylab.pipeline.generate_job.QUALITY_METRICS) compares gener
 """
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from raylab.config import ExperimentConfig, from_json
+from raylab.config import from_json
 from raylab.data.datasets import get_dataset
 from raylab.io import sha256_file
 from raylab.models import create_model
@@ -43,7 +44,8 @@ class QualityError(ValueError):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The scorer: a raylab classifier checkpoint (`best.pt` = {"model": state_dict, "epoch", "metrics"}).
+# The scorer: a raylab classifier checkpoint (`best.pt` = {"model": state_dict, "epoch", "metrics"}) and the
+# `config.json` beside it that states its architecture.
 
 def scorer_file(path: str | os.PathLike) -> Path:
     """`best.pt` itself, or the `best.pt` inside a run directory."""
@@ -55,19 +57,62 @@ def scorer_file(path: str | os.PathLike) -> Path:
     return found
 
 
-def scorer_identity(path: str | os.PathLike, cfg: ExperimentConfig) -> dict[str, Any]:
-    """{sha256, model, activation, dataset} of a scorer checkpoint. The architecture comes from the
-    `config.json` a raylab run directory holds beside `best.pt`; without one, from `select.scorer_model`,
-    `model.activation` and `data.dataset` of `cfg`."""
+# What a scorer's config.json must state: the architecture (depth and width are in the model name) and the dataset.
+STATED = ("model.name", "model.activation", "data.dataset")
+_STATE_IT = ('put a config.json beside it that states them, e.g. {"model": {"name": "wrn-28-10", "activation": '
+             '"relu"}, "data": {"dataset": "cifar10"}} (raylab\'s training runs write one)')
+
+
+def scorer_identity(path: str | os.PathLike) -> dict[str, Any]:
+    """{sha256, model, activation, dataset, file} of a scorer checkpoint whose weights load into the architecture
+    the `config.json` beside it states (`stated_architecture`), checked here, in the driver, before any compute."""
     file = scorer_file(path)
+    identity = {"sha256": sha256_file(file), **stated_architecture(file), "file": str(file.resolve())}
+    _build(identity)
+    return identity
+
+
+def stated_architecture(file: Path) -> dict[str, str]:
+    """{model, activation, dataset} as the `config.json` beside a scorer checkpoint states them (STATED), or a
+    one-line refusal. Never guessed from the job's own config: a ReLU WRN-28-10 (the paper's scorer) loads strictly
+    into raylab's SiLU one, whose weights have the same names and shapes, and scores wrongly without an error."""
     run_cfg = file.parent / "config.json"
-    if run_cfg.is_file():
-        trained = from_json(run_cfg.read_text())
-        model, activation, dataset = trained.model.name, trained.model.activation, trained.data.dataset
-    else:
-        model, activation, dataset = cfg.select.scorer_model, cfg.model.activation, cfg.data.dataset
-    return {"sha256": sha256_file(file), "model": model, "activation": activation, "dataset": dataset,
-            "file": str(file.resolve())}
+    try:
+        nested = json.loads(run_cfg.read_text())
+    except FileNotFoundError:
+        raise QualityError(f"scorer checkpoint {file}: its architecture is not stated ({run_cfg} is missing); "
+                           f"{_STATE_IT}") from None
+    except ValueError:
+        raise QualityError(f"scorer checkpoint {file}: {run_cfg} is not JSON; {_STATE_IT}") from None
+    missing = [key for key in STATED if not _states(nested, key)]
+    if missing:
+        raise QualityError(f"scorer checkpoint {file}: {run_cfg} does not state {', '.join(missing)}; {_STATE_IT}")
+    trained = from_json(run_cfg.read_text())  # checks the values (a ConfigError names the key)
+    return {"model": trained.model.name, "activation": trained.model.activation, "dataset": trained.data.dataset}
+
+
+def _states(nested: Any, key: str) -> bool:
+    section, name = key.split(".")
+    return isinstance(nested, dict) and isinstance(nested.get(section), dict) and name in nested[section]
+
+
+def _build(identity: Mapping[str, Any]) -> nn.Module:
+    """The scorer's network with its weights, on CPU; weights of another architecture are one line."""
+    spec = get_dataset(identity["dataset"])
+    model = create_model(identity["model"], num_classes=spec.num_classes, mean=spec.mean, std=spec.std,
+                         activation=identity["activation"])
+    file = Path(identity["file"])
+    payload = torch.load(file, map_location="cpu", weights_only=True)
+    state = payload.get("model") if isinstance(payload, dict) else None
+    if not isinstance(state, dict):
+        raise QualityError(f"scorer checkpoint {file}: expected {{'model': state_dict, ...}}")
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        first = " ".join(str(err).split("\n\t")[1:2]) or str(err).splitlines()[0]
+        raise QualityError(f"scorer checkpoint {file}: its weights are not a {identity['model']} of "
+                           f"{identity['dataset']} as its config.json states ({first.strip()[:160]})") from None
+    return model
 
 
 def _head(model: nn.Module) -> nn.Linear:
@@ -99,19 +144,12 @@ class Scorer:
 
     @classmethod
     def load(cls, identity: Mapping[str, Any], device: str | torch.device = "cpu") -> "Scorer":
-        spec = get_dataset(identity["dataset"])
-        model = create_model(identity["model"], num_classes=spec.num_classes, mean=spec.mean, std=spec.std,
-                             activation=identity["activation"])
         file = Path(identity["file"])
         if sha256_file(file) != identity["sha256"]:
             raise QualityError(f"scorer checkpoint {file}: changed since the job was planned (sha256 differs)")
-        payload = torch.load(file, map_location="cpu", weights_only=True)
-        state = payload.get("model") if isinstance(payload, dict) else None
-        if not isinstance(state, dict):
-            raise QualityError(f"scorer checkpoint {file}: expected {{'model': state_dict, ...}}")
-        model.load_state_dict(state, strict=True)
         device = torch.device(device)
-        return cls(model.to(device).eval(), dict(identity), spec.num_classes, device)
+        model = _build(identity)
+        return cls(model.to(device).eval(), dict(identity), get_dataset(identity["dataset"]).num_classes, device)
 
     @torch.no_grad()
     def _map(self, images: np.ndarray, batch: int, fn: Callable[[torch.Tensor], torch.Tensor]) -> np.ndarray:

@@ -11,7 +11,7 @@ from typing import Optional
 
 import numpy as np
 
-from raylab.cluster import init_ray
+from raylab.cluster import init_ray, root_token
 from raylab.config import ExperimentConfig
 from raylab.data.shard_layout import load_manifest
 from raylab.pipeline.actors import _DTYPES, ShardScorerActor
@@ -38,7 +38,7 @@ def score_store(cfg: ExperimentConfig, store: str | os.PathLike, checkpoint: str
 
     store = Path(store).resolve()
     manifest = load_manifest(store)
-    scorer = scorer_identity(checkpoint, cfg)
+    scorer = scorer_identity(checkpoint)
     path = scores_path(store, scorer["sha256"])
     if _scores_current(path, manifest):
         return path
@@ -47,7 +47,8 @@ def score_store(cfg: ExperimentConfig, store: str | os.PathLike, checkpoint: str
         raise GenerateError(f"{store}: the store has no shards to score")
     res = cfg.resources
     init_ray(shared_root=cfg.tracking.root)
-    kwargs = {"store": str(store), "scorer": scorer, "use_gpu": stage_resources(res, "scorer").use_gpu}
+    kwargs = {"store": str(store), "scorer": scorer, "use_gpu": stage_resources(res, "scorer").use_gpu,
+              "root": root_token(cfg.tracking.root)}
     ds = actor_pool(ray.data.from_items(entries, override_num_blocks=len(entries)), ShardScorerActor, kwargs, "scorer",
                res, "numpy")
     cols: dict[str, list[np.ndarray]] = {k: [] for k in ("seed", "score", "pred", "confidence")}

@@ -16,7 +16,6 @@ import argparse
 import runpy
 import subprocess
 import sys
-from pathlib import Path
 from typing import Any, Sequence
 
 from raylab.config import LOCATION_KEYS, ExperimentConfig, from_flat, override, parse_assignments, to_flat

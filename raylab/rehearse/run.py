@@ -6,6 +6,7 @@ Always torn down: every step runs inside try/finally, SIGINT/SIGTERM become Keyb
 """
 from __future__ import annotations
 
+import datetime
 import os
 import secrets
 import shutil
@@ -31,7 +32,8 @@ TOOLS = ("ip", "nsenter", "unshare", "mount")
 # checkpoints; the trainer's 2 workers spread over 2 worker nodes; every actor lands on a worker (the head has no CPU).
 DEFAULT_JOB = ["python", "experiments/ablate_steps.py", "--smoke", "--set", "train.epochs=3",
                "--set", "resources.num_workers=2", "--set", "resources.placement=SPREAD",
-               "--set", "tracking.root={shared}/runs", "--set", f"tracking.uri={MLFLOW_URL}"]
+               "--set", "tracking.root={shared}/runs", "--set", "data.root={shared}/data",
+               "--set", f"tracking.uri={MLFLOW_URL}"]
 # The dress rehearsal (`--dress`): the paper configuration in miniature on CIFAR-10 placed under the shared root as
 # the README's cluster command has it (raylab.rehearse.dress); only locations are set.
 DATA_DIR = "data"
@@ -208,24 +210,57 @@ def checkpoints(shared: Path) -> dict[str, set[str]]:
     return out
 
 
+def created_at(checkpoint: str) -> float:
+    """When a worker created a checkpoint (Ray Train names it `checkpoint_<local date>_<time>`): a checkpoint the
+    lost worker group wrote just before the kill may be registered after it; only one created later is the
+    restarted group's."""
+    stamp = datetime.datetime.strptime(checkpoint.removeprefix("checkpoint_"), "%Y-%m-%d_%H-%M-%S.%f")
+    return stamp.timestamp()
+
+
+def hosts_training(node: nodes.Node) -> bool:
+    """A Ray Train worker runs in `node`'s PID namespace."""
+    mine = _pid_namespace(node.init_pid)
+    return mine is not None and any(_pid_namespace(pid) == mine for pid in _processes("ray::RayTrainWorker"))
+
+
+def _processes(title: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and (entry / "cmdline").read_bytes().startswith(title.encode()):
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+def _pid_namespace(pid: int | None) -> str | None:
+    try:
+        return os.readlink(f"/proc/{pid}/ns/pid") if pid else None
+    except OSError:
+        return None
+
+
 def watch_and_kill(cluster: Cluster, timings: Timings, done: Callable[[], bool], poll: float = 0.5,
                    eligible: Callable[[str], bool] = lambda run: True) -> None:
-    """Kill the last worker node once an `eligible` run has a registered checkpoint; then time until it checkpoints
-    again, and let a replacement node join."""
-    victim, run, seen = cluster.running[-1], None, set()
+    """Once an `eligible` run has a registered checkpoint, kill the worker node its Train workers run on (the last
+    worker if none is found); time until the restarted worker group's first checkpoint; let a replacement join."""
+    run, killed_wall, victim = None, 0.0, None
     while not done():
         found = {name: ckpts for name, ckpts in checkpoints(cluster.layout.shared).items() if eligible(name)}
         if run is None and found:
-            run, seen = next(iter(found.items()))
-            seen = set(seen)
+            run = next(iter(found))
+            workers = [n for n in cluster.running[1:] if n.alive() and hosts_training(n)]
+            victim = (workers or cluster.running)[-1]
             victim.kill()
-            timings.killed_at = time.monotonic()
-            print(f"rehearsal: killed node {victim.name} (all its processes) after {run}'s first checkpoint",
-                  flush=True)
-        elif run is not None and found.get(run, set()) - seen:
+            timings.killed_at, killed_wall = time.monotonic(), time.time()
+            print(f"rehearsal: killed node {victim.name} (all its processes{', its Train workers' if workers else ''}"
+                  f") after {run}'s first checkpoint", flush=True)
+        elif run is not None and any(created_at(c) > killed_wall for c in found.get(run, ())):
             timings.recovered = time.monotonic()
-            print(f"rehearsal: {run} checkpointed again {timings.recovered - timings.killed_at:.0f} s after the "
-                  "node loss", flush=True)
+            print(f"rehearsal: {run}'s restarted worker group checkpointed {timings.recovered - timings.killed_at:.0f}"
+                  " s after the node loss", flush=True)
             joined = cluster.replace(victim)
             print(f"rehearsal: node {joined.name} joins in place of {victim.name}", flush=True)
             return

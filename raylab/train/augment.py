@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from raylab.config import ConfigError
+from raylab.knobs import ConfigError
 
 CROP_PAD = 4
 CUTOUT_SIZE = 18

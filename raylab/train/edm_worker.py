@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from raylab.config import EDMConfig, ExperimentConfig, from_flat, to_flat
-from raylab.data.datasets import ImageSet, get_dataset, load_splits
+from raylab.data.datasets import ImageSet, check_dataset, load_splits
 from raylab.generate.checkpoint import save_edm
 from raylab.generate.loss import EDMLoss, ema_beta, lr_warmup
 from raylab.generate.networks import build_edm
@@ -231,8 +231,9 @@ def edm_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
 
 
 def _train_ticks(cfg: ExperimentConfig, loop_config: dict[str, Any]) -> dict[str, Any]:
-    from raylab.raytrain import load_latest_state, report
+    from raylab.raytrain import load_latest_state, report, worker_preflight
 
+    worker_preflight(cfg, loop_config)
     splits = load_splits(cfg.data)
     t = _worker_training(cfg, splits.num_classes)
     state, _ = load_latest_state()
@@ -276,9 +277,9 @@ class EDMTrainOutcome:
 
 
 def check_inputs(cfg: ExperimentConfig) -> None:
-    """What can be checked before Ray starts beyond the config itself: the data set is registered. (The batch split
-    over the workers is an `ExperimentConfig` rule, so no config reaching here can break it.)"""
-    get_dataset(cfg.data.dataset)
+    """What can be checked before Ray starts beyond the config itself: the data set's files are there and intact.
+    (The batch split over the workers is an `ExperimentConfig` rule, so no config reaching here can break it.)"""
+    check_dataset(cfg.data)
 
 
 def train_edm(cfg: ExperimentConfig, *, name: Optional[str] = None, parent_run_id: Optional[str] = None,

@@ -22,7 +22,8 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import update_bn
 
-from raylab.config import ConfigError, TrainConfig
+from raylab.config import TrainConfig
+from raylab.knobs import ConfigError
 
 BN_POLICIES = ("copy", "average", "recompute")
 

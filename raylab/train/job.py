@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from raylab.config import ExperimentConfig, to_flat, to_json
-from raylab.data.datasets import get_dataset, split_identity
+from raylab.data.datasets import check_dataset, split_identity
 from raylab.data.mix import split_batch
+from raylab.precision import precision_params
 from raylab.raytrain import EpochLogger, make_trainer
 from raylab.runs import RunDir, run_dir
 from raylab.train.worker import train_worker
@@ -41,7 +42,7 @@ class TrainOutcome:
 
 
 def _check_inputs(cfg: ExperimentConfig, generated: GeneratedInput | None) -> None:
-    get_dataset(cfg.data.dataset)
+    check_dataset(cfg.data)
     if cfg.train.ratio < 1.0 and generated is None:
         raise ValueError(f"train.ratio: {cfg.train.ratio} < 1 mixes in generated images, but no generated view "
                          "was given (generate one, or set train.ratio=1 to train on original images only)")
@@ -64,8 +65,8 @@ def open_tracker(cfg: ExperimentConfig, run: RunDir, parent_run_id: str | None, 
         return Tracker.resume(resolve_tracking_uri(cfg.tracking), id_file.read_text().strip())
     tags = {"raylab.stage": run.stage, "raylab.run_dir": str(run.path),
             **{f"raylab.input.{k}": v for k, v in run.inputs.items()}, **(tags or {})}  # inputs: what names it
-    tracker = Tracker.start(cfg.tracking, run_name or run.name, params=to_flat(cfg), config_json=to_json(cfg),
-                            parent_run_id=parent_run_id, tags=tags)
+    tracker = Tracker.start(cfg.tracking, run_name or run.name, params={**to_flat(cfg), **precision_params(cfg)},
+                            config_json=to_json(cfg), parent_run_id=parent_run_id, tags=tags)
     id_file.write_text(tracker.run_id)
     return tracker
 

@@ -16,6 +16,7 @@ from torch import nn
 
 from raylab.config import AttackConfig, TrainConfig
 from raylab.data.mix import GeneratedStream, OriginalStream
+from raylab.precision import autocast
 from raylab.train.augment import augment
 from raylab.train.ema import WeightAverage
 from raylab.train.losses import get_loss
@@ -23,11 +24,21 @@ from raylab.train.optim import clip_gradients
 from raylab.train.schedules import Schedule
 
 Batch = tuple[np.ndarray, np.ndarray]  # uint8 NHWC images, int64 labels
+Tensor = torch.Tensor
+
+
+def to_device(array: np.ndarray | Tensor, device: torch.device, dtype: torch.dtype | None = None) -> Tensor:
+    """A host batch on `device`. To a GPU through pinned memory with a non-blocking copy: a copy from pageable
+    memory waits for the GPU's queue to drain first (a host sync per batch). CPU tensors are not copied."""
+    t = torch.as_tensor(array, dtype=dtype)
+    if device.type == "cuda":
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
 
 
 def to_input(images: np.ndarray | torch.Tensor, device: torch.device, channels_last: bool = False) -> torch.Tensor:
     """uint8 NHWC -> float NCHW in [0, 1] on `device` (the models normalize inside, training_recipe.md §1)."""
-    x = torch.as_tensor(images).to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
+    x = to_device(images, device).permute(0, 3, 1, 2).float().div_(255.0)
     return x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
@@ -49,8 +60,8 @@ class TrainContext:
         self.loss_fn = get_loss(self.train.loss)  # fails on an unknown loss before any step
 
     def autocast(self) -> contextlib.AbstractContextManager:
-        # bf16 autocast is a GPU speed switch; its CPU path runs too (and is tested) but is slower there.
-        return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.train.bf16 else contextlib.nullcontext()
+        """The training forward/backward's precision (raylab.precision); the attack inside picks its own."""
+        return autocast(self.device.type, self.train.bf16)
 
 
 @dataclass
@@ -73,10 +84,11 @@ def _hard_labels(target: torch.Tensor) -> torch.Tensor:
     return target.argmax(dim=1) if target.dim() == 2 else target
 
 
-def train_step(ctx: TrainContext, images: np.ndarray, labels: np.ndarray) -> tuple[float, int, int]:
-    """Augment, attack, one optimizer step, schedule and EMA update. Returns (loss, clean correct, robust correct)."""
+def train_step(ctx: TrainContext, images: np.ndarray, labels: np.ndarray) -> tuple[Tensor, Tensor, Tensor]:
+    """Augment, attack, one optimizer step, schedule and EMA update. Returns (loss, clean correct, robust correct)
+    as tensors on the device: reading them here would stall the GPU's queue three times a step."""
     x = to_input(images, ctx.device, ctx.train.channels_last)
-    y = torch.as_tensor(labels, dtype=torch.int64, device=ctx.device)
+    y = to_device(labels, ctx.device, torch.int64)
     x, target = augment(ctx.train.augment, x, y, ctx.num_classes, ctx.generator)
     ctx.model.train()
     with ctx.autocast():
@@ -89,23 +101,26 @@ def train_step(ctx: TrainContext, images: np.ndarray, labels: np.ndarray) -> tup
     ctx.ema.update(ctx.model, ctx.step)
     ctx.step += 1
     hard = _hard_labels(target)
-    clean = int((stats["logits_clean"].argmax(1) == hard).sum())
-    robust = int((stats["logits_adv"].argmax(1) == hard).sum())
-    return float(loss.detach()), clean, robust
+    clean = (stats["logits_clean"].argmax(1) == hard).sum()
+    robust = (stats["logits_adv"].argmax(1) == hard).sum()
+    return loss.detach(), clean, robust
 
 
 def run_epoch(ctx: TrainContext, batches: Iterable[Batch]) -> EpochStats:
-    stats = EpochStats()
+    """Every step's numbers stay on the device; the epoch reads them back once, at its end."""
     start = time.perf_counter()
-    for images, labels in batches:
-        loss, clean, robust = train_step(ctx, images, labels)
-        stats.losses.append(loss)
-        stats.loss += loss
-        stats.clean_correct += clean
-        stats.robust_correct += robust
-        stats.images += len(labels)
-    stats.seconds = time.perf_counter() - start
-    return stats
+    losses, correct, images = [], torch.zeros(2, dtype=torch.int64, device=ctx.device), 0
+    for batch_images, labels in batches:
+        loss, clean, robust = train_step(ctx, batch_images, labels)
+        losses.append(loss.float())
+        correct += torch.stack((clean, robust))
+        images += len(labels)
+    if not losses:
+        return EpochStats(seconds=time.perf_counter() - start)
+    # One host read (float64 holds the counts exactly); it waits for the last step, so `seconds` is honest on GPU.
+    *per_step, clean, robust = torch.cat([torch.stack(losses).double(), correct.double()]).tolist()
+    return EpochStats(loss=sum(per_step), clean_correct=int(clean), robust_correct=int(robust), images=images,
+                      seconds=time.perf_counter() - start, losses=per_step)
 
 
 def mixed_batches(original: OriginalStream, generated: GeneratedStream | None, images: np.ndarray,

@@ -16,6 +16,7 @@ from torch import nn
 from raylab.attacks.ops import draw
 from raylab.attacks.pgd import ATTACK_MODES, eval_mode, pgd
 from raylab.config import AttackConfig, TrainConfig
+from raylab.precision import ATTACK_PRECISION
 from raylab.train.ema import unwrap
 
 Tensor = torch.Tensor
@@ -82,14 +83,15 @@ def _require_beta(cfg: TrainConfig, loss: str) -> float:
 
 def _attack(model: nn.Module, x: Tensor, y: Tensor, cfg: TrainConfig, attack: AttackConfig,
             generator: Optional[torch.Generator], objective: str, ref_logits: Optional[Tensor] = None) -> Tensor:
-    """PGD with the config's budget, random start, under the BN mode `train.attack_bn`.
+    """PGD with the config's budget, random start, under the BN mode `train.attack_bn` and the passes' precision
+    `attack.precision` (raylab.precision; the perturbation arithmetic is fp32 either way).
 
     The attack runs on the bare module, never through DDP: its input-gradient passes must not arm DDP's gradient
     all-reduce (which then waits for a parameter backward that never comes) nor broadcast BN buffers."""
     if cfg.attack_bn not in ATTACK_MODES:
         raise LossConfigError(f"train.attack_bn: {cfg.attack_bn!r} is not one of {', '.join(ATTACK_MODES)}")
     model = unwrap(model)
-    with ATTACK_MODES[cfg.attack_bn](model):
+    with ATTACK_MODES[cfg.attack_bn](model), ATTACK_PRECISION[attack.precision](x.device.type):
         return pgd(model, x, y, norm=attack.norm, eps=attack.eps, step=attack.step, steps=attack.steps,
                    objective=objective, generator=generator, ref_logits=ref_logits, random_start=True)
 

@@ -13,7 +13,8 @@ from typing import Iterator, Optional
 import torch
 from torch import nn
 
-from raylab.config import ConfigError, TrainConfig
+from raylab.config import TrainConfig
+from raylab.knobs import ConfigError
 
 # _NormBase covers BatchNorm{1,2,3}d, SyncBatchNorm and InstanceNorm*; the rest have no common base class.
 NORM_TYPES: tuple[type[nn.Module], ...] = (

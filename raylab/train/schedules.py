@@ -25,7 +25,8 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from raylab.config import ConfigError, TrainConfig
+from raylab.config import TrainConfig
+from raylab.knobs import ConfigError
 
 Shape = Callable[[float, int, float], float]
 

@@ -1,8 +1,9 @@
 """The Ray Train worker of adversarial (and standard) training: DDP, the streamed original/generated mix,
 per-epoch validation with the EMA model, checkpoints with everything needed for an exact resume.
 
-Every rank runs `train_worker(loop_config)`; rank 0 alone validates and writes `best.pt`/`last.pt` into the run
-directory (on the shared root). Reports go to Ray Train once per epoch (each `report` can block ~2 s:
+Every rank runs `train_worker(loop_config)`; every rank validates its own slice of the validation and test images
+(the counts are summed over ranks), and rank 0 alone writes `best.pt`/`last.pt` into the run directory (on the
+shared root). Reports go to Ray Train once per epoch (each `report` can block ~2 s:
 reference/ray_mlflow.md §1); the controller's `EpochLogger` logs rank 0's to MLflow: workers never talk to it.
 """
 from __future__ import annotations
@@ -15,16 +16,17 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from raylab.config import ExperimentConfig, from_flat
-from raylab.data.datasets import Splits, load_splits
+from raylab.data.datasets import ImageSet, Splits, load_splits
 from raylab.data.mix import GeneratedStream, OriginalStream, split_batch, steps_per_epoch
 from raylab.data.row_index import RowIndex
-from raylab.eval.metrics import clean_accuracy, pgd_accuracy
+from raylab.eval.metrics import correct_flags, pgd_flags, random_starts
 from raylab.io import atomic_write
 from raylab.models import create_model
-from raylab.raytrain import load_latest_state, rank_and_world, report
-from raylab.runtime import rng_state, seed_everything, set_rng_state, torch_threads
+from raylab.raytrain import load_latest_state, rank_and_world, report, worker_preflight
+from raylab.runtime import gpu_backends, rng_state, seed_everything, set_rng_state, torch_threads
 from raylab.train.ema import WeightAverage
 from raylab.train.ingest import generated_stream
 from raylab.train.loop import TrainContext, mixed_batches, run_epoch, to_input
@@ -102,21 +104,57 @@ def restore(ctx: TrainContext, streams: Streams, state: dict, own: dict | None) 
     return int(state["epoch"]), dict(state["best"]), list(state["history"])
 
 
-def validate(ctx: TrainContext, cfg: ExperimentConfig, splits: Splits) -> dict[str, float]:
+def validate(model: torch.nn.Module, device: torch.device, cfg: ExperimentConfig, splits: Splits, rank: int = 0,
+             world: int = 1) -> dict[str, float]:
     """Validation PGD (margin loss, `val_pgd{k}_acc`: the name says the steps that ran) on the held-out images
-    and test clean accuracy, both with the EMA model."""
-    model, batch = ctx.ema.module, cfg.eval.batch_size
-    gen = torch.Generator(device=ctx.device).manual_seed(cfg.train.seed)  # same attack noise every epoch
-    out = {"test_clean_acc": clean_accuracy(model, to_input(splits.test.images, ctx.device),
-                                            torch.as_tensor(splits.test.labels, device=ctx.device),
-                                            batch_size=batch)}
+    and test clean accuracy, both with `model` (the EMA model). Each of the `world` ranks scores its own slice of
+    both sets and the correct counts are summed over the ranks, so every rank returns what one device validating
+    everything returns (on one device, PGD-k of the validation set outlasts an epoch's training at 32 GPUs:
+    issue 24), exactly: an image's PGD start is drawn for the whole set (`random_starts`), whatever the slicing."""
+    test, val = (rank_slice(len(images), rank, world) for images in (splits.test, splits.val))
+    counts = {"test_clean_acc": _clean_correct(model, device, cfg, splits.test, test)}
+    totals = {"test_clean_acc": len(splits.test)}
     if len(splits.val):
-        x, y = to_input(splits.val.images, ctx.device), torch.as_tensor(splits.val.labels, device=ctx.device)
-        out["val_clean_acc"] = clean_accuracy(model, x, y, batch_size=batch)
-        out[val_metric(cfg)] = pgd_accuracy(model, x, y, norm=cfg.attack.norm, eps=cfg.attack.eps,
-                                             step=cfg.attack.step, steps=cfg.train.val_pgd_steps,
-                                             batch_size=batch, generator=gen)
-    return out
+        counts.update(_val_correct(model, device, cfg, splits.val, val))
+        totals.update(dict.fromkeys(("val_clean_acc", val_metric(cfg)), len(splits.val)))
+    summed = sum_over_ranks(list(counts.values()), device, world)
+    return {name: count / totals[name] for name, count in zip(counts, summed)}
+
+
+def rank_slice(n: int, rank: int, world: int) -> slice:
+    """This rank's contiguous share of n images: the ranks' shares partition them, sizes differ by at most one."""
+    return slice(n * rank // world, n * (rank + 1) // world)
+
+
+def _clean_correct(model: torch.nn.Module, device: torch.device, cfg: ExperimentConfig, split: ImageSet,
+                   part: slice) -> int:
+    x, y = to_input(split.images[part], device), torch.as_tensor(split.labels[part], device=device)
+    return int(correct_flags(model, x, y, batch_size=cfg.eval.batch_size).sum())
+
+
+def _val_correct(model: torch.nn.Module, device: torch.device, cfg: ExperimentConfig, val: ImageSet,
+                 part: slice) -> dict[str, int]:
+    """Clean and PGD-correct counts of this rank's part of the validation images. Every rank draws the random
+    starts of the whole set from the same seed (the same attack noise every epoch) and attacks its part with its
+    part of them."""
+    x, y = to_input(val.images, device), torch.as_tensor(val.labels, device=device)
+    gen = torch.Generator(device=device).manual_seed(cfg.train.seed)
+    start = random_starts(x, norm=cfg.attack.norm, eps=cfg.attack.eps, generator=gen)[part]
+    x, y, batch = x[part], y[part], cfg.eval.batch_size
+    robust = pgd_flags(model, x, y, norm=cfg.attack.norm, eps=cfg.attack.eps, step=cfg.attack.step,
+                       steps=cfg.train.val_pgd_steps, batch_size=batch, start=start)
+    clean = correct_flags(model, x, y, batch_size=batch)
+    return {"val_clean_acc": int(clean.sum()), val_metric(cfg): int(robust.sum())}
+
+
+def sum_over_ranks(counts: list[int], device: torch.device, world: int) -> list[int]:
+    """The counts summed over all ranks, on every rank (all_reduce; integers, so the sum is exact). One rank (local
+    mode, one worker) has no process group and nothing to add."""
+    if world == 1:
+        return counts
+    total = torch.tensor(counts, dtype=torch.int64, device=device)
+    dist.all_reduce(total)
+    return total.tolist()
 
 
 def save_weights(path: Path, ctx: TrainContext, epoch: int, metrics: dict) -> None:
@@ -170,11 +208,13 @@ def _save_npz(path: str, **arrays: np.ndarray) -> None:
 
 def train_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     cfg = from_flat(loop_config["flat"])
-    with torch_threads(cfg.resources.cpus_per_worker):  # as many intra-op threads as the worker holds CPUs
+    # As many intra-op threads as the worker holds CPUs; the GPU numerics of train.tf32 / train.deterministic.
+    with torch_threads(cfg.resources.cpus_per_worker), gpu_backends(cfg.train.tf32, cfg.train.deterministic):
         return _train(cfg, loop_config)
 
 
 def _train(cfg: ExperimentConfig, loop_config: dict[str, Any]) -> dict[str, Any]:
+    worker_preflight(cfg, loop_config)
     rank, world = rank_and_world()
     seed_everything(cfg.train.seed)  # identical initial weights on every rank; per-rank noise: ctx.generator
     splits = load_splits(cfg.data)
@@ -194,10 +234,9 @@ def _train(cfg: ExperimentConfig, loop_config: dict[str, Any]) -> dict[str, Any]
         batches = _trace(_epoch_batches(splits, streams, steps), streams, loop_config, epoch)
         stats = run_epoch(ctx, _fault_drill(batches, loop_config, epoch))
         metrics = {"epoch": epoch + 1, **stats.as_metrics(lr)}
-        if rank == 0:
-            _refresh_bn(ctx, splits, streams)
-            metrics.update(validate(ctx, cfg, splits))
-            best = _keep_best(run_path, ctx, epoch + 1, metrics, best)
+        _refresh_bn(ctx, splits, streams)  # on every rank: the same images, so the same BN statistics
+        metrics.update(validate(ctx.ema.module, ctx.device, cfg, splits, rank, world))
+        best = _keep_best(run_path, ctx, epoch + 1, metrics, best, write=rank == 0)
         history.append(metrics)
         last = epoch + 1 == cfg.train.epochs
         if rank == 0 and last:
@@ -220,9 +259,12 @@ def val_metric(cfg: ExperimentConfig) -> str:
     return f"val_pgd{cfg.train.val_pgd_steps}_acc"
 
 
-def _keep_best(run_path: Path, ctx: TrainContext, epoch: int, metrics: dict, best: dict) -> dict:
+def _keep_best(run_path: Path, ctx: TrainContext, epoch: int, metrics: dict, best: dict, write: bool) -> dict:
+    """Every rank picks from the same summed metrics, so all agree on `best` (part of the checkpoint state); the
+    writer (rank 0) saves `best.pt`."""
     score = metrics[best["metric"]]
     if score >= best["score"]:
-        save_weights(run_path / "best.pt", ctx, epoch, metrics)
+        if write:
+            save_weights(run_path / "best.pt", ctx, epoch, metrics)
         return {**best, "score": score, "epoch": epoch}
     return best

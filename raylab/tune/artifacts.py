@@ -62,13 +62,27 @@ def _generate(cfg: ExperimentConfig, parent_run_id: str | None) -> dict:
         return summary
 
 
+def check_view_inputs(cfg: ExperimentConfig) -> None:
+    """What `ensure_view` refuses before it writes or runs anything: the generation job's inputs (dataset files,
+    scorer with its stated architecture, Inception detector) and the agreement policy's second scorer. The sweep
+    driver runs it for its arms before Tune starts."""
+    from raylab.pipeline.generate_job import check_inputs
+    from raylab.pipeline.quality import scorer_identity
+    from raylab.pipeline.select import check_second
+
+    check_second(cfg.select)
+    check_inputs(cfg)
+    if cfg.select.policy == "agreement":
+        scorer_identity(cfg.select.second_checkpoint)
+
+
 def ensure_view(cfg: ExperimentConfig, parent_run_id: str | None = None) -> GeneratedView:
     """Generate (once) and select (once) what `cfg` trains on; select.policy=agreement first scores the set with
     select.second_checkpoint (once: the scores are cached beside the shards)."""
-    from raylab.pipeline.select import build_view, check_second, load_view
+    from raylab.pipeline.select import build_view, load_view
     from raylab.pipeline.scoring import second_scores
 
-    check_second(cfg.select)  # before generating anything
+    check_view_inputs(cfg)  # before generating anything
     gen = _generate(cfg, parent_run_id)
     path = artifacts_root(cfg) / f"view-{address(cfg, VIEW_KEYS)}"
     with exclusive(path.with_suffix(".lock")):

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
 from raylab.amounts import check_amount
-from raylab.config import ConfigError, ExperimentConfig, override, parse_assignments, to_flat
+from raylab.config import ExperimentConfig, override, parse_assignments, to_flat
+from raylab.knobs import ConfigError
 from raylab.presets import dataset_values, make_config, miniature, shrink_key
 from raylab.tune.sweep import Coupling
 

@@ -70,18 +70,35 @@ def sweep_dir(cfg: ExperimentConfig, space: dict[str, Sequence[Any]], coupled: O
     return path
 
 
-def check_space(cfg: ExperimentConfig, space: dict[str, Sequence[Any]], coupled: Optional[Coupling] = None) -> None:
+def check_space(cfg: ExperimentConfig, space: dict[str, Sequence[Any]],
+                coupled: Optional[Coupling] = None) -> list[ExperimentConfig]:
     """Every value of every swept key (with the keys coupled to it) makes a valid config: fail before any compute,
-    naming the key."""
+    naming the key. Returns those configs."""
     if not space:
         raise ValueError("sweep: the search space is empty (name at least one key and its values)")
     if coupled is not None and len(space) != 1:
         raise ValueError(f"sweep: coupled keys follow one swept key, not {len(space)} ({', '.join(space)})")
+    arms = []
     for key, values in space.items():
         if not list(values):
             raise ValueError(f"{key}: the sweep gives it no values")
-        for value in values:
-            check_amount(override(cfg, {key: value, **(coupled(value) if coupled else {})}))
+        arms += [override(cfg, {key: value, **(coupled(value) if coupled else {})}) for value in values]
+    for arm in arms:
+        check_amount(arm)
+    return arms
+
+
+def check_inputs(arms: Sequence[ExperimentConfig]) -> None:
+    """In the driver, before Tune starts, once per distinct input: each arm's dataset files and, for arms that train
+    on generated data, what generating and selecting them needs (raylab.tune.artifacts.check_view_inputs)."""
+    from raylab.data.datasets import check_dataset
+    from raylab.tune.artifacts import check_view_inputs
+
+    for arm in {(a.data, a.select, a.generate.inception_weights, a.train.ratio < 1): a for a in arms}.values():
+        if arm.train.ratio < 1:
+            check_view_inputs(arm)
+        else:
+            check_dataset(arm.data)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -249,7 +266,8 @@ def run_sweep(cfg: ExperimentConfig, space: dict[str, Sequence[Any]], *, layout:
     from raylab.cluster import init_ray
     from raylab.tune.report import report_sweep
 
-    check_space(cfg, space, coupled)
+    arms = check_space(cfg, space, coupled)
+    check_inputs([pin_paths(arm) for arm in arms])
     cfg = pin_paths(cfg)  # trials run in Tune's trial directories, not in this cwd
     path = sweep_dir(cfg, space, coupled)
     name, storage = path.name, path.parent

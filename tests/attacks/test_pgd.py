@@ -97,6 +97,22 @@ def test_same_generator_same_result_and_global_rng_untouched(trained, norm):
 
 
 @pytest.mark.parametrize("norm", sorted(NORMS))
+def test_a_given_start_is_the_random_start_of_its_images(trained, norm):
+    """`start` (drawn beforehand for a whole set) replaces the draw: the same numbers give the same attack, and
+    each image keeps its start when it is attacked alone (what validation on several ranks relies on)."""
+    model, x, y = trained
+    start = NORMS[norm].init(x, BUDGETS[norm]["eps"], torch.Generator().manual_seed(7))
+    assert torch.equal(attack(model, x, y, norm, steps=0, start=start), (x + start).clamp(0, 1))
+    assert torch.equal(attack(model, x, y, norm, seed=3, start=start), attack(model, x, y, norm, seed=7))
+    for steps in (0, 3):
+        alone = torch.cat([attack(model, x[i:i + 1], y[i:i + 1], norm, steps=steps, start=start[i:i + 1])
+                           for i in range(4)])
+        together = attack(model, x[:4], y[:4], norm, steps=steps, start=start[:4])
+        # After gradient steps, up to the float rounding of a forward pass, which depends on the batch size
+        torch.testing.assert_close(alone, together, rtol=0, atol=0 if steps == 0 else 1e-6)
+
+
+@pytest.mark.parametrize("norm", sorted(NORMS))
 def test_eps_zero_returns_x(trained, norm):
     model, x, y = trained
     assert torch.equal(attack(model, x, y, norm, eps=0.0), x)
@@ -166,6 +182,7 @@ def test_ops_primitives():
     (dict(eps=-0.1), "attack eps/step: -0.1/"),
     (dict(steps=2.5), "attack steps: 2.5 must be an int >= 0"),
     (dict(objective="kl", ref_logits=None), "attack objective 'kl': needs ref_logits"),
+    (dict(start=torch.zeros(2, 3, 8, 8)), "attack start: shape \\(2, 3, 8, 8\\) must be the images' \\(4, 3, 8, 8\\)"),
 ])
 def test_bad_arguments_raise_before_any_forward(kwargs, message):
     calls = []

@@ -23,7 +23,7 @@ def four_parts(tmp_path_factory):
     d = tmp_path_factory.mktemp("four-parts")
     labels = np.repeat(np.arange(CLASSES), ROWS // CLASSES)
     parts = [write_constant_npz(d / f"part{i + 1}.npz", part) for i, part in enumerate(np.split(labels, PARTS))]
-    store = import_npz(parts, d / "store")
+    store = import_npz(parts, d / "store", num_classes=CLASSES)
     for part in parts:
         part.unlink()
     return store.root

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
+import os
 import pickle
 import tarfile
 from pathlib import Path
@@ -301,6 +302,84 @@ def test_official_sources_are_pinned():
         "train_32x32.mat": "e26dedcc434d2e4c54c9b2d4a06d8373",
         "test_32x32.mat": "eb5a983be6a315427106f1b164e9fef3"}
     assert all(v.url.endswith("/" + k) for k, v in ds.REMOTES.items())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The check before compute (`check_dataset`): on the driver before generation, on every Ray Train worker.
+
+def _node() -> str:
+    from raylab.cluster import this_node
+
+    return this_node()
+
+
+@pytest.mark.parametrize("dataset, missing", [("cifar10", "cifar-10-python.tar.gz"),
+                                              ("cifar100", "cifar-100-python.tar.gz"),
+                                              ("svhn", "train_32x32.mat")])
+def test_a_missing_dataset_is_one_line_naming_path_node_and_fix(tmp_path, dataset, missing):
+    with pytest.raises(DatasetError) as err:
+        ds.check_dataset(DataConfig(dataset=dataset, root=str(tmp_path / "data")))
+    assert str(err.value) == (
+        f"data.dataset={dataset} on node {_node()}: {tmp_path / 'data' / missing}: dataset file missing; set "
+        f"data.download=true or place {missing} there (on a cluster: data.root on the shared root every node mounts)")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_corrupt_archive_is_refused_and_a_good_one_hashed_once_per_version(tmp_path, monkeypatch):
+    archive = _cifar10_archive(tmp_path / "cifar-10-python.tar.gz")  # its md5 is now the "published" one
+    good = archive.read_bytes()
+    archive.write_bytes(good[:-10])  # truncated copy
+    cfg = DataConfig(dataset="cifar10", root=str(tmp_path), val_size=3)
+    with pytest.raises(DatasetError) as err:
+        ds.check_dataset(cfg)
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith(f"data.dataset=cifar10 on node {_node()}: {archive}: md5 ")
+    assert "delete it and set data.download=true" in msg and "shared root" not in msg
+    assert sorted(p.name for p in tmp_path.iterdir()) == [archive.name]  # nothing recorded, nothing extracted
+    archive.write_bytes(good)
+    hashed = []
+    monkeypatch.setattr(ds, "file_digest", lambda path, algorithm: hashed.append(path) or _md5(path))
+    ds.check_dataset(cfg)
+    ds.check_dataset(cfg)  # the record beside the archive: not hashed again
+    assert hashed == [archive] and (tmp_path / ".cifar-10-python.tar.gz.md5").is_file()
+    os.utime(archive, ns=(0, archive.stat().st_mtime_ns + 10**9))  # replaced (same size, newer mtime)
+    ds.check_dataset(cfg)
+    assert hashed == [archive, archive]
+
+
+def test_the_extracted_folder_is_what_is_checked_once_there(tmp_path):
+    """The loader reads the extracted folder alone once it exists: the check follows it."""
+    _cifar10_archive(tmp_path / "cifar-10-python.tar.gz")
+    cfg = DataConfig(dataset="cifar10", root=str(tmp_path), val_size=3)
+    load_splits(cfg)  # extracts
+    (tmp_path / "cifar-10-python.tar.gz").unlink()
+    ds.check_dataset(cfg)
+    (tmp_path / "cifar-10-batches-py" / "data_batch_3").unlink()
+    with pytest.raises(DatasetError, match=f"^data.dataset=cifar10 on node .*: {tmp_path}/cifar-10-batches-py/"
+                                           "data_batch_3: dataset file missing from the extracted folder; delete "
+                                           "the folder to re-extract the archive"):
+        ds.check_dataset(cfg)
+
+
+def test_svhn_files_are_checked_against_their_md5_and_downloaded_when_allowed(tmp_path):
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    for split, labels in (("train", [1, 2, 3]), ("test", [4, 5])):
+        _svhn_mat(mirror / f"{split}_32x32.mat", labels)
+        ds.REMOTES[f"{split}_32x32.mat"] = ds.Remote((mirror / f"{split}_32x32.mat").as_uri(),
+                                                     _md5(mirror / f"{split}_32x32.mat"))
+    root = tmp_path / "root"
+    ds.check_dataset(DataConfig(dataset="svhn", root=str(root), download=True))
+    assert sorted(p.name for p in root.iterdir()) == [".test_32x32.mat.md5", ".train_32x32.mat.md5",
+                                                      "test_32x32.mat", "train_32x32.mat"]
+    (root / "test_32x32.mat").write_bytes(b"not the file")
+    with pytest.raises(DatasetError, match=f"svhn on node .*: {root / 'test_32x32.mat'}: md5 "):
+        ds.check_dataset(DataConfig(dataset="svhn", root=str(root)))
+
+
+def test_digits_has_no_file_to_check(tmp_path):
+    ds.check_dataset(DataConfig(dataset="digits", root=str(tmp_path / "none")))
+    assert list(tmp_path.iterdir()) == []
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -27,7 +27,8 @@ def make_npz(path, n, seed=0, compressed=False):
 
 def test_round_trip_is_byte_exact(tmp_path):
     images, labels = make_npz(tmp_path / "gen.npz", 2500)
-    store = import_npz(tmp_path / "gen.npz", tmp_path / "out", shard_size=1000, identity_extra={"note": "t"})
+    store = import_npz(tmp_path / "gen.npz", tmp_path / "out", shard_size=1000, identity_extra={"note": "t"},
+                       num_classes=10)
     got = read_numpy(store.root)
     order = store_sources([2500], 1000)  # store row k is file row order[k]: shards in random class order
     assert sorted(order.tolist()) == list(range(2500)) and not np.array_equal(order, np.arange(2500))
@@ -52,7 +53,7 @@ def test_class_sorted_file_gives_shards_of_every_class(tmp_path):
     images = np.zeros((2000, 32, 32, 3), np.uint8)
     labels = np.repeat(np.arange(10), 200)
     np.savez(tmp_path / "sorted.npz", image=images, label=labels)
-    store = import_npz(tmp_path / "sorted.npz", tmp_path / "out", shard_size=500)
+    store = import_npz(tmp_path / "sorted.npz", tmp_path / "out", shard_size=500, num_classes=10)
     for path in store.shard_paths():
         labels = shards.read_table(store.root, ["label"], rows={path.name: np.arange(25)}).column("label")
         counts = np.bincount(shards.read_parquet(path, ["label"]).column("label").to_numpy(), minlength=10)
@@ -79,7 +80,7 @@ _MEASURE = textwrap.dedent("""
     def rss():
         with open("/proc/self/status") as f:
             return next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmRSS:"))
-    npz_import.import_npz(warm, out + "-warm", shard_size=int(shard))
+    npz_import.import_npz(warm, out + "-warm", shard_size=int(shard), num_classes=10)
     pool = pa.default_memory_pool()
     before, rss0, peak, done = pool.max_memory(), rss(), [0], threading.Event()
     def sample():
@@ -87,7 +88,7 @@ _MEASURE = textwrap.dedent("""
             peak[0] = max(peak[0], rss())
     threading.Thread(target=sample, daemon=True).start()
     tracemalloc.start()
-    npz_import.import_npz(npz, out, shard_size=int(shard))
+    npz_import.import_npz(npz, out, shard_size=int(shard), num_classes=10)
     traced = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     done.set()
@@ -130,13 +131,13 @@ def test_memory_does_not_grow_with_the_file(tmp_path):
 
 def test_rerun_skips_finished_shards(tmp_path):
     make_npz(tmp_path / "gen.npz", 300)
-    store = import_npz(tmp_path / "gen.npz", tmp_path / "out", shard_size=100)
+    store = import_npz(tmp_path / "gen.npz", tmp_path / "out", shard_size=100, num_classes=10)
     inodes = {p.name: p.stat().st_ino for p in store.shard_paths()}
-    import_npz(tmp_path / "gen.npz", tmp_path / "out", shard_size=100)
+    import_npz(tmp_path / "gen.npz", tmp_path / "out", shard_size=100, num_classes=10)
     assert {p.name: p.stat().st_ino for p in store.shard_paths()} == inodes  # nothing rewritten
     lost = store.root / shard_layout.shard_name(100, 199)
     lost.unlink()
-    import_npz(tmp_path / "gen.npz", tmp_path / "out", shard_size=100)
+    import_npz(tmp_path / "gen.npz", tmp_path / "out", shard_size=100, num_classes=10)
     now = {p.name: p.stat().st_ino for p in store.shard_paths()}
     assert lost.exists() and {k: v for k, v in now.items() if k != lost.name} == {
         k: v for k, v in inodes.items() if k != lost.name}
@@ -145,18 +146,18 @@ def test_rerun_skips_finished_shards(tmp_path):
 
 def test_other_shard_size_or_file_is_another_identity(tmp_path):
     make_npz(tmp_path / "gen.npz", 50)
-    import_npz(tmp_path / "gen.npz", tmp_path / "out", shard_size=20)
+    import_npz(tmp_path / "gen.npz", tmp_path / "out", shard_size=20, num_classes=10)
     with pytest.raises(ShardError, match="identity"):
-        import_npz(tmp_path / "gen.npz", tmp_path / "out", shard_size=25)
+        import_npz(tmp_path / "gen.npz", tmp_path / "out", shard_size=25, num_classes=10)
     make_npz(tmp_path / "gen.npz", 50, seed=1)
     with pytest.raises(ShardError, match="identity"):
-        import_npz(tmp_path / "gen.npz", tmp_path / "out", shard_size=20)
+        import_npz(tmp_path / "gen.npz", tmp_path / "out", shard_size=20, num_classes=10)
 
 
 def test_compressed_npz_is_refused(tmp_path):
     make_npz(tmp_path / "c.npz", 10, compressed=True)
     with pytest.raises(ShardError, match="compressed") as err:
-        import_npz(tmp_path / "c.npz", tmp_path / "out")
+        import_npz(tmp_path / "c.npz", tmp_path / "out", num_classes=10)
     assert "\n" not in str(err.value) and not (tmp_path / "out").exists()
 
 
@@ -168,9 +169,38 @@ def test_compressed_npz_is_refused(tmp_path):
 def test_malformed_npz_is_refused(tmp_path, arrays, match):
     np.savez(tmp_path / "bad.npz", **arrays)
     with pytest.raises(ShardError, match=match):
-        import_npz(tmp_path / "bad.npz", tmp_path / "out")
+        import_npz(tmp_path / "bad.npz", tmp_path / "out", num_classes=10)
     with pytest.raises(ShardError, match="shard_size"):
-        import_npz(tmp_path / "bad.npz", tmp_path / "out", shard_size=0)
+        import_npz(tmp_path / "bad.npz", tmp_path / "out", shard_size=0, num_classes=10)
+
+
+def test_labels_outside_the_datasets_classes_are_refused_before_a_store_exists(tmp_path):
+    images = np.zeros((6, 32, 32, 3), np.uint8)
+    np.savez(tmp_path / "gen.npz", image=images, label=np.array([0, 3, 12, 9, 12, 1]))
+    with pytest.raises(ShardError) as err:
+        import_npz(tmp_path / "gen.npz", tmp_path / "out", shard_size=2, num_classes=10)
+    assert str(err.value) == (f"{tmp_path / 'gen.npz'}: label 12 (2 row(s)) is not a class of a 10-class dataset "
+                              "(labels must lie in [0, 10)); set data.dataset to the dataset it was generated for")
+    assert not (tmp_path / "out").exists()
+    np.savez(tmp_path / "neg.npz", image=images, label=np.array([0, -1, 2, 3, 4, 5]))
+    with pytest.raises(ShardError, match="label -1 \\(1 row\\(s\\)\\)"):
+        import_npz(tmp_path / "neg.npz", tmp_path / "out", num_classes=10)
+    assert not (tmp_path / "out").exists()
+    store = import_npz(tmp_path / "gen.npz", tmp_path / "out", shard_size=2, num_classes=100)  # a CIFAR-100 file
+    assert sorted(read_numpy(store.root)["label"].tolist()) == [0, 1, 3, 9, 12, 12]
+
+
+def test_the_cli_takes_the_classes_from_data_dataset(tmp_path, capsys):
+    from raylab.cli import main
+
+    np.savez(tmp_path / "gen.npz", image=np.zeros((4, 32, 32, 3), np.uint8), label=np.array([0, 12, 1, 2]))
+    assert main(["data", "import-npz", str(tmp_path / "gen.npz"), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("raylab: error: ") and "label 12 (1 row(s)) is not a class of a 10-class dataset" in err
+    assert "\n" not in err and not (tmp_path / "out").exists()
+    assert main(["data", "import-npz", str(tmp_path / "gen.npz"), str(tmp_path / "out"),
+                 "--set", "data.dataset=cifar100"]) == 0
+    assert len(read_numpy(tmp_path / "out")["label"]) == 4
 
 
 def test_memmap_reads_fortran_and_zip64_members(tmp_path):
@@ -179,10 +209,12 @@ def test_memmap_reads_fortran_and_zip64_members(tmp_path):
     got_images, got_labels = open_npz_arrays(tmp_path / "f.npz")
     np.testing.assert_array_equal(got_images, images)
     np.testing.assert_array_equal(got_labels, np.arange(5))
-    store = import_npz(tmp_path / "f.npz", tmp_path / "out", shard_size=2)
+    store = import_npz(tmp_path / "f.npz", tmp_path / "out", shard_size=2, num_classes=10)
     np.testing.assert_array_equal(read_numpy(store.root)["image"], images[store_sources([5], 2)])
     layout = Layout.of([5], 2, 0)
-    assert layout.seed_ranges(layout.dealt()) == [(0, 1), (2, 3), (4, 4)] or layout.shards == 3
+    ranges = layout.seed_ranges(layout.dealt())  # 5 rows over ceil(5 / 2) shards, the extra rows dealt at random
+    assert layout.shards == 3 and ranges[0][0] == 0 and ranges[-1][1] == 4
+    assert all(a[1] + 1 == b[0] for a, b in zip(ranges, ranges[1:])) and all(1 <= b - a + 1 <= 2 for a, b in ranges)
 
 
 def _parts(tmp_path, sizes=(900, 1100, 1000, 1000)):
@@ -201,7 +233,7 @@ def _parts(tmp_path, sizes=(900, 1100, 1000, 1000)):
 
 def test_parts_make_one_store_whose_every_shard_holds_every_class(tmp_path):
     paths, images, labels = _parts(tmp_path)
-    store = import_npz(paths, tmp_path / "out", shard_size=1000)
+    store = import_npz(paths, tmp_path / "out", shard_size=1000, num_classes=10)
     got = read_numpy(store.root)
     order = store_sources([900, 1100, 1000, 1000], 1000)  # store row k is row order[k] of the parts concatenated
     np.testing.assert_array_equal(got["image"], images[order])
@@ -221,27 +253,27 @@ def test_the_import_reads_runs_of_rows_not_single_rows(tmp_path, monkeypatch):
     calls = []
     real = npz_import.os.preadv
     monkeypatch.setattr(npz_import.os, "preadv", lambda *a: calls.append(1) or real(*a))
-    store = import_npz(paths, tmp_path / "out", shard_size=1000)
+    store = import_npz(paths, tmp_path / "out", shard_size=1000, num_classes=10)
     run = store.manifest["identity"]["run_rows"]
     assert run == 15 and len(calls) <= 2 * (4000 / run + 4 * len(store.shard_paths())), len(calls)
 
 
 def test_a_rerun_writes_only_the_missing_shards_and_other_parts_are_refused_in_one_line(tmp_path):
     paths, _, _ = _parts(tmp_path)
-    store = import_npz(paths, tmp_path / "out", shard_size=500)
+    store = import_npz(paths, tmp_path / "out", shard_size=500, num_classes=10)
     inodes = {p.name: p.stat().st_ino for p in store.shard_paths()}
     lost = store.shard_paths()[3]
     lost.unlink()
-    import_npz(paths, tmp_path / "out", shard_size=500)
+    import_npz(paths, tmp_path / "out", shard_size=500, num_classes=10)
     now = {p.name: p.stat().st_ino for p in store.shard_paths()}
     assert lost.exists() and {k: v for k, v in now.items() if k != lost.name} == {
         k: v for k, v in inodes.items() if k != lost.name}
     np.savez(paths[2], image=np.zeros((1000, 32, 32, 3), np.uint8), label=np.zeros(1000, np.int64))
     with pytest.raises(ShardError, match=r"part\(s\) \['part3.npz'\] differ in name, size or content") as err:
-        import_npz(paths, tmp_path / "out", shard_size=500)
+        import_npz(paths, tmp_path / "out", shard_size=500, num_classes=10)
     assert "\n" not in str(err.value)
     with pytest.raises(ShardError, match="a part is named twice"):
-        import_npz([paths[0], paths[0]], tmp_path / "other")
+        import_npz([paths[0], paths[0]], tmp_path / "other", num_classes=10)
 
 
 def test_the_cli_imports_several_parts_into_one_store(tmp_path, capsys):

@@ -14,7 +14,8 @@ import pytest
 import torch
 from torch import nn
 
-from raylab.config import ConfigError, EvalConfig, ResourcesConfig, to_flat, to_json
+from raylab.config import EvalConfig, ResourcesConfig, to_flat, to_json
+from raylab.knobs import ConfigError
 from raylab.presets import make_config
 from raylab.data.datasets import get_dataset
 from raylab.eval.chunk import ChunkJob, evaluate_chunk, plan_chunks, to_float

@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from raylab.eval.metrics import (EvalError, clean_accuracy, correct_flags, pgd_accuracy, pgd_flags,
+from raylab.eval.metrics import (EvalError, clean_accuracy, correct_flags, pgd_accuracy, pgd_flags, random_starts,
                                  require_eval_mode)
 
 
@@ -84,6 +84,34 @@ def test_pgd_is_reproducible_and_leaves_global_rng_alone():
             for _ in range(2)]
     assert torch.equal(runs[0], runs[1])
     assert torch.equal(torch.random.get_rng_state(), state)
+
+
+def test_starts_drawn_for_the_whole_set_make_the_flags_independent_of_slicing():
+    """Validation split over ranks (raylab.train.worker.validate): slices attacked with their slices of one draw
+    of starts give the one-device flags, whatever the slices and batches. Ranks each drawing from the seeded
+    generator give their images the starts of the first images instead, and other flags here."""
+    model, x = small_cnn(), data(24)
+    y = model(x).argmax(1)
+    attack = dict(norm="linf", eps=3 / 255, steps=3)
+    start = random_starts(x, norm="linf", eps=3 / 255, generator=gen(5))
+    whole = pgd_flags(model, x, y, batch_size=24, start=start, **attack)
+    assert 0 < whole.sum() < len(whole)  # some robust, some not: a slicing error would show
+    assert torch.equal(whole, pgd_flags(model, x, y, batch_size=24, generator=gen(5), **attack))  # one batch
+    for cuts, batch in (((0, 12, 24), 24), ((0, 5, 13, 24), 3)):
+        parts = [pgd_flags(model, x[a:b], y[a:b], batch_size=batch, start=start[a:b], **attack)
+                 for a, b in zip(cuts, cuts[1:])]
+        assert torch.equal(torch.cat(parts), whole)
+    drawn_per_rank = [pgd_flags(model, x[a:b], y[a:b], batch_size=24, generator=gen(5), **attack)
+                      for a, b in ((0, 12), (12, 24))]
+    assert not torch.equal(torch.cat(drawn_per_rank), whole)
+
+
+def test_a_start_of_the_wrong_shape_or_no_source_of_noise_fails_before_any_forward():
+    x, y = data(4), torch.zeros(4, dtype=torch.int64)
+    with pytest.raises(EvalError, match="start: expected one random start per image"):
+        pgd_flags(Exploding().eval(), x, y, norm="linf", eps=0.1, batch_size=4, start=torch.zeros(3, 3, 8, 8))
+    with pytest.raises(EvalError, match="generator"):
+        pgd_flags(Exploding().eval(), x, y, norm="linf", eps=0.1, batch_size=4)
 
 
 def test_train_mode_is_an_error_and_is_not_switched():

@@ -68,14 +68,14 @@ def test_agreement_selection_scores_the_store_a_second_time_via_the_cli(referenc
             f"select.second_checkpoint={assets['scorer2']}", "select.agreement_confidence=0.9"]
     assert cli.main(["select", str(view), "--store", str(store)] + [a for s in sets for a in ("--set", s)]) == 0
     described = json.loads(capsys.readouterr().out)
-    second = load_scores(scores_path(store, scorer_identity(assets["scorer2"], cfg)["sha256"]))[1]
+    second = load_scores(scores_path(store, scorer_identity(assets["scorer2"])["sha256"]))[1]
     first = read_numpy(store, ["seed", "pred", "confidence"])
     np.testing.assert_array_equal(second["seed"], first["seed"])
     drop = (first["pred"] != second["pred"]) & (first["confidence"] < 0.9) & (second["confidence"] < 0.9)
     assert described["rows"] == int((~drop).sum()) and described["policy"] == "agreement"
     assert cli.main(["data", "describe", str(view)]) == 0
     assert json.loads(capsys.readouterr().out)["rows"] == described["rows"]
-    cached = scores_path(store, scorer_identity(assets["scorer2"], cfg)["sha256"])
+    cached = scores_path(store, scorer_identity(assets["scorer2"])["sha256"])
     stamp = cached.stat().st_mtime_ns
     assert score_store(cfg, store, assets["scorer2"]) == cached and cached.stat().st_mtime_ns == stamp
 
@@ -144,10 +144,10 @@ def test_a_sweep_view_with_the_agreement_policy_scores_the_set_a_second_time(ref
     atomic_write_json(folder / "generate.json", {"store": str(store), "identity_hash": ref.identity_hash, "fd": 1.0})
     view = ensure_view(cfg)
     first = read_numpy(store, ["seed", "pred", "confidence"])
-    second = load_scores(scores_path(store, scorer_identity(assets["scorer2"], cfg)["sha256"]))[1]
+    second = load_scores(scores_path(store, scorer_identity(assets["scorer2"])["sha256"]))[1]
     drop = (first["pred"] != second["pred"]) & (first["confidence"] < 0.9) & (second["confidence"] < 0.9)
     assert view.rows == int((~drop).sum()) and view.fd == 1.0
     assert json.loads((view.view_path / "view.json").read_text())["second_scorer"]["scorer"]["sha256"] == \
-        scorer_identity(assets["scorer2"], cfg)["sha256"]
+        scorer_identity(assets["scorer2"])["sha256"]
     assert from_json((view.view_path / "config.json").read_text()) == cfg
     assert from_json((folder / "config.json").read_text()) == cfg

@@ -4,7 +4,6 @@ import pytest
 import scipy.linalg
 import torch
 
-from raylab.presets import make_config
 from raylab.pipeline.quality import (FD_LABEL, InceptionFeatures, QualityError, Scorer, feature_stats,
                                      frechet_distance, frechet_distance_features, inception_fid, score_columns,
                                      scorer_fd, scorer_identity, trace_sqrt_product)
@@ -49,7 +48,7 @@ def test_score_columns_use_the_conditioning_class_or_the_pseudo_label():
 
 
 def test_scorer_features_come_from_the_penultimate_layer(assets):
-    scorer = Scorer.load(scorer_identity(assets["scorer"], make_config("tiny")))
+    scorer = Scorer.load(scorer_identity(assets["scorer"]))
     images = np.random.default_rng(2).integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
     feats = scorer.features(images, batch=4)
     assert feats.shape == (6, scorer.model.logits.in_features)

@@ -5,7 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from raylab.config import ConfigError, TrainConfig
+from raylab.config import TrainConfig
+from raylab.knobs import ConfigError
 from raylab.train import augment as aug
 from raylab.train.augment import AUGMENTS, CROP_PAD, CUTOUT_SIZE, augment, crop_flip_images, crop_images, is_soft
 

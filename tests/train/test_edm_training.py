@@ -79,7 +79,7 @@ def test_local_mode_lowers_the_loss_and_writes_a_loadable_network(ray_session, t
 
 
 def test_bad_batch_for_the_worker_count_fails_before_any_compute(tmp_path):
-    from raylab.config import ConfigError
+    from raylab.knobs import ConfigError
 
     with pytest.raises(ConfigError, match="^edm.batch_size: 15 is not divisible by resources.num_workers=2$"):
         small_config(tmp_path, **{"edm.batch_size": 15, "resources.num_workers": 2})  # the config refuses it

@@ -3,7 +3,8 @@ import pytest
 import torch
 from torch import nn
 
-from raylab.config import ConfigError, TrainConfig
+from raylab.config import TrainConfig
+from raylab.knobs import ConfigError
 from raylab.train.optim import build_optimizer, clip_gradients, param_groups, scaled_lr
 
 

@@ -24,7 +24,7 @@ def sorted_import(tmp_path_factory):
     images = np.zeros((CLASSES * PER_CLASS, 32, 32, 3), np.uint8)  # pixels do not matter to the mix
     np.savez(d / "sorted.npz", image=images, label=np.repeat(np.arange(CLASSES), PER_CLASS))
     del images
-    store = import_npz(d / "sorted.npz", d / "store", shard_size=10_000)
+    store = import_npz(d / "sorted.npz", d / "store", shard_size=10_000, num_classes=10)
     (d / "sorted.npz").unlink()
     return store.root
 

@@ -4,7 +4,8 @@ import math
 import pytest
 import torch
 
-from raylab.config import ConfigError, TrainConfig
+from raylab.config import TrainConfig
+from raylab.knobs import ConfigError
 from raylab.train.schedules import SCHEDULES, build_scheduler, cosine_factor, onecycle_factor
 
 
