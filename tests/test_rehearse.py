@@ -115,3 +115,15 @@ def test_recovery_counts_only_a_checkpoint_created_after_the_kill():
 
     kill = datetime.datetime(2026, 12, 7, 19, 36, 22).timestamp()
     assert created_at("checkpoint_2026-12-07_19-36-21.657682") < kill < created_at("checkpoint_2026-12-07_19-37-05.230867")
+
+
+def test_a_runs_checkpoints_are_its_checkpoint_directories_once_registered(tmp_path):
+    """The controller's snapshot file (`checkpoint_manager_snapshot.json`) matches `checkpoint_*` too: it is no
+    checkpoint (the watcher once died parsing its name as a timestamp)."""
+    from raylab.rehearse.run import SNAPSHOT, checkpoints
+
+    run = tmp_path / "runs" / "ray_results" / "steps-1"
+    (run / "checkpoint_2026-12-07_21-00-31.099059").mkdir(parents=True)
+    assert checkpoints(tmp_path) == {}  # nothing registered yet: a directory alone may be in flight
+    (run / SNAPSHOT).write_text("{}")
+    assert checkpoints(tmp_path) == {"steps-1": {"checkpoint_2026-12-07_21-00-31.099059"}}

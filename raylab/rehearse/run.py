@@ -143,7 +143,7 @@ class Cluster:
             self.running.append(nodes.start_node(self.layout, index, name, self.script(index, name), env))
         self.wait_ready(self.count)
 
-    def replace(self, lost: nodes.Node) -> nodes.Node:
+    def replace(self) -> nodes.Node:
         """A fresh worker node joins, as the autoscaler replaces a lost spot node: a new name, address and disk.
         It must pass the shared-root check where it takes work (it was not there when the job started)."""
         index = len(self.names)
@@ -205,7 +205,7 @@ def checkpoints(shared: Path) -> dict[str, set[str]]:
     a node lost then restarts the run from scratch, not from that checkpoint)."""
     out: dict[str, set[str]] = {}
     for ckpt in shared.glob("**/ray_results/*/checkpoint_*"):
-        if (ckpt.parent / SNAPSHOT).exists():
+        if ckpt.is_dir() and (ckpt.parent / SNAPSHOT).exists():  # the snapshot file matches the pattern too
             out.setdefault(ckpt.parent.name, set()).add(ckpt.name)
     return out
 
@@ -245,8 +245,9 @@ def _pid_namespace(pid: int | None) -> str | None:
 def watch_and_kill(cluster: Cluster, timings: Timings, done: Callable[[], bool], poll: float = 0.5,
                    eligible: Callable[[str], bool] = lambda run: True) -> None:
     """Once an `eligible` run has a registered checkpoint, kill the worker node its Train workers run on (the last
-    worker if none is found); time until the restarted worker group's first checkpoint; let a replacement join."""
-    run, killed_wall, victim = None, 0.0, None
+    worker if none is found) and let a replacement join, as an autoscaler replaces a lost spot node; time until the
+    restarted worker group's first checkpoint."""
+    run, killed_wall = None, 0.0
     while not done():
         found = {name: ckpts for name, ckpts in checkpoints(cluster.layout.shared).items() if eligible(name)}
         if run is None and found:
@@ -257,12 +258,11 @@ def watch_and_kill(cluster: Cluster, timings: Timings, done: Callable[[], bool],
             timings.killed_at, killed_wall = time.monotonic(), time.time()
             print(f"rehearsal: killed node {victim.name} (all its processes{', its Train workers' if workers else ''}"
                   f") after {run}'s first checkpoint", flush=True)
+            print(f"rehearsal: node {cluster.replace().name} joins in place of {victim.name}", flush=True)
         elif run is not None and any(created_at(c) > killed_wall for c in found.get(run, ())):
             timings.recovered = time.monotonic()
             print(f"rehearsal: {run}'s restarted worker group checkpointed {timings.recovered - timings.killed_at:.0f}"
                   " s after the node loss", flush=True)
-            joined = cluster.replace(victim)
-            print(f"rehearsal: node {joined.name} joins in place of {victim.name}", flush=True)
             return
         time.sleep(poll)
 

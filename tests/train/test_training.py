@@ -104,6 +104,24 @@ def test_local_mode_training_with_generated_mix_logs_to_mlflow(ray_session, tmp_
 
 
 @pytest.mark.ray
+def test_workers_holding_every_cpu_still_read_their_generated_rows(ray_session, tmp_path):
+    """The dress rehearsal, after a node loss: 4 Train workers on the one 4-CPU node left waited forever on their
+    first window, whose Ray Data read task asked for a CPU of its own. Here 2 workers x 2 CPUs hold all 4 of the
+    session's CPUs; the ingest's reads run inside the ranks' budget and the epoch completes."""
+    import ray
+
+    from raylab.train.job import run_training
+
+    assert ray.cluster_resources()["CPU"] == 4
+    cfg = small_config(tmp_path, **{"resources.num_workers": 2, "resources.cpus_per_worker": 2, "train.ratio": 0.5,
+                                    "train.epochs": 1})
+    splits = load_splits(cfg.data)
+    store = write_generated(tmp_path / "gen", splits.train.images[:300], splits.train.labels[:300])
+    out = run_training(cfg, generated=generated_input(store.root))
+    assert [h["epoch"] for h in out.history] == [1]
+
+
+@pytest.mark.ray
 def test_the_same_config_on_another_generated_view_is_another_run(ray_session, tmp_path):
     """Issue 24: `raylab train --generated A`, then the same command with `--generated B`, printed A's run directory
     and MLflow run and trained nothing. A run's identity holds its view's content: B is a new run that trains,
