@@ -22,6 +22,19 @@ sets are; Parquet stores the constant images in ~2.5 MB per 10,000-row shard. Ea
    each worker before and at its peak, against its window share (WINDOW_ROWS / 2 rows of 3,072 bytes).
 6. with --real ROWS: the import of ROWS random images from 4 parts written to disk and dropped from the page cache
    (3 KB a row on disk, twice while writing), and one pread per row (the old importer's reads) on the same part.
+
+Measured on the 2-core dev box shared with other jobs (`--real 1000000`, 2026-12-07; load average 9-15):
+
+    import 50M in 4 parts     86,201 rows/s wall (168K in an earlier run at load 5-13), 188K rows per CPU-second,
+                              peak RSS 416 MB, 5,000 shards, 12.7 GB
+    select (policy none)      71 s (31 s at lower load), peak RSS 3.9 GB
+    start-up, view            1.8 s and 625 MB peak the first time (builds the index: 1.1 GB rows.npz hashed and
+                              mapped), 0.3 s and 91 MB after; the whole store 0.1-0.2 s, 92-97 MB; loop config 97 B
+    replaced                  the per-shard mask index 87 s, sha256 of every shard 261 s for the real 154 GB
+    rows read / consumed      max over ranks 1.008 (2 workers), 1.030 (4), 1.060 (8)
+    Train workers (2)         RSS 387 MB before streaming, 474 MB at peak (window share 48 MB)
+    import, random, on disk   1M rows: 31K rows/s wall at load 15 (55K at load 7; 117K alone at load 6),
+                              69-130K rows per CPU-second; one pread per row on the same files: 14-18K rows/s
 """
 from __future__ import annotations
 
