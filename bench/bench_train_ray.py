@@ -47,7 +47,7 @@ from raylab.train.ema import WeightAverage  # noqa: E402
 from raylab.train.loop import Batch, TrainContext, mixed_batches, to_input, train_step  # noqa: E402
 from raylab.train.optim import build_optimizer  # noqa: E402
 from raylab.train.schedules import build_scheduler  # noqa: E402
-from raylab.pipeline.select import open_generated  # noqa: E402
+from raylab.pipeline.generated_input import open_generated  # noqa: E402
 from raylab.train.ingest import generated_stream  # noqa: E402
 
 INGEST_BATCH, INGEST_RATIO = 128, 0.3  # the paper's mix (Wang et al. 2023: 0.3 original)

@@ -91,21 +91,27 @@ def _data_verify(ns: argparse.Namespace) -> int:
 
 
 def _import_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("npz")
-    p.add_argument("out_dir")
+    p.add_argument("npz", nargs="+", help="the set's .npz part(s), in order (a 50M set: its 4 parts)")
+    p.add_argument("out_dir", help="the store: one for all parts")
     p.add_argument("--shard-size", type=int, default=10_000)
     config_args(p)  # data.dataset: its classes are the labels allowed
 
 
-@verb("data import-npz", "convert a reference-format .npz (image, label) into Parquet shards (labels: classes of "
-      "data.dataset)", _import_args)
+@verb("data import-npz", "convert a reference-format .npz set (image, label; one file or its parts) into one store "
+      "of Parquet shards (labels: classes of data.dataset; resumable)", _import_args)
 def _data_import(ns: argparse.Namespace) -> int:
+    import time
+
     from raylab.data.datasets import get_dataset
     from raylab.data.npz_import import import_npz
 
     classes = get_dataset(config_from(ns).data.dataset).num_classes
+    start = time.perf_counter()
     store = import_npz(ns.npz, ns.out_dir, shard_size=ns.shard_size, num_classes=classes)
-    print(f"{ns.out_dir}: {len(store.manifest['shards'])} shards, identity {store.identity_hash[:12]}")
+    manifest = store.manifest
+    rows = sum(e["rows"] for e in manifest["shards"].values())
+    print(f"{ns.out_dir}: {rows} rows from {len(ns.npz)} part(s) in {len(manifest['shards'])} shards, identity "
+          f"{store.identity_hash[:12]} ({time.perf_counter() - start:.0f} s)")
     return 0
 
 
@@ -139,7 +145,8 @@ def _mix_lines(target: str, cfg: ExperimentConfig, index, stats) -> list[str]:
     world = max(cfg.resources.num_workers, 1)
     present = (stats.counts > 0).sum(1)
     p = stats.p_values()
-    return [f"{target}: {len(index)} rows in {len(index.files)} shards, {int((stats.expected > 0).sum())} classes",
+    shards = len(np.unique(index.blocks["file"]))
+    return [f"{target}: {len(index)} rows in {shards} shards, {int((stats.expected > 0).sum())} classes",
             f"{len(stats.counts)} batches of {int(stats.counts[0].sum())} generated rows ({world} worker(s); "
             f"train.batch_size={cfg.train.batch_size}, train.ratio={cfg.train.ratio}, train.seed={cfg.train.seed})",
             f"classes per batch: mean {present.mean():.1f}, fewest {present.min()}",
@@ -166,7 +173,7 @@ def _train_args(p: argparse.ArgumentParser) -> None:
 @verb("train", "adversarial training on Ray Train (TRADES by default)", _train_args)
 def _train(ns: argparse.Namespace) -> int:
     from raylab.cluster import init_ray
-    from raylab.pipeline.select import generated_input
+    from raylab.pipeline.generated_input import generated_input
     from raylab.train.job import run_training
 
     cfg = config_from(ns)
@@ -181,7 +188,7 @@ def _generated_input(path: str | None):
     """The rows of a selected view or a whole shard store; None without one."""
     if path is None:
         return None
-    from raylab.pipeline.select import open_generated
+    from raylab.pipeline.generated_input import open_generated
 
     return open_generated(path)
 

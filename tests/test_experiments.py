@@ -254,7 +254,7 @@ def test_the_mlflow_ui_opens_on_the_sweep_in_a_real_browser(steps_sweep, root, t
 def test_train_on_a_generated_view_logs_its_lineage(steps_sweep, root, capsys):
     """`raylab train --generated VIEW` records the view like a sweep trial does: content identity, store, scorer."""
     from raylab import cli
-    from raylab.pipeline.select import generated_lineage
+    from raylab.pipeline.generated_input import generated_lineage
     from raylab.tracking import client_for
 
     view = steps_sweep.trials[0].tags["dataset.generated.source"]

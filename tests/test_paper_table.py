@@ -202,15 +202,15 @@ def test_a_view_smaller_than_a_batch_is_refused_by_the_driver_before_any_worker_
     four times over (max_failures 3). The driver refuses it in one line instead."""
     import numpy as np
 
-    from raylab.data.mix import RowIndex
-    from raylab.pipeline.select import GeneratedInput
+    from raylab.data.row_index import RowIndex
+    from raylab.pipeline.generated_input import GeneratedInput
     from raylab.rehearse.fixtures import place_cifar10
     from raylab.train.job import run_training
 
     place_cifar10(tmp_path / "data", train_per_class=2, test_per_class=1)
     cfg = make_config("paper", {"tracking.root": str(tmp_path), "data.root": str(tmp_path / "data"),
                                 "resources.use_gpu": False})
-    view = GeneratedInput(RowIndex(("shard.parquet",), (np.arange(40),), (np.zeros(40, np.int16),)), {})
+    view = GeneratedInput(RowIndex.from_positions(["shard.parquet"], np.zeros(40), np.arange(40), np.zeros(40)), {})
     with pytest.raises(ValueError, match=r"the generated view has 40 rows, fewer than one batch's 360 "
                                          r"\(train.batch_size=512, train.ratio=0.3\)"):
         run_training(cfg, generated=view)

@@ -12,19 +12,27 @@ streams are zipped instead, each with its own batch size:
 The generated part of every batch is a random draw over the whole view (DESIGN.md "Training stream"), like the
 reference's uniform sampling over its whole in-memory set. A local shuffle buffer is not enough for that: shards
 were laid out class by class, so a 4,096-row buffer over a 1M-row view gave batches that were 92% one class. Each
-pass therefore has its own order, a pure function of (seed, pass) and the view:
+pass therefore has its own order, a pure function of (seed, pass) and the view's row index
+(`raylab.data.row_index`, whose blocks are the shards' Parquet row groups):
 
-1. the view's shards (blocks) are permuted, seeded by (seed, pass);
+1. the view's blocks are permuted, seeded by (seed, pass);
 2. consecutive blocks are grouped into windows of at least `window_rows` rows;
-3. the rows of each window are permuted, seeded by (seed, pass, window).
+3. each block's rows are permuted, seeded by (seed, pass, window): the window's *storage order*;
+4. the window's pass order sorts storage positions s by u + s * PHI mod 1 (u seeded likewise): every run of
+   consecutive pass positions takes its rows evenly spread over the window's storage, so over all its blocks.
 
-Shards themselves are written in random class order (seed plans interleave classes, `import-npz` permutes its
-file), so every window is a random draw over the view, and memory is one window, whatever the view's size. Global
-batch b of a pass is its rows [b·G, (b+1)·G) with G = world × rows per rank, and rank r takes the r-th slice of
-each: ranks are disjoint within a pass, and the order of a pass does not depend on the number of workers (MosaicML
-Streaming's elastic determinism), so a run resumed on more or fewer workers sees the same data. Every rank reads
-whole windows and keeps its slice: world-fold reading, which is small next to a training step (pyarrow decodes
-~477k img/s, bench_shard_read.py).
+Global batch b of a pass is its positions [b·G, (b+1)·G) with G = world × rows per rank: the same rows for any
+number of workers (MosaicML Streaming's elastic determinism: a run resumed on more or fewer workers sees the same
+data). Within a global batch the ranks split by storage order (`rank_share`): rank r takes the r-th world-quantile
+of the batch's rows in each window, exactly G / world rows, so across a window it takes the rows of its own
+consecutive blocks and reads only their row groups, not the whole window (each rank read every window whole and
+kept 1/world before: world x the view's bytes per pass, from one NFS export). MosaicML assigns shards to nodes
+for the same reason, but fixes the order for one count of "canonical nodes"; here the order is the same for every
+world, and the reads per rank stay under 2x its rows while a window holds >= 8 row groups per rank (32 ranks at
+WINDOW_ROWS; a view that keeps a fraction f of the rows it names reads ~1/f of that, whole row groups).
+
+Shards themselves are written in random class order (seed plans interleave classes, `import-npz` deals runs of
+rows across shards), and memory is one window's share, whatever the view's size.
 
 Both streams are pure Python/numpy/pyarrow; the reader of a pass is passed in (Ray Data in training:
 `raylab.train.ingest`; `read_pass_local` here, which runs the same window code in-process).
@@ -37,11 +45,15 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from raylab.data.shard_format import decode_images
+from raylab.data.row_index import RowIndex
+from raylab.data.shard_format import IMAGE_TYPE, decode_images
+from raylab.data.shards import read_parquet
 
-WINDOW_ROWS = 8192  # rows shuffled together: 25 MB of images, whatever the view's size
+# Rows mixed together: 100 MB of images, all ranks together. A rank reads the row groups of about 1/world of a
+# window plus ~2 more (shards.ROW_GROUP_ROWS = 128 rows each) and the spread of its batches: 1.03x its rows at 8
+# ranks of 204 rows, 1.13x at 32 ranks of 51, 2.3x at 64 ranks of 25 (bench/bench_data_50m.py): <= 2x up to 32.
+WINDOW_ROWS = 32768
 
 
 def split_batch(batch_size: int, ratio: float) -> tuple[int, int]:
@@ -113,44 +125,18 @@ class OriginalStream:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# What a generated stream draws from, and the order of one pass over it.
+# The order of one pass, and which rows each rank reads of it.
 
-@dataclass(frozen=True)
-class RowIndex:
-    """The rows a generated stream draws from: per shard file, the rows' positions in it and their training labels
-    (the view's, which may be pseudo-labels). 6 bytes a row; images stay in the shards."""
-    files: tuple[str, ...]
-    rows: tuple[np.ndarray, ...]
-    labels: tuple[np.ndarray, ...]
-
-    def __post_init__(self) -> None:
-        if not len(self.files) == len(self.rows) == len(self.labels):
-            raise ValueError("RowIndex: files, rows and labels must have one entry per shard")
-        if any(len(r) != len(l) for r, l in zip(self.rows, self.labels)):
-            raise ValueError("RowIndex: every shard needs one label per row")
-
-    @classmethod
-    def from_positions(cls, files: Sequence[str], shard: np.ndarray, row: np.ndarray,
-                       label: np.ndarray) -> "RowIndex":
-        """From per-row (shard index into `files`, row in shard, label); shards with no row are left out."""
-        used = np.unique(shard)
-        return cls(tuple(str(files[i]) for i in used), tuple(np.asarray(row[shard == i], np.int64) for i in used),
-                   tuple(np.asarray(label[shard == i], np.int16) for i in used))
-
-    def __len__(self) -> int:
-        return int(self.sizes.sum())
-
-    @property
-    def sizes(self) -> np.ndarray:
-        return np.array([len(r) for r in self.rows], np.int64)
-
-    def subset(self, blocks: Sequence[int]) -> "RowIndex":
-        return RowIndex(*(tuple(getattr(self, f)[b] for b in blocks) for f in ("files", "rows", "labels")))
+# The golden ratio's fractional part: the multiples s * PHI mod 1 of any run of consecutive integers s spread
+# evenly over [0, 1) (the three-distance theorem), and conversely every arc of [0, 1) holds an evenly spaced set of
+# them. A window's pass order sorts its rows by u + s * PHI mod 1 (u random), so every run of consecutive pass
+# positions, whatever its length, takes its rows evenly from the whole window.
+PHI = (5 ** 0.5 - 1) / 2
 
 
 @dataclass(frozen=True)
 class Window:
-    """Consecutive blocks (shards) of one pass, shuffled together: pass positions [start, start + rows)."""
+    """Consecutive blocks of one pass, mixed together: pass positions [start, start + rows)."""
     number: int
     start: int
     blocks: tuple[int, ...]
@@ -159,25 +145,68 @@ class Window:
 
 def pass_windows(sizes: np.ndarray, seed: int, passes: int, window_rows: int = WINDOW_ROWS) -> list[Window]:
     """The windows of pass `passes`: blocks in a seeded random order, grouped until each holds >= window_rows."""
-    windows, blocks, rows, start = [], [], 0, 0
-    for b in np.random.default_rng([seed, passes]).permutation(len(sizes)):
-        blocks.append(int(b))
-        rows += int(sizes[b])
-        if rows >= window_rows:
-            windows.append(Window(len(windows), start, tuple(blocks), rows))
-            blocks, start, rows = [], start + rows, 0
-    if blocks:
-        windows.append(Window(len(windows), start, tuple(blocks), rows))
+    order = np.random.default_rng([seed, passes]).permutation(len(sizes))
+    ends = np.cumsum(np.asarray(sizes, np.int64)[order])
+    windows, lo, start = [], 0, 0
+    while lo < len(order):
+        hi = min(int(np.searchsorted(ends, start + window_rows)) + 1, len(order))
+        rows = int(ends[hi - 1]) - start
+        windows.append(Window(len(windows), start, tuple(order[lo:hi].tolist()), rows))
+        lo, start = hi, start + rows
     return windows
 
 
-def window_order(seed: int, passes: int, window: Window) -> np.ndarray:
-    return np.random.default_rng([seed, passes, window.number + 1]).permutation(window.rows)
+def window_storage(index: RowIndex, seed: int, passes: int, window: Window) -> tuple[np.ndarray, np.ndarray]:
+    """(block, row of the index) at each *storage* position of the window: its blocks in pass order, each block's
+    rows in a seeded random order (generated stores interleave classes row by row: a fixed stride through a block
+    could land on one class)."""
+    blocks = np.asarray(window.blocks, np.int64)
+    counts = index.block_sizes(blocks)
+    of_block = np.repeat(np.arange(len(blocks)), counts)
+    natural = np.repeat(index.blocks["start"][blocks] - (np.cumsum(counts) - counts), counts) + np.arange(window.rows)
+    mixed = np.lexsort((np.random.default_rng([seed, passes, window.number + 1]).random(window.rows), of_block))
+    return blocks[of_block], natural[mixed]
+
+
+def window_sequence(seed: int, passes: int, window: Window) -> np.ndarray:
+    """Storage position at each pass position of the window (the Kronecker order of PHI above, offset seeded)."""
+    u = np.random.default_rng([seed, passes, window.number + 1, 1]).random()
+    return np.argsort((u + np.arange(window.rows) * PHI) % 1.0, kind="stable")
+
+
+def rank_share(window: Window, sequence: np.ndarray, group: int, world: int, rank: int, first: int,
+               end: int) -> np.ndarray:
+    """The storage positions rank `rank` takes of the window, in the order it consumes them.
+
+    Global batch b is pass positions [b*group, (b+1)*group) (group = world x rows per rank), the same rows for
+    any world. Each global batch's part in this window is sorted by storage position, and the ranks take
+    consecutive slices of it: rank r gets as many as the batch's positions t in this part with t mod world = r,
+    so every rank gets exactly group / world rows of each global batch. As the part is spread evenly over the
+    window, rank r's slice is about the r-th world-quantile of the window's storage: its own blocks.
+    """
+    lo, hi = max(window.start, first), min(window.start + window.rows, end)
+    if lo >= hi:
+        return np.empty(0, np.int64)
+    positions = np.arange(lo, hi)
+    storage, batch = sequence[positions - window.start], positions // group
+    order = np.lexsort((storage, batch))
+    storage, batch = storage[order], batch[order]
+    part_lo = np.maximum(lo, batch * group) - batch * group  # where this part starts within its global batch
+    part_hi = np.minimum(hi, (batch + 1) * group) - batch * group
+    k = np.arange(len(storage)) - (np.maximum(lo, batch * group) - lo)  # index within the part
+    start = _below(part_hi, rank, world) - _below(part_lo, rank, world)
+    stop = _below(part_hi, rank + 1, world) - _below(part_lo, rank + 1, world)
+    return storage[(k >= start) & (k < stop)]
+
+
+def _below(x: np.ndarray, r: int, world: int) -> np.ndarray:
+    """How many t < x have t mod world < r."""
+    return (x // world) * r + np.minimum(x % world, r)
 
 
 @dataclass(frozen=True)
 class PassPlan:
-    """What one rank reads of one pass: pass positions [first, end) of `windows`, its slice of each global batch
+    """What one rank reads of one pass: pass positions [first, end) of `windows`, its share of each global batch
     (`batch` rows of every `batch * world`)."""
     index: RowIndex
     windows: tuple[Window, ...]
@@ -189,27 +218,49 @@ class PassPlan:
     first: int
     end: int
 
-    def keep(self, positions: np.ndarray) -> np.ndarray:
-        """Mask of the pass positions this rank reads."""
-        mine = (positions % (self.batch * self.world)) // self.batch == self.rank
-        return mine & (positions >= self.first) & (positions < self.end)
+    def take(self, window: Window) -> tuple[np.ndarray, np.ndarray]:
+        """(block, index row) of each row this rank takes of the window, in consumption order."""
+        block, rows = window_storage(self.index, self.seed, self.passes, window)
+        share = rank_share(window, window_sequence(self.seed, self.passes, window), self.batch * self.world,
+                           self.world, self.rank, self.first, self.end)
+        return block[share], rows[share]
+
+    def reads(self, window: Window) -> tuple[int, int]:
+        """(rows taken, rows read) of the window by this rank: it reads the whole row groups holding its rows."""
+        block, _ = self.take(window)
+        return len(block), int(self.index.blocks["stored"][np.unique(block)].sum())
 
     def for_window(self, window: Window) -> "PassPlan":
-        """The plan of one window alone, its blocks renumbered (what one read task carries: O(window) rows)."""
+        """The plan of one window alone (what one read task carries): an index with a file behind it travels as
+        its path; one without, as the window's blocks renumbered."""
+        if self.index.path is not None:
+            return replace(self, windows=(window,))
         local = replace(window, blocks=tuple(range(len(window.blocks))))
         return replace(self, index=self.index.subset(window.blocks), windows=(local,))
 
 
 def read_window(plan: PassPlan, window: Window) -> pa.Table:
-    """This rank's rows of one window (image, seed, label), in pass order: read the blocks, permute, keep the
-    slice."""
-    parts = []
-    for b in window.blocks:
-        table = pq.read_table(plan.index.files[b], columns=["image", "seed"]).take(pa.array(plan.index.rows[b]))
-        parts.append(table.append_column("label", pa.array(plan.index.labels[b], pa.int16())))
-    order = window_order(plan.seed, plan.passes, window)
-    take = order[plan.keep(window.start + np.arange(window.rows))]
-    return pa.concat_tables(parts).take(pa.array(take)).combine_chunks()
+    """This rank's rows of one window (image, seed, label) in the order it consumes them: only the row groups
+    holding them are read, each checked against its page checksums."""
+    index = plan.index
+    block, rows = plan.take(window)
+    needed = np.unique(block)
+    info = index.blocks[needed]
+    columns = ["image", "seed"] + (["label"] if index.label is None else [])
+    parts, at, offset = [], np.empty(len(needed), np.int64), 0  # at: where each needed block's rows begin
+    for f in np.unique(info["file"]):
+        mine = np.flatnonzero(info["file"] == f)
+        parts.append(read_parquet(index.files[f], columns, row_groups=info["group"][mine].tolist()))
+        at[mine] = offset + np.cumsum(info["stored"][mine]) - info["stored"][mine]
+        offset += parts[-1].num_rows
+    if not parts:
+        return pa.table({"image": pa.array([], IMAGE_TYPE), "seed": pa.array([], pa.int64()),
+                         "label": pa.array([], pa.int16())})
+    where = np.searchsorted(needed, block)
+    table = pa.concat_tables(parts).take(pa.array(at[where] + index.file_rows(rows, block) - info["first"][where]))
+    if index.label is not None:
+        table = table.append_column("label", pa.array(index.labels(rows), pa.int16()))
+    return table.select(["image", "seed", "label"]).combine_chunks()
 
 
 def read_pass_local(plan: PassPlan) -> Iterator[pa.Table]:
@@ -326,9 +377,23 @@ def uniform_max_share(expected: np.ndarray, batch: int, draws: int = 4000) -> fl
     return float((counts.max(1) / batch).mean())
 
 
+def class_counts(index: RowIndex, chunk: int = 1 << 22) -> np.ndarray:
+    """Rows per class of the index: its labels in chunks, or a whole store's `label` columns (read, not hashed)."""
+    if index.label is not None:
+        parts: Iterable = (index.label[a:a + chunk] for a in range(0, len(index), chunk))
+    else:
+        parts = (read_parquet(f, ["label"]).column("label").to_numpy() for f in index.files)
+    total = np.zeros(0, np.int64)
+    for part in parts:
+        counts = np.bincount(np.asarray(part, np.int64))
+        total = np.pad(total, (0, max(0, len(counts) - len(total))))
+        total[:len(counts)] += counts
+    return total
+
+
 def mix_stats(label_batches: Sequence[np.ndarray], index: RowIndex) -> MixStats:
-    labels = np.concatenate(index.labels).astype(np.int64)
-    classes = int(labels.max()) + 1
-    expected = np.bincount(labels, minlength=classes) / len(labels)
+    counts_all = class_counts(index)
+    classes = len(counts_all)
+    expected = counts_all / counts_all.sum()
     counts = np.stack([np.bincount(b, minlength=classes) for b in label_batches])
     return MixStats(counts, expected, uniform_max_share(expected, int(counts[0].sum())))

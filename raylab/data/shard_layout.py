@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from raylab.data.shard_format import ShardError
-from raylab.io import exclusive
+from raylab.io import atomic_write_text, exclusive
 
 MANIFEST_NAME = "manifest.json"
 LOCK_NAME = ".manifest.lock"
@@ -60,6 +60,13 @@ def load_manifest(root: str | os.PathLike) -> dict:
         raise ShardError(f"{path}: manifest missing (not a shard store, or never created)") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ShardError(f"{path}: manifest is not valid JSON ({err})") from None
+
+
+def write_manifest(root: Path, manifest: dict) -> None:
+    """Rewrite the manifest atomically (call under `_manifest_lock`). Compact JSON: json's C encoder is skipped
+    for indented output, and at 5,000 shards (the reference's 50M set) the indented dump took 0.1-0.3 s, once per
+    recorded batch of shards."""
+    atomic_write_text(root / MANIFEST_NAME, json.dumps(manifest, sort_keys=True, separators=(",", ":")) + "\n")
 
 
 def _manifest_lock(root: Path):

@@ -14,15 +14,14 @@ Policies (registry keyed like `select.policy`; each maps the store's non-image c
 Then `select.amount` keeps a balanced per-class prefix in plan order, so every amount of the Wang et al. 2023 Table 5
 ablation is a nested subset of one generated set (plan order is random with respect to image content).
 
-A view is a directory: `rows.npz` (seed, label, shard, row, score of each kept row, sorted by seed) written first,
+A view is a directory: `rows.npz` (seed, label, shard, row, score of each kept row, in store order) written first,
 then `view.json` (store path, store identity hash, policy, counts, the sha256 of rows.npz) written last, both
-atomically, so a view with a `view.json` is complete, and a view whose store was regenerated refuses to load.
+atomically, so a view with a `view.json` is complete, and a view whose store was regenerated refuses to load. Its
+row index for training, `index/`, is built beside them on first use (`raylab.pipeline.generated_input`).
 """
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import io
 import json
 import math
 import os
@@ -33,11 +32,10 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import numpy as np
 
 from raylab.config import SelectConfig
-from raylab.data.mix import RowIndex
 from raylab.data.shard_format import IMAGE_BYTES, ShardError, table_to_numpy
 from raylab.data.shard_layout import load_manifest
 from raylab.data.shards import read_numpy, read_table
-from raylab.io import atomic_write_bytes, atomic_write_json, sha256_file
+from raylab.io import atomic_write, atomic_write_json, sha256_file
 
 VIEW_FORMAT = "raylab-view/1"
 VIEW_META, VIEW_ROWS = "view.json", "rows.npz"
@@ -159,16 +157,19 @@ def scores_path(store: str | os.PathLike, scorer_sha256: str) -> Path:
     return Path(store) / SCORES_DIR / f"{scorer_sha256[:16]}.npz"
 
 
-def _npz_bytes(arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> bytes:
-    buf = io.BytesIO()
-    np.savez(buf, meta=np.array(json.dumps(meta, sort_keys=True)), **arrays)
-    return buf.getvalue()
+def _write_npz(path: str | os.PathLike, arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> Path:
+    """`arrays` and the JSON `meta` as an uncompressed .npz, written atomically straight to its temp file (a
+    50M-row view's 1.1 GB is not built in memory first)."""
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a temp file's name
+            np.savez(f, meta=np.array(json.dumps(meta, sort_keys=True)), **arrays)
+    return atomic_write(path, write)
 
 
 def save_scores(path: str | os.PathLike, cols: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> Path:
     order = np.argsort(cols["seed"], kind="stable")
     arrays = {k: np.asarray(cols[k])[order] for k in ("seed", "score", "pred", "confidence")}
-    return atomic_write_bytes(path, _npz_bytes(arrays, {"format": SCORES_FORMAT, **meta}))
+    return _write_npz(path, arrays, {"format": SCORES_FORMAT, **meta})
 
 
 def load_scores(path: str | os.PathLike, identity_hash: Optional[str] = None) -> tuple[dict, dict[str, np.ndarray]]:
@@ -244,9 +245,12 @@ class View:
 
     @property
     def rows(self) -> dict[str, np.ndarray]:
-        """{shard file name: row positions}, what `shards.read_table(rows=...)` takes."""
+        """{shard file name: row positions}, what `shards.read_table(rows=...)` takes (one sort, not a pass over
+        the rows per shard)."""
+        order = np.argsort(self.shard, kind="stable")
+        used, starts = np.unique(self.shard[order], return_index=True)
         names = self.meta["shards"]
-        return {names[i]: self.row[self.shard == i] for i in np.unique(self.shard)}
+        return {names[i]: part for i, part in zip(used, np.split(self.row[order], starts[1:]))}
 
     def read_numpy(self, columns: Optional[Sequence[str]] = None, verify: bool = True) -> dict[str, np.ndarray]:
         """The selected rows' columns (image decoded), `label` replaced by the view's labels."""
@@ -264,26 +268,6 @@ class View:
     def balanced_prefix(self, amount: int) -> "View":
         """The first amount // K rows of each class in plan order (the amount ablation, from one view)."""
         return self.subset(balanced_prefix(self.label, np.ones(len(self), bool), amount), amount=amount)
-
-    def row_index(self, verify: bool = True) -> RowIndex:
-        """What training streams: the selected rows' shard files, positions and labels (the shards holding any are
-        verified against the manifest first, unless `verify` is false)."""
-        names = [self.meta["shards"][i] for i in np.unique(self.shard)]
-        if verify:
-            _verify_files(self.store, names)
-        return RowIndex.from_positions([str(self.store / n) for n in self.meta["shards"]], self.shard, self.row,
-                                       self.label)
-
-
-def _verify_files(store: Path, names: Sequence[str]) -> None:
-    """Size and sha256 of each named shard against the store's manifest (before any reader touches them)."""
-    entries = load_manifest(store)["shards"]
-    for name in names:
-        path, entry = store / name, entries.get(name)
-        if entry is None or not path.is_file():
-            raise SelectError(f"{path}: shard named by the view is missing from the store")
-        if path.stat().st_size != entry["bytes"] or sha256_file(path) != entry["sha256"]:
-            raise SelectError(f"{path}: does not match the manifest (corrupted); run `raylab data verify {store}`")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -327,14 +311,14 @@ def write_view(view: View, out: str | os.PathLike) -> View:
     """rows.npz first, view.json (with rows.npz's sha256) last, each atomically."""
     out = Path(out)
     arrays = {f: getattr(view, f) for f in ("seed", "label", "shard", "row", "score")}
-    atomic_write_bytes(out / VIEW_ROWS, _npz_bytes(arrays, {"format": VIEW_FORMAT}))
+    _write_npz(out / VIEW_ROWS, arrays, {"format": VIEW_FORMAT})
     meta = view.meta | {"rows": len(view), "rows_sha256": sha256_file(out / VIEW_ROWS)}
     atomic_write_json(out / VIEW_META, meta)
     return dataclasses.replace(view, path=out, meta=meta)
 
 
-def load_view(path: str | os.PathLike, check_store: bool = True) -> View:
-    """The view at `path` (its directory or view.json); refuses a torn view or one whose store changed."""
+def view_meta(path: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
+    """(folder, view.json) of the view at `path` (its directory or view.json)."""
     path = Path(path)
     folder = path.parent if path.name == VIEW_META else path
     try:
@@ -343,17 +327,24 @@ def load_view(path: str | os.PathLike, check_store: bool = True) -> View:
         raise SelectError(f"{folder}: no {VIEW_META} (not a view, or its writing was interrupted)") from None
     if meta.get("format") != VIEW_FORMAT:
         raise SelectError(f"{folder / VIEW_META}: format {meta.get('format')!r}, expected {VIEW_FORMAT!r}")
+    return folder, meta
+
+
+def load_view(path: str | os.PathLike, check_store: bool = True) -> View:
+    """The view at `path` (its directory or view.json); refuses a torn view or one whose store changed."""
+    folder, meta = view_meta(path)
     rows_file = folder / VIEW_ROWS
     if not rows_file.is_file() or sha256_file(rows_file) != meta.get("rows_sha256"):
         raise SelectError(f"{rows_file}: missing or does not match {VIEW_META} (torn write); rerun `raylab select`")
     if check_store:
-        _check_store(meta)
+        check_view_store(meta)
     with np.load(rows_file, allow_pickle=False) as z:
         arrays = {f: z[f] for f in ("seed", "label", "shard", "row", "score")}
     return View(folder, meta, **arrays)
 
 
-def _check_store(meta: Mapping[str, Any]) -> None:
+def check_view_store(meta: Mapping[str, Any]) -> None:
+    """The view's store still has the identity the view was made from."""
     try:
         found = load_manifest(meta["store"])["identity_hash"]
     except ShardError as err:
@@ -378,62 +369,6 @@ def describe(view: View) -> dict[str, Any]:
 
 def _folder_bytes(path: Optional[Path]) -> Optional[int]:
     return sum(p.stat().st_size for p in path.iterdir() if p.is_file()) if path else None
-
-
-def _is_view(path: Path) -> bool:
-    return (path / VIEW_META).is_file() or path.name == VIEW_META
-
-
-def open_generated(path: str | os.PathLike) -> RowIndex:
-    """The rows training streams from a view directory or a whole shard store (files verified)."""
-    path = Path(path)
-    if _is_view(path):
-        return load_view(path).row_index()
-    cols, names, counts = store_columns(path)
-    shard = np.repeat(np.arange(len(names)), counts)
-    row = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
-    return RowIndex.from_positions([str(path / n) for n in names], shard, row, cols["label"])
-
-
-def generated_lineage(path: str | os.PathLike) -> dict[str, Any]:
-    """What a run that trains on the view or store at `path` records as its `generated` input (keyword arguments
-    of `Tracker.log_dataset_lineage`): the content identity (a view: its store's identity and the sha256 of its
-    rows; a whole store: its identity and the sha256 of every shard present, so a store that gained shards since
-    is another input), and the store and scorer it came from. Read from the view and manifest files alone."""
-    path = Path(path)
-    if _is_view(path):
-        view = load_view(path)
-        store, manifest = view.store, load_manifest(view.store)
-        identity = hashlib.sha256(f"{view.identity_hash}:{view.meta['rows_sha256']}".encode()).hexdigest()
-        extra = {"store": store, "policy": view.meta["policy"], "store_rows": view.meta["store_rows"]}
-        rows, source = len(view), view.path
-    else:
-        store, manifest = path.resolve(), load_manifest(path)
-        shards = sorted((name, e["sha256"]) for name, e in manifest["shards"].items())
-        identity = hashlib.sha256(json.dumps([manifest["identity_hash"], shards]).encode()).hexdigest()
-        rows, source = sum(e["rows"] for e in manifest["shards"].values()), store
-        extra = {"store": store, "policy": "whole store"}
-    scorer = (manifest.get("identity") or {}).get("scorer") or {}
-    extra |= {"store_identity": manifest["identity_hash"],
-              "scorer": scorer.get("sha256", "none") if isinstance(scorer, dict) else str(scorer)}
-    return {"manifest_hash": identity, "name": "generated", "source_path": str(source), "num_rows": int(rows),
-            "extra": extra}
-
-
-@dataclass(frozen=True)
-class GeneratedInput:
-    """A view or whole store as a training input: the rows training streams and its lineage record."""
-    rows: RowIndex
-    lineage: dict[str, Any]
-
-    def identities(self) -> dict[str, str]:
-        """Its parts of a training run's identity (raylab.runs.STAGE_INPUTS), as its lineage records them."""
-        return {"generated": self.lineage["manifest_hash"], "scorer": self.lineage["extra"]["scorer"]}
-
-
-def generated_input(path: str | os.PathLike) -> GeneratedInput:
-    """The view or store at `path`, files verified (`open_generated`), with its lineage (`generated_lineage`)."""
-    return GeneratedInput(open_generated(path), generated_lineage(path))
 
 
 def selection_samples(view_path: str | os.PathLike, per_class: int = 6) -> tuple[np.ndarray, np.ndarray]:

@@ -1,9 +1,10 @@
 """The training ingest of generated rows on Ray Data: each pass of a rank's `GeneratedStream` is one Ray Data
 execution whose read tasks are the pass's windows (`raylab.data.mix`), read in order within an object-store budget.
 
-A read task carries only its window's part of the row index, so what travels per pass is the view's index once,
-split up, never an image. Tasks run wherever Ray schedules them; `preserve_order` hands their tables back in pass
-order, which an exact resume needs.
+A read task carries the row index's path (or, for an index with no file behind it, its window's blocks) and its
+window's block numbers: it maps the index and reads this rank's share of the window itself, the row groups holding
+it and no others. Tasks run wherever Ray schedules them; `preserve_order` hands their tables back in pass order,
+which an exact resume needs.
 """
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ import numpy as np
 import pyarrow as pa
 
 from raylab.config import ExperimentConfig
-from raylab.data.mix import PassPlan, RowIndex, read_window
+from raylab.data.mix import PassPlan, read_window
+from raylab.data.row_index import RowIndex
 from raylab.data.shard_format import IMAGE_BYTES
 
 
@@ -44,10 +46,12 @@ def window_datasource(plan: PassPlan):
 
         def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None) -> list:
             tasks = []
+            index = plan.index
             for window in plan.windows:
                 one = plan.for_window(window)
+                files = np.unique(index.blocks["file"][list(window.blocks)])
                 meta = BlockMetadata(num_rows=None, size_bytes=window.rows * (IMAGE_BYTES + 2) // plan.world,
-                                     input_files=one.index.files, exec_stats=None)
+                                     input_files=[index.files[f] for f in files], exec_stats=None)
                 tasks.append(ReadTask(functools.partial(_read_task_fn, one), meta))
             return tasks
 

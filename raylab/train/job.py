@@ -22,7 +22,7 @@ from raylab.runs import RunDir, run_dir
 from raylab.train.worker import train_worker
 
 if TYPE_CHECKING:
-    from raylab.pipeline.select import GeneratedInput
+    from raylab.pipeline.generated_input import GeneratedInput
 
 MLFLOW_RUN_FILE = "mlflow_run_id"
 COST_FILE = "cost_device_s"  # device-seconds of every attempt at this run so far (a resumed run adds to it)

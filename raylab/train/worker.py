@@ -20,7 +20,8 @@ import torch.distributed as dist
 
 from raylab.config import ExperimentConfig, from_flat
 from raylab.data.datasets import ImageSet, Splits, load_splits
-from raylab.data.mix import GeneratedStream, OriginalStream, RowIndex, split_batch, steps_per_epoch
+from raylab.data.mix import GeneratedStream, OriginalStream, split_batch, steps_per_epoch
+from raylab.data.row_index import RowIndex
 from raylab.eval.metrics import correct_flags, pgd_flags, random_starts
 from raylab.io import atomic_write
 from raylab.models import create_model

@@ -122,7 +122,7 @@ def run_trial(trial_config: dict[str, Any], *, flat: dict[str, Any], parent_run_
     cfg = from_flat(flat | {k: v for k, v in trial_config.items() if "." in k})
     generated, view = None, None
     if cfg.train.ratio < 1.0:
-        from raylab.pipeline.select import generated_input
+        from raylab.pipeline.generated_input import generated_input
 
         view = ensure_view(cfg, parent_run_id)
         generated = generated_input(view.view_path)

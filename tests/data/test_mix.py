@@ -2,7 +2,8 @@
 import numpy as np
 import pytest
 
-from raylab.data.mix import GeneratedStream, RowIndex, pass_windows, rebatch
+from raylab.data.mix import GeneratedStream, pass_windows, rebatch
+from raylab.data.row_index import RowIndex
 from raylab.data.shards import ShardStore
 
 N, SHARD = 1200, 100

@@ -6,9 +6,9 @@ import pytest
 
 from raylab.config import SelectConfig
 from raylab.data.shards import ShardStore
+from raylab.pipeline.generated_input import open_generated
 from raylab.pipeline.select import (SelectError, balanced_prefix, build_view, describe, load_scores, load_view,
-                                    open_generated, save_scores, scores_path, select_rows,
-                                    top_fraction_per_class)
+                                    save_scores, scores_path, select_rows, top_fraction_per_class)
 
 K, PER_CLASS, SHARD = 3, 20, 15
 
@@ -188,7 +188,7 @@ def test_pseudo_labels_keep_the_same_top_k_in_every_pseudo_class():
 def test_the_training_identity_of_a_view_or_store_is_its_content_read_from_its_files(tmp_path):
     """What names a training run (raylab.runs STAGE_INPUTS): two selections of one store differ, the same selection
     rebuilt elsewhere does not, and a whole store that gains a shard is another input."""
-    from raylab.pipeline.select import generated_input
+    from raylab.pipeline.generated_input import generated_input
 
     store, _ = make_store(tmp_path / "store")
     ids = {}

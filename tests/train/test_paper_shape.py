@@ -11,7 +11,7 @@ from raylab.data.datasets import load_splits
 from raylab.data.mix import split_batch
 from raylab.data.npz_import import import_npz
 from raylab.data.shards import read_numpy
-from raylab.pipeline.select import generated_input
+from raylab.pipeline.generated_input import generated_input
 from tests.train.test_training import small_config, write_generated
 
 CLASSES, PER_CLASS = 10, 20_000

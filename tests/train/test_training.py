@@ -11,7 +11,7 @@ from raylab.presets import make_config
 from raylab.data.datasets import load_splits
 from raylab.data.mix import GeneratedStream, OriginalStream, split_batch
 from raylab.data.shards import ShardStore
-from raylab.pipeline.select import generated_input, open_generated
+from raylab.pipeline.generated_input import generated_input, open_generated
 from raylab.models import create_model
 from raylab.tracking import get_run, get_run_metrics_history, resolve_tracking_uri
 from raylab.train.ema import WeightAverage
