@@ -26,13 +26,13 @@ def logged_trials(name, sets, change=None):
 def test_a_miniature_trial_differs_from_its_paper_arm_only_in_sizes(name):
     found, wrong = dress.differences(name, INPUTS, logged_trials(name, INPUTS))
     assert wrong == [] and {"model.name", "train.epochs", "generate.per_class"} <= set(found)
-    assert found["model.name"] == ("wrn-28-10", {"wrn-10-1"})
+    assert found["model.name"] == ({"wrn-28-10"}, {"wrn-10-1"})
 
 
 def test_anything_but_a_size_that_differs_fails_the_rehearsal():
     found, wrong = dress.differences("ablate_amount", INPUTS, logged_trials("ablate_amount", INPUTS,
                                                                             {"train.lr": 0.1}))
-    assert wrong == ["train.lr"] and found["train.lr"] == (0.2, {0.1})
+    assert wrong == ["train.lr"] and found["train.lr"] == ({0.2}, {0.1})
     # The amount arms keep their full-size rules: a trial selecting differently than its arm would is caught.
     _, wrong = dress.differences("ablate_amount", INPUTS, logged_trials("ablate_amount", INPUTS,
                                                                         {"select.policy": "none"}))

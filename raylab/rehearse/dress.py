@@ -76,7 +76,7 @@ def trial_configs(cfg: ExperimentConfig, sweep: str) -> list[dict[str, Any]]:
 
 
 def differences(name: str, sets: dict[str, str], trials: list[dict[str, Any]]) -> tuple[dict, list[str]]:
-    """({key: (paper value, {miniature values})} over every trial, [keys that differ and may not]). Each trial is
+    """({key: ({paper values}, {miniature values})} over every trial, [keys that differ and may not]). Each trial is
     compared with its own arm at full size: `--preset paper` with the same inputs, the full-size value of the swept
     key and the keys coupled to it."""
     from raylab.tune.experiment import compose
@@ -85,7 +85,7 @@ def differences(name: str, sets: dict[str, str], trials: list[dict[str, Any]]) -
     full = compose(ablation, "paper", sets, EXPERIMENTS[name])
     small = compose(ablation, "paper", sets, EXPERIMENTS[name], small=True)
     full_value = dict(zip(small.values, full.values))
-    found: dict[str, tuple[Any, set]] = {}
+    found: dict[str, tuple[set, set]] = {}
     known = set(to_flat(full.cfg))
     for params in trials:
         ran = to_flat(from_flat({k: v for k, v in params.items() if k in known}))
@@ -93,8 +93,14 @@ def differences(name: str, sets: dict[str, str], trials: list[dict[str, Any]]) -
         arm = to_flat(override(full.cfg, {ablation.key: value, **(full.coupled(value) if full.coupled else {})}))
         for key in arm:
             if ran[key] != arm[key] and not any(key == p or key.startswith(p + ".") for p in LOCATION_KEYS):
-                found.setdefault(key, (arm[key], set()))[1].add(ran[key])
+                full_set, small_set = found.setdefault(key, (set(), set()))
+                full_set.add(arm[key])
+                small_set.add(ran[key])
     return found, sorted(k for k in found if k not in {*MINIATURE, ablation.key})
+
+
+def _values(values: set) -> str:
+    return ",".join(map(str, sorted(values, key=lambda v: (str(type(v)), v))))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -109,7 +115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sweep = name.removeprefix("ablate_")
         found, wrong = differences(name, {**sets, **inputs}, trial_configs(cfg, sweep))
         print(f"dress: {name} vs --preset paper: " + "; ".join(
-            f"{k} {paper} -> {','.join(sorted(map(str, small)))}" for k, (paper, small) in sorted(found.items())),
+            f"{k} {_values(paper)} -> {_values(small)}" for k, (paper, small) in sorted(found.items())),
               flush=True)
         failed += [f"{name}: {k} differs from --preset paper and is not a size" for k in wrong]
     for line in failed:
