@@ -103,7 +103,7 @@ def test_every_ray_train_worker_checks_root_and_dataset_before_its_first_step(tm
     from raylab.train.worker import train_worker
 
     cfg = make_config("tiny", {"tracking.root": str(tmp_path / "runs")})
-    trainer = make_trainer(train_worker, {"flat": to_flat(cfg)}, cfg, run_dir(cfg, "train"))
+    trainer = make_trainer(train_worker, {"flat": to_flat(cfg)}, cfg, run_dir(cfg, "train", "preflight"))
     token = root_token(tmp_path / "runs")
     assert trainer.train_loop_config[ROOT_KEY] == token
     elsewhere = RootToken(str(tmp_path / "gone"), str(tmp_path / "gone" / CHECK_DIR / ROOT_ID), token.token)

@@ -173,7 +173,7 @@ def test_report_writes_markdown_and_figures_and_export_writes_model_info(steps_s
         assert f"![{fig}]({fig})" in report
     # the rows' order comes from the parent's sweep space; a missing artifact reads as None, not an error
     assert load_json_artifact(steps_sweep.uri, steps_sweep.parent.run_id, "sweep_space.json") == {
-        steps_sweep.key: [SMOKE_STEPS]}  # as --values gave it
+        steps_sweep.key: [int(SMOKE_STEPS)]}  # --values, parsed as the config types the key
     assert load_json_artifact(steps_sweep.uri, steps_sweep.parent.run_id, "no_such.json") is None
     assert "Downloading artifacts" not in capsys.readouterr().err  # no MLflow progress bar in the report
     logged = {Path(a.path).name for a in client_for(steps_sweep.uri).list_artifacts(steps_sweep.parent.run_id,
