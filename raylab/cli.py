@@ -254,7 +254,7 @@ def _report(ns: argparse.Namespace) -> int:
     from raylab.tune.report import report_by_name
 
     _, _, out = report_by_name(config_from(ns).tracking, ns.sweep, layout=ns.layout)
-    print(f"report: {out / 'report.md'} (figures beside it; also logged to the sweep's MLflow parent run)")
+    print(f"report: {out / 'report.md'} (its figures in figures/ beside it; also the sweep's MLflow parent run's)")
     return 0
 
 

@@ -1,6 +1,7 @@
-"""Connecting to Ray: a cluster when one is named, else a local instance sized to work on small machines; and the
+"""Connecting to Ray: a cluster when one is named, else a local instance sized to work on small machines; the
 check that every node of a cluster sees the same shared root: every node alive when a job starts, and every node
-that takes a piece of its work (an autoscaled node joins later).
+that takes a piece of its work (an autoscaled node joins later); and what the driver's terminal shows (`terminal`:
+raylab's own lines and every error, Ray's chatter only when asked).
 
 On a 2-core laptop Ray Data actor pools and Train+ingest can deadlock silently at 2 logical CPUs
 (reference/ray_mlflow.md §2), so a local instance gets at least 4 logical CPUs (oversubscription is harmless).

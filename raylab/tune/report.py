@@ -2,8 +2,10 @@
 
 Every trial is a nested run of the sweep's parent run; its params are the flat config, its metrics name what ran
 (`eval_pgd{k}_acc`, `eval_aa_<version>_acc`, `eval_last_*`, `best_epoch`, `fd_scorer_features`). `report_sweep`
-reads them back, prints the table, and logs table, Markdown report and figures to the parent run, so `raylab report
-SWEEP` reproduces a report (and writes it to `<root>/reports/<sweep>/`) long after the cluster is gone.
+reads them back, prints the table, and logs table, Markdown report and figures to the parent run, where comparison
+starts: the report is also the run's description (its Overview page, figures shown) and each arm's key metrics are
+the run's metrics. `raylab report SWEEP` reproduces a report (and writes it to `<root>/reports/<sweep>/`) long after
+the cluster is gone.
 """
 from __future__ import annotations
 
@@ -247,7 +249,7 @@ def report_sweep(tracking: TrackingConfig, parent_run_id: str, knobs: Sequence[s
     for name, fig in figs.items():
         tracker.log_figure(fig, f"{FIGURES}/{name}")
     tracker.set_description(report.markdown(lambda name: artifact_link(parent_run_id, f"{FIGURES}/{name}"),
-                                            lambda run: run_link(run.experiment_id, run.run_id)),
+                                            lambda run: run_link(run.experiment_id, run.run_id), title=False),
                             more="the whole report is report.md, under Artifacts")
     tracker.log_metrics(arm_metrics(rows, knobs, names), step=0)
     if out_dir is not None:
@@ -296,21 +298,24 @@ class Report:
     figures: Sequence[str]
     status: str
 
-    def markdown(self, figure: Callable[[str], str], run: Callable[[Any], str] | None = None) -> str:
-        """`figure(name)`: where a figure is, seen from where the text is read; `run(trial)`: a link to a trial."""
+    def markdown(self, figure: Callable[[str], str], run: Callable[[Any], str] | None = None,
+                 title: bool = True) -> str:
+        """`figure(name)`: where a figure is, seen from where the text is read; `run(trial)`: a link to a trial. The
+        table comes first: the UI shows a run description's first lines until the reader asks for more."""
         params, rows, names = (self.runs[0].params if self.runs else {}), self.rows, self.names
         n_test = {int(r.get("eval_num_test", 0)) for r in rows}
-        lines = [f"# Sweep {self.parent.tags.get('raylab.sweep', self.parent.name)}", "",
-                 f"MLflow parent run `{self.parent.run_id}` ({self.parent.name}), status {self.status}; "
-                 f"{len(rows)} of {len(self.runs)} trials evaluated; swept: {', '.join(f'`{k}`' for k in self.knobs)}.",
-                 "", f"Evaluation: clean, PGD-{names.pgd_steps} and {names.aa_header} on "
-                 f"{', '.join(map(str, sorted(n_test))) or '?'} test images per trial; model "
-                 f"`{params.get('model.name', '?')}`, `train.epochs` {params.get('train.epochs', '?')}, dataset "
-                 f"`{params.get('data.dataset', '?')}`, {params.get('eval.norm', 'linf')} eps {_eps(params)}. "
-                 "Accuracies in %, their 95% Wilson intervals in brackets.", "",
-                 markdown_table(rows, self.knobs, self.layout, names), "",
-                 *[f"![{name}]({figure(name)})" for name in self.figures], "", "| arm | MLflow run | status |",
-                 "|---|---|---|"]
+        lines = [f"# Sweep {self.parent.tags.get('raylab.sweep', self.parent.name)}", ""] if title else []
+        lines += [markdown_table(rows, self.knobs, self.layout, names), "",
+                  f"MLflow parent run `{self.parent.run_id}` ({self.parent.name}), status {self.status}; "
+                  f"{len(rows)} of {len(self.runs)} trials evaluated; swept: "
+                  f"{', '.join(f'`{k}`' for k in self.knobs)}.", "",
+                  f"Evaluation: clean, PGD-{names.pgd_steps} and {names.aa_header} on "
+                  f"{', '.join(map(str, sorted(n_test))) or '?'} test images per trial; model "
+                  f"`{params.get('model.name', '?')}`, `train.epochs` {params.get('train.epochs', '?')}, dataset "
+                  f"`{params.get('data.dataset', '?')}`, {params.get('eval.norm', 'linf')} eps {_eps(params)}. "
+                  "Accuracies in %, their 95% Wilson intervals in brackets.", "",
+                  *[f"![{name}]({figure(name)})" for name in self.figures], "", "| arm | MLflow run | status |",
+                  "|---|---|---|"]
         lines += [f"| {f'[{r.name}]({run(r)})' if run else r.name} | `{r.run_id}` | {r.status} |" for r in self.runs]
         return "\n".join(lines + [""])
 
