@@ -15,11 +15,14 @@ import pickle
 import shlex
 from pathlib import Path
 
+from raylab.cluster import terminal
 from raylab.config import ExperimentConfig, all_keys, from_json, override, parse_assignments, pin_paths, to_flat
 from raylab.knobs import ConfigError
 from raylab.presets import PRESETS, explain, make_config, miniature
 
 VERBS: dict[str, tuple[Callable[[argparse.Namespace], int], Callable[[argparse.ArgumentParser], None], str]] = {}
+# Verbs that run on Ray: their terminal shows raylab's lines and every error, Ray's chatter only with --verbose.
+RAY_VERBS = ("train", "scorer train", "edm train", "generate", "eval", "sweep", "data mix-stats")
 
 
 def verb(name: str, help: str, args: Callable[[argparse.ArgumentParser], None] = lambda p: None):
@@ -216,7 +219,8 @@ def _sweep(ns: argparse.Namespace) -> int:
     from raylab.tune.sweep import SweepError, run_sweep
 
     try:
-        run_sweep(config_from(ns), {ns.key: [v.strip() for v in ns.values.split(",")]}, layout=ns.layout)
+        run_sweep(config_from(ns), {ns.key: [v.strip() for v in ns.values.split(",")]}, layout=ns.layout,
+                  verbose=ns.verbose)
     except SweepError as err:  # some trials failed: the report of the others is printed and logged; exit non-zero
         print(f"raylab sweep: {err}", file=sys.stderr)
         return 1
@@ -250,7 +254,7 @@ def _report(ns: argparse.Namespace) -> int:
     from raylab.tune.report import report_by_name
 
     _, _, out = report_by_name(config_from(ns).tracking, ns.sweep, layout=ns.layout)
-    print(f"report: {out / 'report.md'} (figures beside it; also logged to the sweep's MLflow parent run)")
+    print(f"report: {out / 'report.md'} (its figures in figures/ beside it; also the sweep's MLflow parent run's)")
     return 0
 
 
@@ -272,6 +276,7 @@ def _runs(ns: argparse.Namespace) -> int:
 def _ui_args(p: argparse.ArgumentParser) -> None:
     config_args(p)
     p.add_argument("--port", type=int, default=None, help="default tracking.ui_port; 0 = any free port")
+    p.add_argument("--sweep", default=None, help="the sweep to open on (as `raylab report` takes it; default: newest)")
 
 
 @verb("ui", "serve the MLflow UI on 127.0.0.1 for the run root's store", _ui_args)
@@ -279,7 +284,7 @@ def _ui(ns: argparse.Namespace) -> int:
     from raylab.tracking.ui import serve_ui
 
     cfg = config_from(ns)
-    serve_ui(cfg.tracking, port=ns.port, block=True)  # None = tracking.ui_port; 0 (falsy) = any free port
+    serve_ui(cfg.tracking, port=ns.port, block=True, sweep=ns.sweep)  # port None = tracking.ui_port; 0 = any free
     return 0
 
 
@@ -448,6 +453,9 @@ def build_parser() -> argparse.ArgumentParser:
             subs = groups[word]
         sub = subs.add_parser(last, help=help_text, description=help_text)
         add_args(sub)
+        if name in RAY_VERBS:
+            sub.add_argument("--verbose", action="store_true", help="also Ray's own output (Ray Train's and Ray "
+                             "Data's INFO lines; Tune's tables for a sweep)")
         sub.set_defaults(func=fn)
     return parser
 
@@ -476,7 +484,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     ns = build_parser().parse_args(argv)
     try:
-        return ns.func(ns)
+        with terminal(getattr(ns, "verbose", True)):
+            return ns.func(ns)
     except KeyboardInterrupt:
         name = " ".join(w for w in (ns.verb, getattr(ns, "sub", None)) if w)
         print(f"raylab {name}: interrupted; kept: {KEPT.get(name, 'what was finished')}; resume with: raylab "

@@ -1,6 +1,7 @@
-"""Connecting to Ray: a cluster when one is named, else a local instance sized to work on small machines; and the
+"""Connecting to Ray: a cluster when one is named, else a local instance sized to work on small machines; the
 check that every node of a cluster sees the same shared root: every node alive when a job starts, and every node
-that takes a piece of its work (an autoscaled node joins later).
+that takes a piece of its work (an autoscaled node joins later); and what the driver's terminal shows (`terminal`:
+raylab's own lines and every error, Ray's chatter only when asked).
 
 On a 2-core laptop Ray Data actor pools and Train+ingest can deadlock silently at 2 logical CPUs
 (reference/ray_mlflow.md §2), so a local instance gets at least 4 logical CPUs (oversubscription is harmless).
@@ -13,13 +14,14 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import os
 import secrets
 import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional, TextIO
+from typing import Callable, Iterator, Optional, TextIO
 
 from raylab.io import atomic_write_text
 
@@ -56,11 +58,22 @@ def _connect(address: str | None, **kwargs) -> None:
         return
     cpus = max(MIN_LOCAL_CPUS, os.cpu_count() or 1)
     kwargs.setdefault("include_dashboard", True)
+    kwargs.setdefault("runtime_env", {"worker_process_setup_hook": f"{__name__}.{pin_ray_address.__name__}"})
     ray.init(num_cpus=cpus, resources={"trial_driver": cpus}, **kwargs)
 
 
+def pin_ray_address() -> None:
+    """Run first in every worker of a local instance: its RAY_ADDRESS names its own instance. Ray's State API clients
+    in workers (Ray Train's PlacementGroupCleaner) otherwise look for "the" Ray on this machine, and with a second
+    instance running (another user's job, a test session) died with a 30-line "Found multiple active Ray instances"
+    traceback in the driver's terminal."""
+    import ray
+
+    os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
+
+
 # ---------------------------------------------------------------------------------------------------------------
-# Ray's chatter in the driver's terminal.
+# What the driver's terminal shows.
 
 # Exact substrings of Ray's own lines that are not about anything raylab does. core_worker.cc logs this at E level
 # whenever an actor with restarts gets an ObjectRef constructor argument: Ray Data's actor pools pass their own
@@ -68,29 +81,41 @@ def _connect(address: str | None, **kwargs) -> None:
 # Train's PreemptionWatcher does the same; none of it is an argument of ours.
 # Ray Data logs three INFO lines per execution ("Starting execution of Dataset", its plan, "execution finished"), and
 # training reads each epoch in windows, each its own execution: hundreds of lines per trial that bury raylab's one
-# line per epoch (they stay in the session's logs/ray-data files). Ray Train prints every report's whole metrics dict
-# ("Reporting training result"), which that epoch line already says.
+# line per epoch (they stay in the session's logs/ray-data files), and once per reading process that its progress
+# bars are off (raylab turns them off: the epoch line is the progress). Ray Train prints every report's whole
+# metrics dict ("Reporting training result"), which that epoch line already says, and five INFO lines per run
+# about its worker group and checkpoints (they stay in the session's ray-train-* logs).
 RAY_CHATTER = ("has constructor arguments in the object store and max_restarts > 0",
                "Starting execution of Dataset dataset_", "Execution plan of Dataset dataset_",
-               "execution finished in", "Reporting training result ")
+               "execution finished in", "Reporting training result ", "Progress bars disabled. To enable",
+               "Requesting resources: {", "Attempting to start training worker group of size",
+               "Started training worker group of size", ", local_rank=", "Setting up process group for: ",
+               "Checkpoint successfully created at: ")
+# Loggers whose INFO lines are not the user's business by default: MLflow creating its tables on a new store, Tune
+# writing its experiment state. MLflow sets its level as it is imported, from MLFLOW_LOGGING_LEVEL (the processes of
+# a local Ray instance started meanwhile inherit it too).
+QUIET_LOGGERS = ("mlflow", "ray.tune")
+QUIET_ENV = {"MLFLOW_LOGGING_LEVEL": "WARNING"}
 
 
-class ChatterFilter(io.TextIOBase):
-    """A text stream that passes every line on to `stream` except Ray's chatter (RAY_CHATTER), whole lines only."""
+class Lines(io.TextIOBase):
+    """A text stream that hands each whole line to `edit` and passes on what it returns (None drops the line)."""
 
-    def __init__(self, stream: TextIO) -> None:
-        self.stream, self._partial = stream, ""
+    def __init__(self, stream: TextIO, edit: Callable[[str], Optional[str]]) -> None:
+        self.stream, self.edit, self._partial = stream, edit, ""
 
     def write(self, text: str) -> int:
         *lines, self._partial = (self._partial + text).split("\n")
-        kept = [line for line in lines if not any(p in line for p in RAY_CHATTER)]
+        kept = [line for line in map(self.edit, lines) if line is not None]
         if kept:
             self.stream.write("\n".join(kept) + "\n")
         return len(text)
 
     def flush(self) -> None:
-        if self._partial and not any(p in self._partial for p in RAY_CHATTER):
-            self.stream.write(self._partial)
+        if self._partial:
+            edited = self.edit(self._partial)
+            if edited is not None:
+                self.stream.write(edited)
         self._partial = ""
         self.stream.flush()
 
@@ -105,17 +130,49 @@ class ChatterFilter(io.TextIOBase):
         return getattr(self.stream, "encoding", "utf-8")
 
 
+class ChatterFilter(Lines):
+    """Every line passes on to `stream` except Ray's chatter (RAY_CHATTER)."""
+
+    def __init__(self, stream: TextIO) -> None:
+        super().__init__(stream, lambda line: None if any(p in line for p in RAY_CHATTER) else line)
+
+
 @contextlib.contextmanager
-def quiet_ray_chatter() -> Iterator[None]:
-    """While the block runs, the driver's stdout and stderr (where Ray prints its workers' logs) drop RAY_CHATTER."""
-    saved = sys.stdout, sys.stderr
+def terminal(verbose: bool = False) -> Iterator[None]:
+    """What the driver's terminal shows while the block runs. By default raylab's own lines (each stage's line, the
+    per-epoch progress, the tables) and every warning and error, Ray's included; the driver's stdout and stderr (where
+    Ray prints its workers' output) drop RAY_CHATTER, QUIET_LOGGERS drop their INFO lines. `verbose`: everything."""
+    if verbose:
+        yield
+        return
+    saved, levels = (sys.stdout, sys.stderr), {name: logging.getLogger(name).level for name in QUIET_LOGGERS}
+    env = {name: os.environ.get(name) for name in QUIET_ENV}
     sys.stdout, sys.stderr = ChatterFilter(saved[0]), ChatterFilter(saved[1])
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(max(levels[name], logging.WARNING))
+    os.environ.update({name: value for name, value in QUIET_ENV.items() if env[name] is None})
     try:
         yield
     finally:
         for stream in (sys.stdout, sys.stderr):
             stream.flush()
         sys.stdout, sys.stderr = saved
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
+        for name, value in env.items():
+            if value is None:
+                os.environ.pop(name, None)
+
+
+@contextlib.contextmanager
+def labelled(label: str) -> Iterator[None]:
+    """Every line this process prints while the block runs starts with `label` (a sweep trial's `[steps=8] `: trials
+    run side by side, and Ray names only their process)."""
+    with contextlib.redirect_stdout(Lines(sys.stdout, lambda line: f"{label}{line}" if line else line)) as out:
+        try:
+            yield
+        finally:
+            out.flush()
 
 
 # ---------------------------------------------------------------------------------------------------------------

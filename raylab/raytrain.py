@@ -107,8 +107,10 @@ def report(metrics: dict, state: tuple[dict, dict] | dict | None = None) -> None
 def progress_line(metrics: dict, step_key: str, total: int, eta_s: float) -> str:
     """`epoch 2/3  loss 0.912  clean 61.2%  robust 40.6%  850 img/s  ETA 0:01:10`: the main job's progress."""
     parts = [f"{step_key} {int(metrics[step_key])}/{total}"]
+    # the training worker reports its validation robust accuracy by the attack that measured it: val_pgd{k}_acc
+    robust = next((k for k in metrics if k.startswith("val_pgd") and k.endswith("_acc")), "val_robust_acc")
     for key, label, pct in (("train_loss", "loss", False), ("loss", "loss", False),
-                            ("val_clean_acc", "clean", True), ("val_robust_acc", "robust", True)):
+                            ("val_clean_acc", "clean", True), (robust, "robust", True)):
         if key in metrics and not any(p.startswith(label + " ") for p in parts):
             parts.append(f"{label} {100 * metrics[key]:.1f}%" if pct else f"{label} {metrics[key]:.3f}")
     if "train_images_per_s" in metrics:

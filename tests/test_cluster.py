@@ -1,9 +1,13 @@
-"""The shared-root check (raylab.cluster): a task on every node reads a token the driver wrote under the root, and
-every piece of work reads it again where it runs (nodes that join later were never probed)."""
+"""raylab.cluster: the shared-root check (a task on every node reads a token the driver wrote under the root, and
+every piece of work reads it again where it runs: nodes that join later were never probed), and what the driver's
+terminal shows."""
 import os
 import re
 import socket
 import stat
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -89,6 +93,70 @@ def test_rays_chatter_is_dropped_and_everything_else_kept():
     out.write("partial")
     out.flush()
     assert sink.getvalue() == "(run_trial pid=1) E RuntimeError: a real error\nepoch 1/3  loss 0.5\npartial"
+
+
+def test_the_terminal_shows_raylabs_lines_and_errors_and_verbose_shows_everything(monkeypatch, capsys):
+    """The default terminal of every Ray verb and experiment script drops Ray's own INFO chatter (Ray Train's worker
+    group and checkpoint lines, Ray Data's progress-bar notice) and the quiet loggers' INFO lines, never a warning,
+    an error or a traceback; `--verbose` (terminal(True)) passes every line."""
+    import logging
+
+    from raylab.cluster import terminal
+
+    monkeypatch.delenv("MLFLOW_LOGGING_LEVEL", raising=False)
+    chatter = ["(TrainController pid=3) Requesting resources: {'CPU': 1.0} * 1",
+               "(TrainController pid=3) Attempting to start training worker group of size 1 with the following",
+               "(TrainController pid=3) - (ip=10.0.0.2, pid=5) world_rank=0, local_rank=0, node_rank=0",
+               "(RayTrainWorker pid=5) Setting up process group for: env:// [rank=0, world_size=1]",
+               "(RayTrainWorker pid=5) Checkpoint successfully created at: Checkpoint(filesystem=local, path=/r)",
+               "(run_trial pid=4) Progress bars disabled. To enable, set `ray.data.DataContext...`."]
+    kept = ["(TrainController pid=3) [steps=2] epoch 1/3  loss 2.313  clean 15.6%  50 img/s",
+            "(run_trial pid=4) Traceback (most recent call last):", "(run_trial pid=4) ValueError: a real error",
+            "(MapWorker(MapBatches(SamplerActor)) pid=6) *** SIGABRT received at time=1796677098 on cpu 0 ***"]
+    logger = logging.getLogger("mlflow.store.db.utils")
+    with terminal():
+        assert os.environ["MLFLOW_LOGGING_LEVEL"] == "WARNING"  # MLflow imported later (in trials too) obeys it
+        for line in chatter + kept:
+            print(line)
+        assert not logger.isEnabledFor(logging.INFO) and logger.isEnabledFor(logging.WARNING)
+    assert capsys.readouterr().out.splitlines() == kept and "MLFLOW_LOGGING_LEVEL" not in os.environ
+    with terminal(verbose=True):
+        for line in chatter + kept:
+            print(line)
+    assert capsys.readouterr().out.splitlines() == chatter + kept
+
+
+def test_a_trials_lines_carry_its_arm(capsys):
+    from raylab.cluster import labelled
+
+    with labelled("[steps=2] "):
+        print("generate: 120 images\nmetric  accuracy", flush=True)
+        print("")
+    assert capsys.readouterr().out == "[steps=2] generate: 120 images\n[steps=2] metric  accuracy\n\n"
+
+
+def test_workers_of_a_local_ray_know_their_own_instance(tmp_path):
+    """With a second Ray instance on the machine, Ray's State API clients in workers (Ray Train's
+    PlacementGroupCleaner) could not tell which instance is theirs and printed a 30-line traceback per Train run. A
+    local instance started by raylab gives every worker its own address (its own process here: the session Ray of
+    the tests is a second instance on this machine)."""
+    script = tmp_path / "where.py"
+    script.write_text("import os, ray\n"
+                      "from raylab.cluster import init_ray\n"
+                      "init_ray()\n"
+                      "@ray.remote(num_cpus=0)\n"
+                      "def where():\n"
+                      "    from ray._private.services import canonicalize_bootstrap_address_or_die\n"
+                      "    return os.environ.get('RAY_ADDRESS'), canonicalize_bootstrap_address_or_die(None)\n"
+                      "print(*ray.get(where.remote()), ray.get_runtime_context().gcs_address)\n")
+    repo = str(Path(__file__).resolve().parents[1])
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [repo, env.get("PYTHONPATH")]))
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, env=env,
+                         cwd=repo)
+    assert out.returncode == 0, out.stderr[-2000:]
+    pinned, found, own = out.stdout.split()
+    assert pinned == found == own
 
 
 def test_every_ray_train_worker_checks_root_and_dataset_before_its_first_step(tmp_path):

@@ -11,7 +11,6 @@ import pytest
 from raylab.config import TrackingConfig
 from raylab.tracking import child_runs, find_runs, resolve_tracking_uri
 
-SMOKE_STEPS = "4"
 EXPERIMENTS = sorted((Path(__file__).resolve().parents[1] / "experiments").glob("ablate_*.py"))
 
 
@@ -69,38 +68,60 @@ def test_the_amount_ablation_applies_the_papers_rule_per_amount():
 
 
 @pytest.fixture(scope="module")
-def steps_sweep(ray_session, root):
-    """The main job's smoke mode, one step count of its two, run once for this module's tests (.ci/run runs every
-    experiment's full --smoke as its own process). The run root is relative, as the README's default `runs`:
-    trials run in Tune's trial directories, so the driver must pin it."""
-    import contextlib
-    import io
-
-    from raylab.tune.experiment import run_ablation
+def steps_sweep(root):
+    """The main job's smoke mode as a user runs it, in its own process with its own Ray, run once for this
+    module's tests. The run root is relative, as the README's default `runs`: trials run in Tune's trial
+    directories, so the driver must pin it."""
+    import os
+    import subprocess
+    import sys
 
     ab = ablation(next(p for p in EXPERIMENTS if p.stem == "ablate_steps"))
-    out = io.StringIO()
-    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(out):
-        mp.chdir(root.parent)
-        code = run_ablation(ab, ["--preset", "smoke", "--values", SMOKE_STEPS, "--set", f"tracking.root={root.name}"])
+    repo = str(Path(__file__).resolve().parents[1])
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [repo, env.get("PYTHONPATH")]))
+    proc = subprocess.run([sys.executable, f"{repo}/experiments/ablate_steps.py", "--smoke", "--set",
+                           f"tracking.root={root.name}"], cwd=root.parent, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=1500)
     uri, parents = sweep_parents(root)
     parent = [p for p in parents if p.tags["raylab.sweep_keys"] == ab.key][-1]
     trials = [r for r in child_runs(uri, parent.run_id) if r.tags.get("raylab.stage") == "train"]
-    return SimpleNamespace(code=code, out=out.getvalue(), uri=uri, parent=parent, trials=trials, key=ab.key)
+    return SimpleNamespace(code=proc.returncode, out=proc.stdout, uri=uri, parent=parent, trials=trials, key=ab.key,
+                           values=[str(v) for v in ab.values["smoke"]])
 
 
 @pytest.mark.ray
 def test_steps_smoke_runs_end_to_end(steps_sweep):
-    assert steps_sweep.code == 0 and "raylab ui" in steps_sweep.out
+    assert steps_sweep.code == 0 and "raylab ui" in steps_sweep.out, steps_sweep.out[-3000:]
     assert steps_sweep.parent.status == "FINISHED" and steps_sweep.parent.end_time  # not RUNNING forever
-    assert [r.params[steps_sweep.key] for r in steps_sweep.trials] == [SMOKE_STEPS]
-    assert [r.name for r in steps_sweep.trials] == [f"steps={SMOKE_STEPS}"]  # the arm, not a hash
+    assert [r.params[steps_sweep.key] for r in steps_sweep.trials] == steps_sweep.values
+    assert [r.name for r in steps_sweep.trials] == [f"steps={v}" for v in steps_sweep.values]  # the arm, not a hash
     for trial in steps_sweep.trials:
         assert trial.status == "FINISHED" and 0.0 <= trial.metrics["eval_clean_acc"] <= 1.0
         assert trial.tags["raylab.git_commit"] and trial.tags["raylab.version"]
         ledger = {k: trial.metrics[f"cost_{k}"] for k in ("generate_device_s", "train_device_s",
                                                            "eval_device_s", "per_kept_image_s")}
         assert all(v > 0 for v in ledger.values()), ledger  # the measured cost of the trial's stages
+
+
+@pytest.mark.ray
+def test_the_main_jobs_terminal_shows_each_arms_progress_and_the_table_in_at_most_100_lines(steps_sweep):
+    """The terminal of `ablate_steps.py --smoke`: per arm its generation line, one line per epoch and its
+    evaluation table, each line saying its arm, then the sweep's table; no Tune table, no Ray chatter (it ran to 278
+    lines here, 872 for the default job)."""
+    lines = steps_sweep.out.splitlines()
+    assert len(lines) <= 100, steps_sweep.out
+    epochs = int(steps_sweep.trials[0].params["train.epochs"])
+    for value in steps_sweep.values:
+        arm = [line for line in lines if f"[steps={value}] " in line]
+        assert sum("generate: " in line for line in arm) == 1
+        assert re.findall(r"\] (epoch \d+/\d+)  ", "\n".join(arm)) == [f"epoch {e}/{epochs}"
+                                                                   for e in range(1, epochs + 1)]
+        assert any("evaluation of " in line for line in arm) and any("AutoAttack" in line for line in arm)
+    assert any(line.startswith(f"{steps_sweep.key} | FD (scorer feats) |") for line in lines)
+    noise = [line for line in lines if any(s in line for s in ("Trial status", "╭", "TensorBoard", "Progress bars",
+                                                                 "worker group", "max_restarts", "Traceback"))]
+    assert not noise, "\n".join(noise)
 
 
 @pytest.mark.ray
@@ -165,15 +186,17 @@ def test_report_writes_markdown_and_figures_and_export_writes_model_info(steps_s
     assert cli.main(["report", name.split("-")[0], "--set", f"tracking.root={root}"]) == 0
     out = Path(root) / "reports" / name
     report = (out / "report.md").read_text()
-    assert f"steps={SMOKE_STEPS}" in report and "PGD-2" in report and "AA (apgd-ce,apgd-t; 25 it, 1 restart, 3 targets)" in report
+    assert all(f"steps={v}" in report for v in steps_sweep.values) and "status FINISHED" in report
+    assert "PGD-2" in report and "AA (apgd-ce,apgd-t; 25 it, 1 restart, 3 targets)" in report
     figures = ["clean_vs_robust.png", "val_robust_per_epoch.png", "autoattack_cascade.png",
                "selected_vs_rejected.png"]
-    for fig in figures:
-        assert (out / fig).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and (out / fig).stat().st_size > 5000
-        assert f"![{fig}]({fig})" in report
+    for fig in figures:  # beside report.md under figures/, as in the parent run's artifacts
+        png = out / "figures" / fig
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+        assert f"![{fig}](figures/{fig})" in report
     # the rows' order comes from the parent's sweep space; a missing artifact reads as None, not an error
     assert load_json_artifact(steps_sweep.uri, steps_sweep.parent.run_id, "sweep_space.json") == {
-        steps_sweep.key: [int(SMOKE_STEPS)]}  # --values, parsed as the config types the key
+        steps_sweep.key: [int(v) for v in steps_sweep.values]}  # as the experiment swept them, typed by the config
     assert load_json_artifact(steps_sweep.uri, steps_sweep.parent.run_id, "no_such.json") is None
     assert "Downloading artifacts" not in capsys.readouterr().err  # no MLflow progress bar in the report
     logged = {Path(a.path).name for a in client_for(steps_sweep.uri).list_artifacts(steps_sweep.parent.run_id,
@@ -192,30 +215,38 @@ def test_report_writes_markdown_and_figures_and_export_writes_model_info(steps_s
 
 
 @pytest.mark.ray
-def test_a_finished_sweep_restores_without_rerunning_and_generations_are_shared(ray_session, root):
+def test_a_finished_sweep_restores_without_rerunning_and_generations_are_shared(ray_session, steps_sweep, root):
     from raylab.tune.experiment import run_ablation
 
     steps = ablation(next(p for p in EXPERIMENTS if p.stem == "ablate_steps"))
     uri, before = sweep_parents(root)
     runs_before = {p.run_id: len(child_runs(uri, p.run_id)) for p in before}
-    assert run_ablation(steps, ["--smoke", "--values", SMOKE_STEPS, "--set", f"tracking.root={root}"]) == 0
+    assert run_ablation(steps, ["--smoke", "--set", f"tracking.root={root}"]) == 0
     _, after = sweep_parents(root)
     assert {p.run_id for p in after} == set(runs_before)  # same parent run: restored, not a new sweep
     assert {p.run_id: len(child_runs(uri, p.run_id)) for p in after} == runs_before  # no trial reran
     generations = sorted((Path(root) / "artifacts").glob("generate-*"))
     generations = [g for g in generations if g.is_dir()]
-    assert len(generations) == 1  # one generation per step count
+    assert len(generations) == len(steps.values["smoke"])  # one generation per step count
+
+
+def _text(dom: str) -> str:
+    return re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", re.sub(r"<(script|style).*?</\1>", "", dom, flags=re.S)))
 
 
 @pytest.mark.ray
 def test_the_mlflow_ui_opens_on_the_sweep_in_a_real_browser(steps_sweep, root, tmp_path):
-    """`raylab ui` on the smoke sweep's store, loaded in headless Debian chromium: the printed URL opens the
-    training-runs view (MLflow 3 otherwise opens on its GenAI overview), the parent run is finished, and its
-    nested trials are listed by their swept values. Screenshots are kept as test output."""
-    import re
+    """`raylab ui` on the smoke sweep's store, loaded in headless Debian chromium, as the README's "Compare runs"
+    says: (1) the printed URL shows the sweep's trials, named by their swept values, with the swept param and their
+    key metrics, without configuring columns or expanding the parent (MLflow 3 otherwise opens on its GenAI
+    overview, with the trials under a collapsed parent and no metric column); (2) its chart view plots each
+    evaluation accuracy against the swept param; (3) the parent run's Overview shows the report's table as its
+    description with the figures (served by the tracking server) and each arm's key metrics. Screenshots are kept
+    as test output."""
     import signal
     import subprocess
     import sys
+    import urllib.request
 
     from tests.tracking import browser
     from tests.tracking.test_ui import _group_gone, _line_matching
@@ -223,27 +254,42 @@ def test_the_mlflow_ui_opens_on_the_sweep_in_a_real_browser(steps_sweep, root, t
     if browser.chromium() is None:
         pytest.fail("Debian chromium is not installed (.ci/run installs it: apt-get install -y chromium)")
     shots = browser.output_dir(tmp_path) / "mlflow-ui"
+    parent, trials = steps_sweep.parent, steps_sweep.trials
     proc = subprocess.Popen([sys.executable, "-m", "raylab", "ui", "--port", "0", "--set", f"tracking.root={root}"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         url = _line_matching(proc, r"^MLflow UI: (\S+) ", timeout_s=120)[1]
-        assert "workflowType=machine_learning" in url and "/runs" in url
-        runs_page = browser.dump_dom(url)
-        text = re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", re.sub(r"<(script|style).*?</\1>", "", runs_page, flags=re.S)))
-        assert all(col in text for col in ("Run Name", "Created", "Dataset", "Duration", "Source"))
+        assert "workflowType=machine_learning" in url and "viewStateShareKey=" in url
+        text = _text(browser.dump_dom(url, until="eval_clean_acc"))
         assert "Model registry" in text and "Token Usage" not in text  # the ML side bar, not GenAI's overview
-        assert steps_sweep.parent.name in text
+        assert parent.name in text and all(t.name in text for t in trials)  # trials shown, not under a collapsed row
+        assert all(c in text for c in (steps_sweep.key, "eval_clean_acc", "eval_pgd2_acc"))  # columns, unasked
+        assert all(str(t.metrics["eval_clean_acc"]) in text for t in trials)  # each trial's own value
         browser.screenshot(url, shots / "runs.png")
+
+        aa = next(k for k in trials[0].metrics if k.startswith("eval_aa_") and "_after_" not in k)
+        charts = f"{url}&compareRunsMode=CHART"
+        text = _text(browser.dump_dom(charts, until=f"{steps_sweep.key} vs. {aa}", budget_ms=browser.CHARTS_BUDGET_MS))
+        assert f"{steps_sweep.key} vs. {aa}" in text and f"{steps_sweep.key} vs. eval_clean_acc" in text
+        browser.screenshot(charts, shots / "charts.png", budget_ms=browser.CHARTS_BUDGET_MS)
+
         base = url.split("#")[0]
-        run_url = f"{base}#/experiments/{steps_sweep.parent.experiment_id}/runs/{steps_sweep.parent.run_id}" \
-                  "?workflowType=machine_learning"
-        page = browser.dump_dom(run_url)
-        text = re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", re.sub(r"<(script|style).*?</\1>", "", page, flags=re.S)))
-        assert "Status Finished" in text
-        children = re.search(r"Child runs (.*?) Source", text)[1]
-        assert f"steps={SMOKE_STEPS}" in children
-        browser.screenshot(run_url, shots / "parent_run.png")
-        assert all((shots / f).stat().st_size > 10_000 for f in ("runs.png", "parent_run.png"))
+        run_url = f"{base}#/experiments/{parent.experiment_id}/runs/{parent.run_id}?workflowType=machine_learning"
+        dom = browser.dump_dom(run_url, until="get-artifact?path=figures")
+        text = _text(dom)
+        assert "Status Finished" in text and "status FINISHED" in text  # the run, and its report, say how it ended
+        description = text.split("Description", 1)[1]
+        assert f"{steps_sweep.key} FD (scorer feats) Clean PGD-2 AA" in description  # the table's header...
+        assert all(f" {t.params[steps_sweep.key]} {t.metrics['fd_scorer_features']:.4g} " in description
+                   for t in trials)  # ...and a row per arm
+        for t in trials:  # each arm's key metrics in the Overview's metrics table
+            assert f"steps_{t.params[steps_sweep.key]}/eval_clean_acc {t.metrics['eval_clean_acc']}" in text
+        figures = re.findall(r'<img src="(get-artifact\?path=figures%2F[\w.]+\.png&amp;run_uuid=\w+)"', dom)
+        assert len(figures) == 4
+        with urllib.request.urlopen(base + figures[0].replace("&amp;", "&"), timeout=30) as resp:
+            assert resp.read(8) == b"\x89PNG\r\n\x1a\n"  # the server shows them where the description links
+        browser.screenshot(run_url, shots / "parent_run.png", size="1600,2400")
+        assert all((shots / f).stat().st_size > 10_000 for f in ("runs.png", "charts.png", "parent_run.png"))
     finally:
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(timeout=30)

@@ -1,5 +1,6 @@
-"""`raylab rehearse [--nodes N] -- COMMAND...`: build the cluster, submit COMMAND with `ray job submit
---working-dir .`, kill one worker node mid-training, tear everything down, check the contract, print one summary.
+"""`raylab rehearse [--nodes N] -- COMMAND...`: build the cluster, submit COMMAND with `ray job submit` (the
+checkout's tracked files as its working directory, raylab.jobdir), kill one worker node mid-training, tear everything
+down, check the contract, print one summary.
 
 Always torn down: every step runs inside try/finally, SIGINT/SIGTERM become KeyboardInterrupt, and each node's
 `unshare --kill-child` takes the node down if this process dies anyway.
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from raylab.jobdir import JobDirError, stage
 from raylab.rehearse import checks, nodes
 from raylab.rehearse.fixtures import place_cifar10
 from raylab.rehearse.spec import (HEAD_HOME, OBJECT_STORE_BYTES, SHARED_PATH, WORKER_CPUS, ClusterSpec, load_spec,
@@ -267,9 +269,16 @@ def watch_and_kill(cluster: Cluster, timings: Timings, done: Callable[[], bool],
         time.sleep(poll)
 
 
+def job_dir(layout: nodes.Layout) -> Path:
+    """Where the job's code is staged (raylab.jobdir): on the head's disk, which worker nodes do not see."""
+    return layout.node_dir("head") / "job"
+
+
 def submit(cluster: Cluster, command: list[str]) -> subprocess.Popen:
+    """`ray job submit` of `command` with the staged job code (`job_dir`) as its working directory."""
     shared = str(cluster.layout.shared)
-    argv = ["ray", "job", "submit", "--address", DASHBOARD, "--working-dir", ".", "--runtime-env-json",
+    argv = ["ray", "job", "submit", "--address", DASHBOARD, "--working-dir", str(job_dir(cluster.layout)),
+            "--runtime-env-json",
             '{"env_vars": {"RAY_DATA_DISABLE_PROGRESS_BARS": "1"}}', "--",
             *[part.replace("{shared}", shared) for part in command]]
     return cluster.on_head([str(Path(sys.executable).parent / argv[0]), *argv[1:]])
@@ -329,7 +338,8 @@ def rehearse(opts: Options) -> int:
     base = Path(opts.workdir or f"/var/tmp/raylab-rehearse-{tag}")
     try:
         layout = nodes.make_layout(base, tag)
-    except nodes.NodeError as err:
+        stage(Path.cwd(), job_dir(layout))  # what git tracks, before any node starts: a big checkout stops here
+    except (nodes.NodeError, JobDirError) as err:
         print(f"rehearse: {err}")
         return 2
     return _rehearse(opts, Cluster(layout, spec, opts.nodes, Path.cwd(), opts.unshared_node))

@@ -4,6 +4,7 @@
 - `readback`: runs, metric histories and artifacts read back as plain data (reports, listings, tests).
 - `plots`: Agg-only figures (learning curves, sample grids, histograms).
 - `ui`: `raylab ui`, the MLflow server on the run root's store.
+- `views`: what the UI opens on (the view of a sweep), links into its pages.
 """
 from raylab.tracking.mlflow_store import (Tracker, TrackingError, artifact_root, client_for, ensure_experiment,
                                           pin_tracking, resolve_tracking_uri)

@@ -47,6 +47,7 @@ PARAMS_PER_BATCH = 100      # mlflow.utils.validation.MAX_PARAMS_TAGS_PER_BATCH
 METRICS_PER_BATCH = 1000    # mlflow.utils.validation.MAX_METRICS_PER_BATCH
 DIGEST_LIMIT = 36           # mlflow.utils.validation.MAX_DATASET_DIGEST_SIZE
 PARENT_TAG = "mlflow.parentRunId"
+NOTE_TAG = "mlflow.note.content"  # the UI's run description (Overview page), Markdown
 END_STATUSES = ("FINISHED", "FAILED", "KILLED")
 # MLflow 3.x opens an experiment on its GenAI pages (traces, an assistant) unless the experiment says it holds model
 # training: the UI reads this tag (values of its ExperimentKind enum, mlflow/server/js, 3.17.2). The `?workflowType=
@@ -314,6 +315,14 @@ class Tracker:
         items = [RunTag(str(k), _clip(str(v), TAG_VALUE_LIMIT)) for k, v in tags.items()]
         for batch in _chunks(items, PARAMS_PER_BATCH):
             self._client.log_batch(self.run_id, tags=list(batch), synchronous=True)
+
+    def set_description(self, markdown: str, more: str = "") -> None:
+        """The run's description, rendered as Markdown on its Overview page in the UI (MLflow's note tag). Beyond
+        TAG_VALUE_LIMIT it ends at the last whole line that fits, then says `more` (where the rest is)."""
+        if len(markdown) > TAG_VALUE_LIMIT:
+            tail = f"\n\n... {more}".rstrip() + "\n"
+            markdown = markdown[:TAG_VALUE_LIMIT - len(tail)].rsplit("\n", 1)[0] + tail
+        self.set_tags({NOTE_TAG: markdown})
 
     def log_figure(self, fig: Any, path: str) -> None:
         """Save a matplotlib figure as the artifact `path` (e.g. 'plots/curve.png')."""

@@ -88,8 +88,11 @@ def scatter_labelled(xs: Sequence[float], ys: Sequence[float], labels: Sequence[
     return fig
 
 
-def best_last_curves(curves: Mapping[str, Sequence[tuple[int, float]]], ylabel: str, title: str) -> Figure:
-    """One line per arm over epochs, the best epoch starred and the last one squared (Wang et al. 2023 Fig. 2)."""
+def best_last_curves(curves: Mapping[str, Sequence[tuple[int, float]]], best: Mapping[str, int], ylabel: str,
+                     title: str) -> Figure:
+    """One line per arm over epochs, the best epoch starred and the last one squared (Wang et al. 2023 Fig. 2).
+    `best`: each arm's best epoch as its training chose it (`best.pt`, the `best_epoch` metric), never re-derived
+    from the curve here: one tie-break rule, the training's."""
     if not curves:
         raise PlotError(f"best_last_curves {title!r}: no curves")
     fig = _figure(6.0, 3.8)
@@ -99,8 +102,9 @@ def best_last_curves(curves: Mapping[str, Sequence[tuple[int, float]]], ylabel: 
             continue
         steps, values = zip(*points)
         line, = ax.plot(steps, values, marker="o", markersize=3, label=str(name))
-        best = int(np.nanargmax(values))
-        ax.plot(steps[best], values[best], marker="*", markersize=14, color=line.get_color(), linestyle="none")
+        if best.get(name) in steps:
+            at = steps.index(best[name])
+            ax.plot(steps[at], values[at], marker="*", markersize=14, color=line.get_color(), linestyle="none")
         ax.plot(steps[-1], values[-1], marker="s", markersize=8, fillstyle="none", color=line.get_color(),
                 linestyle="none")
     ax.plot([], [], marker="*", color="gray", linestyle="none", label="best epoch")

@@ -20,6 +20,7 @@ from typing import Optional
 
 from raylab.config import TrackingConfig
 from raylab.tracking.mlflow_store import TrackingError, is_remote_uri, artifact_root, client_for, resolve_tracking_uri
+from raylab.tracking.views import SweepView, publish, run_link, sweep_view
 
 HEALTH_TIMEOUT_S = 60.0   # measured: /health answers after ~5-8 s on 2 cores
 
@@ -71,8 +72,9 @@ def _wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout_s: float)
 
 
 def serve_ui(cfg_tracking: TrackingConfig, port: Optional[int] = None, host: str = "127.0.0.1", block: bool = True,
-             timeout_s: float = HEALTH_TIMEOUT_S) -> tuple[str, subprocess.Popen]:
-    """Start the MLflow server on the configured store and wait until it is healthy.
+             timeout_s: float = HEALTH_TIMEOUT_S, sweep: Optional[str] = None) -> tuple[str, subprocess.Popen]:
+    """Start the MLflow server on the configured store and wait until it is healthy; print the URL of the view of
+    `sweep` (default: the newest sweep; raylab.tracking.views), its charts and its parent run.
 
     port: None = `tracking.ui_port`, 0 = any free port. block=True serves until Ctrl-C (then stops the server);
     block=False returns at once with the running process (stop it with `stop_ui`).
@@ -80,6 +82,7 @@ def serve_ui(cfg_tracking: TrackingConfig, port: Optional[int] = None, host: str
     uri = resolve_tracking_uri(cfg_tracking)
     if is_remote_uri(uri):
         raise TrackingError(f"tracking uri {uri} is already a server; open it in a browser instead")
+    view = _sweep_view(uri, cfg_tracking, sweep)  # an unknown --sweep stops here, before the server starts
     port = cfg_tracking.ui_port if port is None else port
     port = free_port(host) if port == 0 else port
     if not _port_free(host, port):
@@ -96,21 +99,35 @@ def serve_ui(cfg_tracking: TrackingConfig, port: Optional[int] = None, host: str
                                 stdin=subprocess.DEVNULL, env=env, start_new_session=True)
     url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{port}"
     _wait_healthy(url, proc, log, timeout_s)
-    print(f"MLflow UI: {runs_page(url, cfg_tracking)}  (store {uri}; log {log})", flush=True)
+    print("\n".join(ui_lines(url, uri, cfg_tracking, view, log)), flush=True)
     if block:
         _serve_until_interrupted(proc)
     return url, proc
 
 
-def runs_page(url: str, cfg_tracking: TrackingConfig) -> str:
-    """The experiment's training-runs page: MLflow 3 opens on GenAI pages unless the URL asks for the machine
-    learning workflow (its `workflowType` query; the experiment also carries the model-training kind tag)."""
+def _sweep_view(uri: str, cfg_tracking: TrackingConfig, sweep: Optional[str]) -> Optional[SweepView]:
     try:
-        experiment = client_for(resolve_tracking_uri(cfg_tracking)).get_experiment_by_name(cfg_tracking.experiment)
-    except Exception:  # noqa: BLE001 - the URL is a convenience; the server runs either way
-        experiment = None
-    where = f"#/experiments/{experiment.experiment_id}/runs" if experiment is not None else "#/experiments"
-    return f"{url}/{where}?workflowType=machine_learning"
+        return sweep_view(uri, cfg_tracking.experiment, sweep)
+    except TrackingError:
+        if sweep:
+            raise
+        return None  # no experiment yet: the server still shows the store
+
+
+def ui_lines(url: str, uri: str, cfg_tracking: TrackingConfig, view: Optional[SweepView], log: Path) -> list[str]:
+    """What `raylab ui` prints: the URL of the sweep's runs, of their charts and of its parent run. MLflow 3 opens
+    an experiment on its GenAI pages unless the URL asks for the machine learning workflow (its `workflowType` query;
+    the experiment also carries the model-training kind tag)."""
+    ml = "workflowType=machine_learning"
+    if view is None:
+        experiment = client_for(uri).get_experiment_by_name(cfg_tracking.experiment)
+        where = f"#/experiments/{experiment.experiment_id}/runs" if experiment is not None else "#/experiments"
+        return [f"MLflow UI: {url}/{where}?{ml}  (store {uri}; log {log})"]
+    page = f"{url}/#/experiments/{view.experiment_id}/runs?{ml}&viewStateShareKey={publish(uri, view)}"
+    return [f"MLflow UI: {page}  (store {uri}; log {log})",
+            f"  sweep {view.sweep}, its trials' metrics against {', '.join(view.knobs)}: {page}&compareRunsMode=CHART",
+            f"  its report (table, figures, each arm's metrics): "
+            f"{url}/{run_link(view.experiment_id, view.parent_run_id)}?{ml}"]
 
 
 def _serve_until_interrupted(proc: subprocess.Popen) -> None:

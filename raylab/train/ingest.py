@@ -67,7 +67,7 @@ def ray_pass_reader(object_store_mb: int = 0):
         # for one, they never ran once Train workers held every CPU (the dress rehearsal: after a node loss, 4
         # workers on a 4-CPU node waited on their first window forever). The object-store budget bounds them.
         ds = ray.data.read_datasource(window_datasource(plan), override_num_blocks=max(len(plan.windows), 1),
-                                      ray_remote_args={"num_cpus": 0})
+                                      num_cpus=0)
         ds.context.execution_options = ingest_options(object_store_mb)
         ds.context.enable_progress_bars = False  # one pass per epoch or so: the epoch line is the progress
         yield from ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=1)

@@ -130,7 +130,7 @@ def run_training(cfg: ExperimentConfig, *, generated: GeneratedInput | None = No
     log_inputs(tracker, cfg, original, generated)
     loop_config = {"flat": to_flat(cfg), "run_dir": str(run.path), "crash": crash, "trace": trace,
                    "generated": generated.rows if generated is not None else None}
-    logger = EpochLogger(tracker.uri, tracker.run_id, "epoch", cfg.train.epochs, label=f"[{run.name}] ")
+    logger = EpochLogger(tracker.uri, tracker.run_id, "epoch", cfg.train.epochs, label=f"[{run_name or run.name}] ")
     trainer = make_trainer(train_worker, loop_config, cfg, run, callbacks=[logger, *(callbacks or [])])
     with tracker:
         start = time.perf_counter()

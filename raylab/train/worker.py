@@ -261,7 +261,8 @@ def val_metric(cfg: ExperimentConfig) -> str:
 
 def _keep_best(run_path: Path, ctx: TrainContext, epoch: int, metrics: dict, best: dict, write: bool) -> dict:
     """Every rank picks from the same summed metrics, so all agree on `best` (part of the checkpoint state); the
-    writer (rank 0) saves `best.pt`."""
+    writer (rank 0) saves `best.pt`. Of tied scores the later epoch wins (`>=`); `best_epoch` says which, and the
+    sweep report's per-epoch figure stars that epoch, never re-deriving it."""
     score = metrics[best["metric"]]
     if score >= best["score"]:
         if write:

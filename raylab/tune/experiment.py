@@ -37,6 +37,10 @@ class Ablation:
 
 
 def parse_args(ablation: Ablation, argv: Sequence[str] | None) -> argparse.Namespace:
+    return build_parser(ablation).parse_args(argv)
+
+
+def build_parser(ablation: Ablation) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=ablation.title)
     parser.add_argument("--preset", choices=("tiny", "smoke", "paper"), default="tiny",
                         help="tiny (2 CPU cores, the default), smoke (CI), paper (GPU cluster); as every verb's")
@@ -47,7 +51,9 @@ def parse_args(ablation: Ablation, argv: Sequence[str] | None) -> argparse.Names
     parser.add_argument("--values", default=None, help=f"comma-separated values of {ablation.key}")
     parser.add_argument("--plan", action="store_true", help="print what the sweep would generate, keep, train and "
                         "spend (device-hours), and exit")
-    return parser.parse_args(argv)
+    parser.add_argument("--verbose", action="store_true", help="also Ray's and Tune's own output (Tune's status and "
+                        "result tables, Ray Train's and Ray Data's INFO lines)")
+    return parser
 
 
 @dataclass(frozen=True)
@@ -101,7 +107,7 @@ def _fits(cfg: ExperimentConfig, key: str, value: Any, coupled: Optional[Couplin
 
 
 def run_ablation(ablation: Ablation, argv: Sequence[str] | None = None) -> int:
-    from raylab.cluster import SharedRootError, quiet_ray_chatter
+    from raylab.cluster import SharedRootError, terminal
     from raylab.tune.sweep import SweepError, run_sweep
 
     ns = parse_args(ablation, argv)
@@ -123,8 +129,9 @@ def run_ablation(ablation: Ablation, argv: Sequence[str] | None = None) -> int:
         return 0
     print(f"{ablation.title}: {ablation.key} in {values} ({mode}; runs under {cfg.tracking.root})", flush=True)
     try:
-        with quiet_ray_chatter():
-            out = run_sweep(cfg, {ablation.key: values}, layout=ablation.layout, coupled=run.coupled)
+        with terminal(ns.verbose):
+            out = run_sweep(cfg, {ablation.key: values}, layout=ablation.layout, coupled=run.coupled,
+                            verbose=ns.verbose)
     except SweepError as err:
         print(f"error: {err}")
         return 1

@@ -2,12 +2,15 @@
 
 Every trial is a nested run of the sweep's parent run; its params are the flat config, its metrics name what ran
 (`eval_pgd{k}_acc`, `eval_aa_<version>_acc`, `eval_last_*`, `best_epoch`, `fd_scorer_features`). `report_sweep`
-reads them back, prints the table, and logs table, Markdown report and figures to the parent run, so `raylab report
-SWEEP` reproduces a report (and writes it to `<root>/reports/<sweep>/`) long after the cluster is gone.
+reads them back, prints the table, and logs table, Markdown report and figures to the parent run, where comparison
+starts: the report is also the run's description (its Overview page, figures shown) and each arm's key metrics are
+the run's metrics. `raylab report SWEEP` reproduces a report (and writes it to `<root>/reports/<sweep>/`) long after
+the cluster is gone.
 """
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
@@ -182,8 +185,10 @@ def _figures(uri: str, rows: list[dict[str, Any]], knobs: Sequence[str], names: 
     if val_key:
         curves = {label: [(s, 100 * v) for s, v in get_run_metrics_history(uri, r["run_id"], val_key)]
                   for label, r in zip(labels, rows)}
+        best = {label: int(r["best_epoch"]) for label, r in zip(labels, rows)
+                if math.isfinite(r.get("best_epoch", math.nan))}
         figs["val_robust_per_epoch.png"] = plots.best_last_curves(
-            curves, f"validation PGD-{val_key[7:-4]} accuracy (%)", "validation robust accuracy per epoch")
+            curves, best, f"validation PGD-{val_key[7:-4]} accuracy (%)", "validation robust accuracy per epoch")
     cascade = {label: [("clean", 100 * r["eval_clean_acc"])] + [
         (k[len("eval_aa_after_"):], 100 * v) for k, v in r.items() if k.startswith("eval_aa_after_")]
         for label, r in zip(labels, rows)}
@@ -214,10 +219,13 @@ def _selection_figure(runs: Sequence[Any]) -> Any:
 
 
 def report_sweep(tracking: TrackingConfig, parent_run_id: str, knobs: Sequence[str], layout: str | None = None,
-                 out_dir: Any = None) -> tuple[list[dict[str, Any]], str]:
-    """Read the trials back from MLflow, print the table, log it (CSV/JSON/text/Markdown) and the figures to the
-    parent run, and with `out_dir` also write `report.md` and the figures there."""
+                 out_dir: Any = None, status: str | None = None) -> tuple[list[dict[str, Any]], str]:
+    """Read the trials back from MLflow, print the table, and log to the parent run: the table (CSV/JSON/text), the
+    figures (`figures/`), `report.md`, the same report as the run's description (its Overview page, figures shown)
+    and each arm's key metrics (`arm_metrics`). `status`: how the sweep ends, when the report is written before
+    the parent run ends (its status then still says RUNNING). With `out_dir`, also `report.md` and `figures/` there."""
     from raylab.tracking import Tracker, child_runs, get_run, load_json_artifact, resolve_tracking_uri
+    from raylab.tracking.views import artifact_link, run_link
 
     uri = resolve_tracking_uri(tracking)
     runs = [r for r in child_runs(uri, parent_run_id) if r.tags.get("raylab.stage") == "train"]
@@ -232,15 +240,38 @@ def report_sweep(tracking: TrackingConfig, parent_run_id: str, knobs: Sequence[s
     selection = _selection_figure(runs)
     if selection is not None:
         figs["selected_vs_rejected.png"] = selection
-    markdown = report_markdown(get_run(uri, parent_run_id), runs, rows, knobs, layout, names, list(figs))
+    parent = get_run(uri, parent_run_id)
+    report = Report(parent, runs, rows, knobs, layout, names, list(figs), status or parent.status)
+    markdown = report.markdown(lambda name: f"{FIGURES}/{name}")
     tracker.log_text(markdown, "report.md")
     if rows:
         tracker.log_table(rows, "sweep_table")
     for name, fig in figs.items():
-        tracker.log_figure(fig, f"figures/{name}")
+        tracker.log_figure(fig, f"{FIGURES}/{name}")
+    tracker.set_description(report.markdown(lambda name: artifact_link(parent_run_id, f"{FIGURES}/{name}"),
+                                            lambda run: run_link(run.experiment_id, run.run_id), title=False),
+                            more="the whole report is report.md, under Artifacts")
+    tracker.log_metrics(arm_metrics(rows, knobs, names), step=0)
     if out_dir is not None:
         write_report(out_dir, markdown, figs)
     return rows, table
+
+
+FIGURES = "figures"  # beside report.md, in the parent run's artifacts and in `raylab report`'s folder alike
+ARM_METRICS = ("eval_clean_acc", "{pgd}", "{aa}", "fd_scorer_features", "best_epoch")
+
+
+def arm_metrics(rows: Sequence[dict[str, Any]], knobs: Sequence[str], names: Names) -> dict[str, float]:
+    """Each arm's key metrics under its name, for the parent run's Overview: `steps_8/eval_clean_acc`,
+    `beta_2.0_ratio_0.5/eval_pgd10_acc` (MLflow metric names allow no `=` or `,`)."""
+    out = {}
+    for row in rows:
+        prefix = re.sub(r"[^\w.\-]+", "_", arm(row, knobs))
+        for key in (k.format(pgd=names.pgd(), aa=names.aa) for k in ARM_METRICS):
+            value = row.get(key)
+            if isinstance(value, float) and math.isfinite(value):
+                out[f"{prefix}/{key}"] = value
+    return out
 
 
 def write_report(out_dir: Any, markdown: str, figs: dict[str, Any]) -> None:
@@ -250,27 +281,43 @@ def write_report(out_dir: Any, markdown: str, figs: dict[str, Any]) -> None:
 
     out = Path(out_dir)
     for name, fig in figs.items():
-        atomic_write(out / name, lambda tmp, fig=fig: fig.savefig(tmp, format="png", dpi=100))
+        atomic_write(out / FIGURES / name, lambda tmp, fig=fig: fig.savefig(tmp, format="png", dpi=100))
     atomic_write_text(out / "report.md", markdown)
 
 
-def report_markdown(parent: Any, runs: Sequence[Any], rows: list[dict[str, Any]], knobs: Sequence[str],
-                    layout: str, names: Names, figures: Sequence[str]) -> str:
-    """The sweep's report: what ran (attacks, test images), the table, the trials' MLflow runs, the figures."""
-    params = runs[0].params if runs else {}
-    n_test = {int(r.get("eval_num_test", 0)) for r in rows}
-    lines = [f"# Sweep {parent.tags.get('raylab.sweep', parent.name)}", "",
-             f"MLflow parent run `{parent.run_id}` ({parent.name}), status {parent.status}; "
-             f"{len(rows)} of {len(runs)} trials evaluated; swept: {', '.join(f'`{k}`' for k in knobs)}.", "",
-             f"Evaluation: clean, PGD-{names.pgd_steps} and {names.aa_header} on "
-             f"{', '.join(map(str, sorted(n_test))) or '?'} test images per trial; model `{params.get('model.name', '?')}`"
-             f", `train.epochs` {params.get('train.epochs', '?')}, dataset `{params.get('data.dataset', '?')}`, "
-             f"{params.get('eval.norm', 'linf')} eps {_eps(params)}. Accuracies in %, their 95% Wilson intervals "
-             "in brackets.", "",
-             markdown_table(rows, knobs, layout, names), "", "| arm | MLflow run | status |", "|---|---|---|"]
-    lines += [f"| {r.name} | `{r.run_id}` | {r.status} |" for r in runs]
-    lines += ["", *[f"![{name}]({name})" for name in figures], ""]
-    return "\n".join(lines)
+@dataclass(frozen=True)
+class Report:
+    """The sweep's report: what ran (attacks, test images), the table, the figures, the trials' MLflow runs.
+    `status` is how the sweep ends."""
+    parent: Any
+    runs: Sequence[Any]
+    rows: list[dict[str, Any]]
+    knobs: Sequence[str]
+    layout: str
+    names: Names
+    figures: Sequence[str]
+    status: str
+
+    def markdown(self, figure: Callable[[str], str], run: Callable[[Any], str] | None = None,
+                 title: bool = True) -> str:
+        """`figure(name)`: where a figure is, seen from where the text is read; `run(trial)`: a link to a trial. The
+        table comes first: the UI shows a run description's first lines until the reader asks for more."""
+        params, rows, names = (self.runs[0].params if self.runs else {}), self.rows, self.names
+        n_test = {int(r.get("eval_num_test", 0)) for r in rows}
+        lines = [f"# Sweep {self.parent.tags.get('raylab.sweep', self.parent.name)}", ""] if title else []
+        lines += [markdown_table(rows, self.knobs, self.layout, names), "",
+                  f"MLflow parent run `{self.parent.run_id}` ({self.parent.name}), status {self.status}; "
+                  f"{len(rows)} of {len(self.runs)} trials evaluated; swept: "
+                  f"{', '.join(f'`{k}`' for k in self.knobs)}.", "",
+                  f"Evaluation: clean, PGD-{names.pgd_steps} and {names.aa_header} on "
+                  f"{', '.join(map(str, sorted(n_test))) or '?'} test images per trial; model "
+                  f"`{params.get('model.name', '?')}`, `train.epochs` {params.get('train.epochs', '?')}, dataset "
+                  f"`{params.get('data.dataset', '?')}`, {params.get('eval.norm', 'linf')} eps {_eps(params)}. "
+                  "Accuracies in %, their 95% Wilson intervals in brackets.", "",
+                  *[f"![{name}]({figure(name)})" for name in self.figures], "", "| arm | MLflow run | status |",
+                  "|---|---|---|"]
+        lines += [f"| {f'[{r.name}]({run(r)})' if run else r.name} | `{r.run_id}` | {r.status} |" for r in self.runs]
+        return "\n".join(lines + [""])
 
 
 def _eps(params: dict[str, str]) -> str:

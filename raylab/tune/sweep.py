@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -23,6 +24,7 @@ from raylab.io import atomic_write_text
 from raylab.runs import write_config
 
 PARENT_FILE = "mlflow_parent_run_id"
+NEW_OUTPUT = "RAY_AIR_NEW_OUTPUT"  # Tune's switch between its output engines (_tune_output)
 FD_METRIC = "fd_scorer_features"  # the generation's Frechet distance on scorer features (not Inception FID)
 # Keys that follow the swept value of a one-key sweep (a paper rule: Wang et al. 2023 Table 5 selects the top 20%
 # and mixes at 0.3 up to 1M generated images, takes all of them at 0.2 above): value -> {key: value}.
@@ -110,16 +112,25 @@ def run_trial(trial_config: dict[str, Any], *, flat: dict[str, Any], parent_run_
     config, the sweep's MLflow parent run, its name and its swept keys (the trial's run name) come through
     `tune.with_parameters`."""
     import ray.data
+
+    from raylab.cluster import labelled
+
+    # Each stage's own line is the trial's progress; Ray Data's bars from inside trials (generation, ingest, eval)
+    # flooded the main job's log with 3,000+ lines. Datasets carry this context to their executions.
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    cfg = from_flat(flat | {k: v for k, v in trial_config.items() if "." in k})
+    label = trial_label(cfg, swept or trial_config)
+    with labelled(f"[{label}] "):  # the generation's line and the evaluation's table say which arm they are
+        _run_trial(cfg, label, parent_run_id, sweep)
+
+
+def _run_trial(cfg: ExperimentConfig, label: str, parent_run_id: str, sweep: str) -> None:
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from raylab.train.job import run_training
     from raylab.tune.artifacts import ensure_view
 
-    # Tune's status table is the sweep's progress; Ray Data's bars from inside trials (generation, ingest, eval)
-    # flooded the main job's log with 3,000+ lines. Datasets carry this context to their executions.
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    cfg = from_flat(flat | {k: v for k, v in trial_config.items() if "." in k})
     generated, view = None, None
     if cfg.train.ratio < 1.0:
         from raylab.pipeline.generated_input import generated_input
@@ -127,8 +138,8 @@ def run_trial(trial_config: dict[str, Any], *, flat: dict[str, Any], parent_run_
         view = ensure_view(cfg, parent_run_id)
         generated = generated_input(view.view_path)
     # The trial's run directory: `<sweep>-<run identity>` (raylab.runs), the view's content identity included.
-    out = run_training(cfg, generated=generated, prefix=sweep, run_name=trial_label(cfg, swept or trial_config),
-                       parent_run_id=parent_run_id, callbacks=[TuneReportCallback()], tags={"raylab.sweep": sweep})
+    out = run_training(cfg, generated=generated, prefix=sweep, run_name=label, parent_run_id=parent_run_id,
+                       callbacks=[TuneReportCallback()], tags={"raylab.sweep": sweep})
     final = {"best_epoch": float(out.best.get("epoch", -1)), **evaluate_trial(cfg, out.run.path)}
     if view is not None and view.fd is not None:
         final[FD_METRIC] = float(view.fd)  # Wang et al. 2023 Table 7's FD column, measured on scorer features
@@ -242,7 +253,10 @@ def _parent_run(cfg: ExperimentConfig, path: Path, name: str, space: dict) -> st
     return tracker.run_id
 
 
-def _tuner(cfg: ExperimentConfig, space: dict, name: str, storage: Path, parent: str, coupled: Optional[Coupling]):
+def _tuner(cfg: ExperimentConfig, space: dict, name: str, storage: Path, parent: str, coupled: Optional[Coupling],
+           verbose: bool = False):
+    """The Tuner, restored when Tune saved a state for this sweep. Tune's status and result tables (a 20-row table
+    per trial, the status table every 30 s) only with `verbose`: each trial prints its own stage lines."""
     from ray import tune
 
     trainable = tune.with_resources(tune.with_parameters(run_trial, flat=to_flat(cfg), parent_run_id=parent, sweep=name,
@@ -254,15 +268,15 @@ def _tuner(cfg: ExperimentConfig, space: dict, name: str, storage: Path, parent:
     param_space = entries
     tune_config = tune.TuneConfig(metric=cfg.sweep.metric, mode=cfg.sweep.mode, scheduler=scheduler,
                                   num_samples=cfg.sweep.num_samples, max_concurrent_trials=cfg.sweep.max_concurrent)
-    run_config = tune.RunConfig(name=name, storage_path=str(storage),
+    run_config = tune.RunConfig(name=name, storage_path=str(storage), verbose=None if verbose else 0,
                                 failure_config=tune.FailureConfig(max_failures=cfg.resources.max_failures))
     return tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config)
 
 
 def run_sweep(cfg: ExperimentConfig, space: dict[str, Sequence[Any]], *, layout: str | None = None,
-              coupled: Optional[Coupling] = None) -> SweepOutcome:
+              coupled: Optional[Coupling] = None, verbose: bool = False) -> SweepOutcome:
     """Run (or restore and finish) the sweep of `space` over `cfg`; print and log its table and figures.
-    `coupled`: keys that follow the value of a one-key sweep (`Coupling`)."""
+    `coupled`: keys that follow the value of a one-key sweep (`Coupling`); `verbose`: Tune's tables too."""
     from raylab.cluster import init_ray
     from raylab.tune.report import report_sweep
 
@@ -274,18 +288,37 @@ def run_sweep(cfg: ExperimentConfig, space: dict[str, Sequence[Any]], *, layout:
     init_ray(shared_root=cfg.tracking.root)  # every node must see the run root, before any compute
     parent = _parent_run(cfg, path, name, space)
     with _parent_status(cfg, parent) as status:
-        results = _tuner(cfg, space, name, storage, parent, coupled).fit()
-        rows, table = report_sweep(cfg.tracking, parent, list(space), layout=layout)
-        unfinished = _unfinished(path)
-        if unfinished:  # Tune caught Ctrl-C, saved its state and returned as if done
-            status["end"] = "KILLED"
+        with _tune_output(verbose):
+            results = _tuner(cfg, space, name, storage, parent, coupled, verbose).fit()
+        unfinished = _unfinished(path)  # Tune caught Ctrl-C, saved its state and returned as if done
+        end = "KILLED" if unfinished else "FAILED" if results.errors else "FINISHED"
+        # the report of the trials that finished, saying how the sweep ends (the parent run ends right after it)
+        rows, table = report_sweep(cfg.tracking, parent, list(space), layout=layout, status=end)
+        status["end"] = end
+        if unfinished:
             raise SweepInterrupted(f"sweep {name}: interrupted with {unfinished} trial(s) unfinished; Tune state "
                                    f"kept in {path}")
-        if results.errors:  # a failed trial fails the sweep (after the report of those that finished)
-            status["end"] = "FAILED"
+        if results.errors:  # a failed trial fails the sweep
             raise SweepError(f"sweep {name}: {len(results.errors)} of {len(results)} trials failed; first error: "
                              f"{str(results.errors[0]).strip().splitlines()[-1]}")
     return SweepOutcome(name, path, parent, rows, table)
+
+
+@contextlib.contextmanager
+def _tune_output(verbose: bool):
+    """Tune's own terminal output while the block runs: all of it with `verbose`; else none. At verbose=0 Tune's
+    newer output engine still prints an experiment table and a TensorBoard hint (13 lines); its older reporter,
+    which Tune picks when RAY_AIR_NEW_OUTPUT=0 as `fit()` starts, prints nothing. Errors are logged either way."""
+    old = os.environ.get(NEW_OUTPUT)
+    if not verbose:
+        os.environ[NEW_OUTPUT] = "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(NEW_OUTPUT, None)
+        else:
+            os.environ[NEW_OUTPUT] = old
 
 
 def _unfinished(path: Path) -> int:

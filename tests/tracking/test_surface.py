@@ -104,6 +104,67 @@ def test_runs_listing_shows_names_metrics_and_the_report_name(tcfg, capsys):
     assert "raylab report steps-abc" in sweeps[0]
 
 
+def _sweep(tcfg, name="steps-abc"):
+    """A sweep as the driver logs it: parent, two trials, a shared generation (no sweep tag), an older sweep."""
+    with Tracker.start(tcfg, "sweep:beta", params={}, config_json="{}",
+                       tags={"raylab.stage": "sweep", "raylab.sweep": "beta-old", "raylab.sweep_keys": "train.beta"}):
+        pass
+    with Tracker.start(tcfg, f"sweep:{name}", params={}, config_json="{}",
+                       tags={"raylab.stage": "sweep", "raylab.sweep": name, "raylab.sweep_keys": "generate.steps"}) as p:
+        for steps in (2, 4):
+            with Tracker.start(tcfg, f"steps={steps}", params={"generate.steps": steps}, config_json="{}",
+                               parent_run_id=p.run_id, tags={"raylab.stage": "train", "raylab.sweep": name}) as t:
+                t.log_metrics({"eval_clean_acc": 0.75, "eval_pgd2_acc": 0.5, "eval_aa_apgd-ce_acc": 0.25,
+                               "eval_aa_after_apgd-ce": 0.25, "best_epoch": 3, "val_pgd2_acc": 0.4,
+                               "fd_scorer_features": 9.0, "cost_total_device_s": 7.0}, step=1)
+        with Tracker.start(tcfg, "generate-x", params={}, config_json="{}", parent_run_id=p.run_id,
+                           tags={"raylab.stage": "generate"}):
+            pass
+    return p
+
+
+def test_the_ui_opens_on_the_newest_sweep_its_trials_metrics_and_charts(tcfg):
+    """`raylab ui` writes MLflow's shared view of the newest sweep and prints its URL: the sweep's parent and trials
+    only, flat in one group (a collapsed parent would hide the trials), the swept param and the key metrics as
+    columns, and per swept key and evaluation accuracy a scatter plot (the compare view). The real UI renders it
+    in tests/test_experiments.py's browser test."""
+    import json
+
+    from raylab.tracking.ui import ui_lines
+    from raylab.tracking.views import SHARE_TAG, sweep_view
+
+    parent = _sweep(tcfg)
+    uri = mlflow_store.resolve_tracking_uri(tcfg)
+    view = sweep_view(uri, tcfg.experiment)
+    assert (view.sweep, view.parent_run_id, view.knobs) == ("steps-abc", parent.run_id, ("generate.steps",))
+    assert view.metrics == ("eval_clean_acc", "eval_pgd2_acc", "eval_aa_apgd-ce_acc", "fd_scorer_features",
+                            "best_epoch")
+    lines = ui_lines("http://127.0.0.1:5000", uri, tcfg, view, Path("ui.log"))
+    page = lines[0].split()[2]
+    assert page.endswith("/runs?workflowType=machine_learning&viewStateShareKey=raylab-steps-abc")
+    assert f"{page}&compareRunsMode=CHART" in lines[1] and f"/runs/{parent.run_id}?" in lines[2]
+    state = json.loads(client_for(uri).get_experiment(view.experiment_id).tags[SHARE_TAG + "raylab-steps-abc"])
+    assert state["searchFilter"] == "tags.`raylab.sweep` = 'steps-abc'"
+    assert [r.info.run_name for r in client_for(uri).search_runs([view.experiment_id], state["searchFilter"])] \
+        == ["steps=4", "steps=2", "sweep:steps-abc"]
+    assert state["selectedColumns"][:3] == ["params.`generate.steps`", "metrics.`eval_clean_acc`",
+                                            "metrics.`eval_pgd2_acc`"]
+    assert state["groupBy"]["groupByKeys"] == [{"mode": "tag", "groupByData": "raylab.sweep"}]
+    assert [(c["type"], c["xaxis"]["key"], c["yaxis"]["key"]) for c in state["compareRunCharts"]] == [
+        ("SCATTER", "generate.steps", m) for m in ("eval_clean_acc", "eval_pgd2_acc", "eval_aa_apgd-ce_acc")]
+    assert sweep_view(uri, tcfg.experiment, "beta").knobs == ("train.beta",)  # --sweep, as `raylab report` takes it
+    with pytest.raises(mlflow_store.TrackingError, match="--sweep nope: no such sweep"):
+        sweep_view(uri, tcfg.experiment, "nope")
+
+
+def test_a_long_description_ends_on_a_whole_line_saying_where_the_rest_is(tcfg):
+    with Tracker.start(tcfg, "r", params={}, config_json="{}") as tracker:
+        tracker.set_description("| a | b |\n" * 2000, more="the whole report is report.md")
+    text = get_run(tracker.uri, tracker.run_id).tags["mlflow.note.content"]
+    assert len(text) <= mlflow_store.TAG_VALUE_LIMIT and text.endswith("\n\n... the whole report is report.md\n")
+    assert text.split("\n\n")[0].splitlines()[-1] == "| a | b |"
+
+
 def test_config_file_with_set_on_top_and_explain(tmp_path, capsys):
     cfg = make_config("smoke", {"train.beta": 3.0})
     path = tmp_path / "config.json"

@@ -34,6 +34,10 @@ def test_progress_line_has_epoch_loss_accuracies_speed_and_eta():
     line = progress_line({"epoch": 2, "train_loss": 0.5, "val_clean_acc": 0.612, "val_robust_acc": 0.406,
                           "train_images_per_s": 850.4}, "epoch", 3, 70.0)
     assert line == "epoch 2/3  loss 0.500  clean 61.2%  robust 40.6%  850 img/s  ETA 00:01:10"
+    # as the training worker names it: by the attack that measured it
+    line = progress_line({"epoch": 1, "train_loss": 0.5, "val_clean_acc": 0.5, "val_pgd5_acc": 0.25}, "epoch", 3,
+                         float("nan"))
+    assert line == "epoch 1/3  loss 0.500  clean 50.0%  robust 25.0%"
 
 
 def _reporting_worker(config):

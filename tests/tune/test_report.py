@@ -82,3 +82,57 @@ def test_accuracies_carry_their_wilson_interval_over_the_test_images_they_were_m
     plain = [c.strip() for c in format_table(build_rows([run(2, 0.8, 0.45, 0.0)], ["generate.steps"]),
                                              ["generate.steps"], "plain").splitlines()[2].split("|")]
     assert plain[2] == "80.00"  # runs that never logged their test count: no made-up interval
+
+
+def test_one_best_epoch_the_training_keeps_the_latest_of_tied_scores_and_the_figure_stars_it(tmp_path):
+    """Tied validation scores: the training keeps the later epoch (`>=` in raylab.train.worker._keep_best, written to
+    best.pt and logged as best_epoch); the per-epoch figure stars that same epoch, not the first maximum (it starred
+    steps=2's epoch 7 while the trial reported 12)."""
+    from raylab.config import TrackingConfig
+    from raylab.tracking.mlflow_store import Tracker
+    from raylab.train.worker import _keep_best
+    from raylab.tune.report import _figures
+
+    curve = [0.2, 0.5, 0.4, 0.5, 0.3]
+    best = {"metric": "val_pgd5_acc", "score": float("-inf"), "epoch": 0}
+    for epoch, acc in enumerate(curve, start=1):
+        best = _keep_best(tmp_path, None, epoch, {"val_pgd5_acc": acc}, best, write=False)
+    assert best["epoch"] == 4
+    with Tracker.start(TrackingConfig(root=str(tmp_path)), "steps=2", params={}, config_json="{}") as run:
+        for epoch, acc in enumerate(curve, start=1):
+            run.log_metrics({"val_pgd5_acc": acc}, step=epoch)
+    rows = [{"generate.steps": "2", "run_id": run.run_id, "val_pgd5_acc": curve[-1], "eval_clean_acc": 0.9,
+             "best_epoch": float(best["epoch"])}]
+    fig = _figures(run.uri, rows, ["generate.steps"], Names(pgd_steps=5))["val_robust_per_epoch.png"]
+    stars = [(x, y) for line in fig.axes[0].lines if line.get_marker() == "*"
+             for x, y in zip(line.get_xdata(), line.get_ydata())]
+    assert stars == [(4, 50.0)]
+
+
+def test_the_report_says_how_the_sweep_ended_and_links_figures_where_they_are(tmp_path):
+    """report.md is written before the parent run ends: it says the status the sweep ends with, and links figures
+    under figures/, where the parent run's artifacts and `raylab report`'s folder both keep them; the parent's
+    description (its Overview) shows them from the tracking server and links each trial's run."""
+    from raylab.tune.report import Report, arm_metrics, write_report
+    from raylab.tracking.plots import line_plot
+
+    trials = [SimpleNamespace(name="steps=2", run_id="r2", status="FINISHED", experiment_id="1",
+                              params={"generate.steps": "2", "eval.pgd_steps": "40"})]
+    parent = SimpleNamespace(run_id="p", name="sweep:steps-x", status="RUNNING", tags={"raylab.sweep": "steps-x"})
+    rows = build_rows([run(2, 0.8, 0.5, 0.45, 9.0)], ["generate.steps"])
+    report = Report(parent, trials, rows, ["generate.steps"], "steps", Names(), ["curve.png"], "FINISHED")
+    text = report.markdown(lambda name: f"figures/{name}")
+    assert "status FINISHED" in text and "RUNNING" not in text and "![curve.png](figures/curve.png)" in text
+    overview = report.markdown(lambda name: f"get-artifact?path=figures%2F{name}&run_uuid=p",
+                               lambda trial: f"#/experiments/1/runs/{trial.run_id}")
+    assert "![curve.png](get-artifact?path=figures%2Fcurve.png&run_uuid=p)" in overview
+    assert "| [steps=2](#/experiments/1/runs/r2) |" in overview
+    write_report(tmp_path, text, {"curve.png": line_plot([0, 1], {"a": [1, 2]}, "x", "y", "t")})
+    assert (tmp_path / "figures" / "curve.png").read_bytes()[:4] == b"\x89PNG"
+    assert arm_metrics(rows, ["generate.steps"], Names()) == {
+        "steps_2/eval_clean_acc": 0.8, "steps_2/eval_pgd40_acc": 0.5, "steps_2/eval_aa_standard_acc": 0.45,
+        "steps_2/fd_scorer_features": 9.0, "steps_2/best_epoch": 3.0}
+    assert arm_metrics(build_rows([SimpleNamespace(params={"train.beta": "2.0", "train.ratio": "0.5"},
+                                                   metrics={"eval_clean_acc": 0.7}, name="b", run_id="b")],
+                                  ["train.beta", "train.ratio"]), ["train.beta", "train.ratio"], Names()) == {
+        "beta_2.0_ratio_0.5/eval_clean_acc": 0.7}
