@@ -416,8 +416,8 @@ def _rehearse_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workdir", default="", help="rehearsal directory (default /var/tmp/raylab-rehearse-<id>)")
     p.add_argument("--no-fault", dest="fault", action="store_false", help="do not kill a worker node")
     p.add_argument("--expect-trials", type=int, default=None, help="trial runs the job must leave in MLflow")
-    p.add_argument("--dress", action="store_true", help="the dress rehearsal: the paper configuration in miniature "
-                   "(ablate_steps and ablate_amount, two arms each) on a CIFAR-10 fixture under the shared root")
+    p.add_argument("--dress", action="store_true", help="the dress rehearsal: --preset paper --miniature, "
+                   "ablate_steps and ablate_amount on a CIFAR-10 fixture under the shared root")
     p.add_argument("--unshared-node", default="", help="drill: this worker (e.g. worker2) gets an empty local "
                    "directory where the shared root should be")
     p.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND... ({shared} = the shared root; "
@@ -427,16 +427,9 @@ def _rehearse_args(p: argparse.ArgumentParser) -> None:
 @verb("rehearse", "a real multi-node Ray cluster on this machine (root): run a job, lose a node, check the "
       "cluster contract", _rehearse_args)
 def _rehearse(ns: argparse.Namespace) -> int:
-    from raylab.rehearse.run import DRESS_JOB, Options, rehearse
+    from raylab.rehearse.run import options_from, rehearse
 
-    command = ns.command[1:] if ns.command[:1] == ["--"] else ns.command
-    opts = Options(nodes=ns.nodes, cluster_yaml=ns.cluster_yaml, workdir=ns.workdir, fault=ns.fault,
-                   expect_trials=ns.expect_trials, unshared_node=ns.unshared_node, dress=ns.dress)
-    if ns.dress:
-        opts.command = list(DRESS_JOB)
-    if command:
-        opts.command = command
-    return rehearse(opts)
+    return rehearse(options_from(vars(ns)))
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -57,6 +57,15 @@ class Options:
     dress: bool = False       # place the CIFAR-10 fixture; the node dies in a sweep trial, not an input's training
 
 
+def options_from(args: dict) -> Options:
+    """The verb's arguments as Options: `-- COMMAND` runs COMMAND, else `--dress` the dress job, else DEFAULT_JOB."""
+    command = args["command"][1:] if args["command"][:1] == ["--"] else args["command"]
+    opts = Options(**{k: args[k] for k in ("nodes", "cluster_yaml", "workdir", "fault", "expect_trials",
+                                          "unshared_node", "dress")})
+    opts.command = list(command or (DRESS_JOB if opts.dress else DEFAULT_JOB))
+    return opts
+
+
 @dataclass
 class Timings:
     start: float = field(default_factory=time.monotonic)
