@@ -11,13 +11,12 @@ import sys
 from typing import Callable
 
 import json
-import pickle
 import shlex
 from pathlib import Path
 
 from raylab.cluster import terminal
 from raylab.config import ExperimentConfig, all_keys, from_json, override, parse_assignments, pin_paths, to_flat
-from raylab.knobs import ConfigError
+from raylab.knobs import ConfigError, bad_input
 from raylab.presets import PRESETS, explain, make_config, miniature
 
 VERBS: dict[str, tuple[Callable[[argparse.Namespace], int], Callable[[argparse.ArgumentParser], None], str]] = {}
@@ -453,24 +452,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# Errors that are bad input (a key, a file, a refused checkpoint: torch's weights_only and raylab's allowlist
-# unpickler raise UnpicklingError): one line, no traceback, also when Ray wraps them (RayTaskError.cause).
-ONE_LINE = (ConfigError, ValueError, FileNotFoundError, pickle.UnpicklingError)
 # What Ctrl-C leaves behind, per verb; rerunning the same command resumes every one of them.
 KEPT = {"train": "checkpoints of the finished epochs in the run directory",
         "scorer train": "checkpoints of the finished epochs in the run directory",
         "edm train": "the latest checkpoint in the run directory",
         "generate": "every shard already renamed into the store", "sweep": "Tune's state and every finished trial",
         "eval": "every finished chunk", "select": "nothing half-written (views appear atomically)"}
-
-
-def _one_line(err: BaseException) -> BaseException | None:
-    seen = 0
-    while err is not None and seen < 8:
-        if isinstance(err, ONE_LINE):
-            return err
-        err, seen = getattr(err, "cause", None) or err.__cause__, seen + 1
-    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -485,7 +472,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{' '.join(map(shlex.quote, argv))}", file=sys.stderr)
         return 130
     except Exception as err:  # noqa: BLE001 - bad input is one line; anything else keeps its traceback
-        cause = _one_line(err)
+        cause = bad_input(err)
         if cause is None:
             raise
         print(f"raylab: error: {' '.join(str(cause).split())}", file=sys.stderr)

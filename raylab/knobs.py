@@ -6,6 +6,7 @@ Errors are one line: the key, the value, what is allowed.
 from __future__ import annotations
 
 import math
+import pickle
 import typing
 from dataclasses import field, fields
 from fractions import Fraction
@@ -108,3 +109,19 @@ class Stage:
 
     def check(self) -> None:
         """Cross-field rules inside one stage (overridden where needed)."""
+
+
+# Errors that are bad input (a key, a file, a refused checkpoint: torch's weights_only and raylab's allowlist
+# unpickler raise UnpicklingError): one line, no traceback, also when Ray wraps them (RayTaskError.cause).
+BAD_INPUT = (ConfigError, ValueError, FileNotFoundError, pickle.UnpicklingError)
+
+
+def bad_input(err: BaseException | None) -> BaseException | None:
+    """The bad-input error behind `err` (itself, or what Ray or a re-raise wrapped), else None: a bug keeps its
+    traceback."""
+    seen = 0
+    while err is not None and seen < 8:
+        if isinstance(err, BAD_INPUT):
+            return err
+        err, seen = getattr(err, "cause", None) or err.__cause__, seen + 1
+    return None

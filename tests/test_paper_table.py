@@ -215,3 +215,22 @@ def test_a_view_smaller_than_a_batch_is_refused_by_the_driver_before_any_worker_
                                          r"\(train.batch_size=512, train.ratio=0.3\)"):
         run_training(cfg, generated=view)
     assert not (tmp_path / "train").exists()  # no run directory, no MLflow run
+
+
+def test_the_paper_job_without_its_generator_or_scorer_stops_in_one_line_before_anything_runs(tmp_path, capsys):
+    """README "Scale out": the paper configuration needs generate.checkpoint and select.scorer_checkpoint. Without
+    them the job used to start Ray and Tune, then fail in each of its 8 trials."""
+    from raylab.rehearse.fixtures import place_cifar10
+    from raylab.tune.experiment import run_ablation
+
+    place_cifar10(tmp_path / "data", train_per_class=2, test_per_class=1)
+    ablation = runpy.run_path(str(EXPERIMENTS / "ablate_steps.py"), run_name="not_main")["ABLATION"]
+    base = ["--preset", "paper", "--set", f"data.root={tmp_path / 'data'}", "--set", f"tracking.root={tmp_path / 'r'}"]
+    refusals = {"generate.checkpoint: '' means the committed digits EDM, but data.dataset=cifar10": [],
+                "generate.checkpoint: /nowhere does not exist": ["--set", "generate.checkpoint=/nowhere"],
+                "select.policy=topk: ranks by the scorer's score": ["--set", f"generate.checkpoint={tmp_path}"]}
+    for message, extra in refusals.items():
+        assert run_ablation(ablation, base + extra) == 2
+        out = capsys.readouterr().out.strip().splitlines()
+        assert len(out) == 2 and out[1].startswith(f"error: {message}"), out  # the title line, then the refusal
+    assert not (tmp_path / "r").exists()  # no sweep directory, no MLflow store: nothing ran

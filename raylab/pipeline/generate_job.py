@@ -80,14 +80,22 @@ def resolve_scorer(cfg: ExperimentConfig) -> tuple[Optional[dict[str, Any]], str
                   f"{cfg.data.dataset}): shards get no score/pred/confidence; only select.policy=none applies")
 
 
-def _resolve_generator(cfg: ExperimentConfig, out_dir: Path) -> tuple[str, Path]:
+def _check_generator(cfg: ExperimentConfig) -> None:
+    """generate.generator exists and its checkpoint can be had, checked before anything runs (a CIFAR-10 sweep
+    without generate.checkpoint used to start every trial only to fail in each)."""
     kind = cfg.generate.generator
     if kind not in GENERATORS:
         raise GenerateError(f"generate.generator: {kind!r} generates nothing; use one of {', '.join(GENERATORS)}")
-    path = Path(cfg.generate.checkpoint) if cfg.generate.checkpoint else GENERATORS[kind].default(cfg, out_dir)
-    if not path.exists():
-        raise GenerateError(f"generate.checkpoint: {path} does not exist")
-    return kind, path
+    if not cfg.generate.checkpoint:
+        GENERATORS[kind].check_default(cfg)
+    elif not Path(cfg.generate.checkpoint).exists():
+        raise GenerateError(f"generate.checkpoint: {cfg.generate.checkpoint} does not exist")
+
+
+def _resolve_generator(cfg: ExperimentConfig, out_dir: Path) -> tuple[str, Path]:
+    _check_generator(cfg)
+    kind = cfg.generate.generator
+    return kind, Path(cfg.generate.checkpoint) if cfg.generate.checkpoint else GENERATORS[kind].default(cfg, out_dir)
 
 
 def _check_inception(cfg: ExperimentConfig) -> None:
@@ -110,10 +118,14 @@ Inputs = tuple[Optional[dict[str, Any]], str]  # `check_inputs`: (scorer identit
 def check_inputs(cfg: ExperimentConfig) -> Inputs:
     """What is refused before a store exists or anything runs: the Inception detector, the original dataset's files
     (the quality report reads its test set after sampling every shard) and the scorer, whose architecture its
-    config.json must state (raylab.pipeline.quality.scorer_identity). Returns `resolve_scorer`'s answer."""
+    config.json must state (raylab.pipeline.quality.scorer_identity), the generator and the selection policy's
+    need of a scorer. Returns `resolve_scorer`'s answer."""
     _check_inception(cfg)
     check_dataset(cfg.data)
-    return resolve_scorer(cfg)
+    _check_generator(cfg)
+    scorer, note = resolve_scorer(cfg)
+    check_policy(cfg.select, scorer is not None, note)
+    return scorer, note
 
 
 def plan_job(cfg: ExperimentConfig, out_dir: str | os.PathLike | None = None,
@@ -132,7 +144,6 @@ def plan_job(cfg: ExperimentConfig, out_dir: str | os.PathLike | None = None,
     if label_dim == 0 and scorer is None:
         raise GenerateError("unconditional generator: its images need scorer pseudo-labels, set "
                             "select.scorer_checkpoint=PATH (" + note + ")")
-    check_policy(cfg.select, scorer is not None, note)
     if scorer is not None and get_dataset(scorer["dataset"]).num_classes != num_classes:
         raise GenerateError(f"select.scorer_checkpoint: scorer of {scorer['dataset']}, data.dataset is "
                             f"{cfg.data.dataset}")

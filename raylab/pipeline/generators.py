@@ -31,6 +31,7 @@ class GenerateError(ValueError):
 @dataclass(frozen=True)
 class GeneratorKind:
     default: Callable[[ExperimentConfig, Path], Path]              # the checkpoint when generate.checkpoint == ''
+    check_default: Callable[[ExperimentConfig], None]              # `default` would succeed (driver, no compute)
     load: Callable[[Path, GenerateConfig, torch.device], Any]      # in each sampler actor
     label_dim: Callable[[Any], int]                                # 0 = unconditional
     sample: Callable[[Any, list[int], np.ndarray, GenerateConfig, torch.device], np.ndarray]
@@ -40,8 +41,8 @@ class GeneratorKind:
 GENERATORS: dict[str, GeneratorKind] = {}
 
 
-def _default_edm(cfg: ExperimentConfig, out_dir: Path) -> Path:
-    """The committed tiny digits EDM (raylab.generate.sample_local.default_generator_path)."""
+def _default_edm(cfg: ExperimentConfig, out_dir: Path | None = None) -> Path:
+    """The committed tiny digits EDM (raylab.generate.sample_local.default_generator_path); only for digits."""
     hint = "pass generate.checkpoint=PATH (a raylab EDM directory or an official .pkl)"
     if cfg.data.dataset != "digits":
         raise GenerateError(f"generate.checkpoint: '' means the committed digits EDM, but data.dataset="
@@ -79,10 +80,11 @@ def _sample_edm(net: Any, seeds: list[int], labels: np.ndarray, gen: GenerateCon
 
 
 GENERATORS["edm"] = GeneratorKind(
-    default=_default_edm, load=lambda path, gen, device: load_generator(path).to(device).eval(),
+    default=_default_edm, check_default=_default_edm, load=lambda path, gen, device: load_generator(path).to(device).eval(),
     label_dim=lambda net: int(net.label_dim), sample=_sample_edm, sampler_identity=sampler_identity)
 GENERATORS["gaussian"] = GeneratorKind(
-    default=_default_gaussian, load=lambda path, gen, device: load_gaussian(path),
+    # the fit comes from the training split, whose files check_dataset checks
+    default=_default_gaussian, check_default=lambda cfg: None, load=lambda path, gen, device: load_gaussian(path),
     label_dim=lambda fit: fit.num_classes,
     sample=lambda fit, seeds, labels, gen, device: sample_gaussian(fit, seeds, labels),
     sampler_identity=lambda gen: None)

@@ -15,7 +15,7 @@ from typing import Any, Optional, Sequence
 
 from raylab.amounts import check_amount
 from raylab.config import ExperimentConfig, override, parse_assignments, to_flat
-from raylab.knobs import ConfigError
+from raylab.knobs import ConfigError, bad_input
 from raylab.presets import dataset_values, make_config, miniature, shrink_key
 from raylab.tune.sweep import Coupling
 
@@ -107,7 +107,7 @@ def _fits(cfg: ExperimentConfig, key: str, value: Any, coupled: Optional[Couplin
 
 
 def run_ablation(ablation: Ablation, argv: Sequence[str] | None = None) -> int:
-    from raylab.cluster import SharedRootError, terminal
+    from raylab.cluster import terminal
     from raylab.tune.sweep import SweepError, run_sweep
 
     ns = parse_args(ablation, argv)
@@ -139,8 +139,10 @@ def run_ablation(ablation: Ablation, argv: Sequence[str] | None = None) -> int:
         kept = str(err) or "Tune's state and every finished trial are kept"
         print(f"interrupted: {kept}; resume with: python {' '.join(map(shlex.quote, sys.argv))}", flush=True)
         return 130
-    except SharedRootError as err:
-        print(f"error: {err}")
+    except Exception as err:  # noqa: BLE001 - bad input (SharedRootError among it) is one line; a bug keeps its traceback
+        if bad_input(err) is None:
+            raise
+        print(f"error: {' '.join(str(bad_input(err)).split())}")
         return 2
     print(f"\nsweep {out.name}: {len(out.rows)} trials; MLflow parent run {out.parent_run_id}")
     print(f"compare the runs: raylab ui --set tracking.root={cfg.tracking.root}  (then open the printed URL)")

@@ -97,7 +97,8 @@ def test_bad_generator_settings_fail_before_any_compute(assets, tmp_path, no_def
         plan_job(job_config(assets, tmp_path, {"generate.checkpoint": str(tmp_path / "nope")}), tmp_path / "b")
     with pytest.raises(GenerateError, match="pseudo-labels"):
         plan_job(job_config(assets, tmp_path, {"generate.checkpoint": str(assets["edm_uncond"]),
-                                               "select.scorer_checkpoint": ""}), tmp_path / "c")
+                                               "select.scorer_checkpoint": "", "select.policy": "none"}),
+                 tmp_path / "c")
     five = save_edm(tmp_path / "edm5", build_edm(EDMConfig(**TINY_EDM), label_dim=5))
     with pytest.raises(GenerateError, match="5 classes"):
         plan_job(job_config(assets, tmp_path, {"generate.checkpoint": str(five)}), tmp_path / "d")
