@@ -91,6 +91,9 @@ def _write_compact(folder: Path, meta: dict) -> Path:
         raise SelectError(f"{rows_file}: does not match {VIEW_META} (torn write); rerun `raylab select`")
     cols = npz_members(rows_file, ("seed", "label", "shard", "row"))
     _check_seed_order(cols["seed"], rows_file)
+    final = folder / COMPACT_DIR
+    if final.exists() and not (folder / COMPACT_TMP).exists():  # renamed but not recorded, or stale: checked next
+        os.rename(final, folder / COMPACT_TMP)
     tmp = _open_tmp(folder / COMPACT_TMP, compact_identity(meta))
     spans = compact_spans(len(cols["seed"]))
     ranges = [(int(cols["seed"][a]), int(cols["seed"][b - 1])) for a, b in spans]
@@ -98,7 +101,6 @@ def _write_compact(folder: Path, meta: dict) -> Path:
     sources = _sources(meta, cols["shard"])
     tmp.write_shards(((first, last, _compact_table(sources, cols, a, b))
                       for (a, b), (first, last) in zip(spans, ranges) if (first, last) in todo), every=RECORD_EVERY)
-    final = folder / COMPACT_DIR
     shutil.rmtree(final, ignore_errors=True)  # a copy of rows this view no longer has
     os.rename(tmp.root, final)
     record = {"dir": COMPACT_DIR, "identity_hash": identity_hash(compact_identity(meta)), "rows": len(cols["seed"]),

@@ -109,3 +109,16 @@ def test_a_view_selected_again_gets_a_new_copy(store, tmp_path):
     build_view(store.root, SelectConfig(policy="topk", top_fraction=0.1), tmp_path / "view")
     again = open_generated(tmp_path / "view")
     assert len(first) >= 1200 and len(again) == len(load_view(tmp_path / "view")) < 610
+
+
+def test_a_copy_renamed_but_not_recorded_is_recorded_without_writing_it_again(store, tmp_path, monkeypatch):
+    top20(store, tmp_path / "view")
+    open_generated(tmp_path / "view")
+    meta = json.loads((tmp_path / "view" / "view.json").read_text())
+    del meta["compact"]  # killed between the rename and the record
+    (tmp_path / "view" / "view.json").write_text(json.dumps(meta))
+    made = []
+    real = compact._compact_table
+    monkeypatch.setattr(compact, "_compact_table", lambda *a: made.append(a[2]) or real(*a))
+    assert len(open_generated(tmp_path / "view")) == meta["rows"] and made == []
+    assert "compact" in json.loads((tmp_path / "view" / "view.json").read_text())
