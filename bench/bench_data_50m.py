@@ -39,17 +39,19 @@ Measured on the 2-core dev box shared with other jobs (`--real 1000000`, 2026-12
     replaced                  the per-shard mask index 87 s, sha256 of every shard 261 s for the real 154 GB
     rows read / consumed      max over ranks 1.008 (2 workers), 1.030 (4), 1.060 (8) (before the changes below)
 
-`--rows 2000000 --skip-worker` (2026-12-07, load average 41-47 on the 2 cores), rows read / consumed, max over the
-ranks counted (all ranks up to 8; 9 of 64 and of 128), windows of 65,536 rows:
+`--rows 10000000 --skip-worker` (2026-12-07, load average 14-54 on the 2 cores: 50M did not fit the time), rows
+read / consumed over the first 100 windows of a pass (6.6M rows; the 2M-row top-20% view's whole pass), max over
+the ranks counted (all ranks up to 8; 9 of 64 and of 128), windows of 65,536 rows:
 
     world                     2      4      8      64     128
-    policy-none view          1.004  1.016  1.033  1.297  1.548
-    top-20% view, compact     1.005  1.017  1.038  1.331  1.564
-    top-20% view, in place    5.020  5.066  5.094  5.599  6.369   (what training read before the compact copy)
-    top-20% first start       19.4 s, driver peak RSS 398 MB (writes the 400K-row compact copy); 0.2 s after
-    Train workers (2)         RSS 387 MB before streaming, 474 MB at peak (window share 48 MB)
-    import, random, on disk   1M rows: 31K rows/s wall at load 15 (55K at load 7; 117K alone at load 6),
-                              69-130K rows per CPU-second; one pread per row on the same files: 14-18K rows/s
+    policy-none view          1.003  1.014  1.031  1.263  1.518
+    top-20% view, compact     1.004  1.016  1.033  1.297  1.548
+    top-20% view, in place    5.009  5.039  5.083  5.563  6.310   (what training read before the compact copy)
+    top-20% first start       138 s, driver peak RSS 444 MB (writes the 2M-row compact copy from the 10M-row
+                              store); 0.1 s and 75 MB after
+    (`--rows 2000000`: 1.004 / 1.016 / 1.033 / 1.297 / 1.548 none, 1.005 / 1.017 / 1.038 / 1.331 / 1.564 compact,
+    5.02 / 5.07 / 5.09 / 5.60 / 6.37 in place; first start 19 s.) Before the proportional split of a batch over two
+    windows and the 65,536-row window, the whole store read 2.30x at 64 ranks and 3.54x at 128 (2M rows, 20 windows).
 """
 from __future__ import annotations
 
