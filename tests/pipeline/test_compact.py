@@ -47,7 +47,8 @@ def test_a_top20_view_streams_its_own_rows_from_a_compact_copy(store, tmp_path):
     assert len(index) == len(view) and 1200 <= len(view) < 1210  # ceil(0.2 n_c) per class
     assert {f.rsplit("/", 2)[1] for f in index.files} == {"compact"}
     record = json.loads((tmp_path / "view" / "view.json").read_text())["compact"]
-    assert record["rows"] == len(view) and record["shards_sha256"] == compact.shards_digest(tmp_path / "view" / "compact")
+    assert record["rows"] == len(view)
+    assert record["shards_sha256"] == compact.shards_digest(tmp_path / "view" / "compact")
     assert generated_input(tmp_path / "view").lineage["manifest_hash"] == identity  # derived data: same identity
     _, _, tables = whole_pass(index, batch=len(view))
     seeds = np.concatenate([t.column("seed").to_numpy() for t in tables])
