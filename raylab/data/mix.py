@@ -29,8 +29,8 @@ its own consecutive blocks and reads only their row groups, not the whole window
 and kept 1/world before: world x the view's bytes per pass, from one NFS export). MosaicML assigns shards to nodes
 for the same reason, but fixes the order for one count of "canonical nodes"; here the order is the same for every
 world. What a rank reads beyond its rows is, per window, about one row group at each edge of its quantile plus the
-spread of a batch (W / G rows): reads / rows ~ 1 + world x (ROW_GROUP_ROWS + W / G) / W, under 2x up to ~256 ranks
-at WINDOW_ROWS. A view that keeps a small fraction of its store's rows is read from a compact copy of its rows
+spread of a batch (W / G rows): reads / rows ~ 1 + world x (ROW_GROUP_ROWS + W / G) / W, under 2x up to 128 ranks
+at WINDOW_ROWS and the paper's batch (2.07x at 256, 3.1x at 512: a larger world needs a larger window). A view that keeps a small fraction of its store's rows is read from a compact copy of its rows
 (`raylab.pipeline.compact`), or each row group read would hold few of its rows.
 
 Shards themselves are written in random class order (seed plans interleave classes, `import-npz` deals runs of
@@ -55,7 +55,8 @@ from raylab.data.shards import read_parquet
 # Rows mixed together: 200 MB of images, all ranks together. A rank reads the row groups of 1/world of a window
 # plus about one row group at each edge: at 32,768 rows, 2.0x its rows at 128 ranks of 12 (1.5x at 64); at 65,536,
 # 1.6x at 128 and 1.3x at 64 (tests/data/test_at_scale.py). The window must not depend on the world (the order of a
-# pass is a function of (seed, pass)), so it is sized for the largest world: reads stay under 2x up to ~256 ranks.
+# pass is a function of (seed, pass)), so it is sized for the largest world we run: under 2x up to 128 ranks (the
+# whole store at 2M rows, 1,638 rows a step: 2.07x at 256 ranks, 3.1x at 512).
 WINDOW_ROWS = 65536
 
 
