@@ -1,5 +1,6 @@
 """The reference's largest published set, 50M images in 4 parts, imported, selected and streamed: start-up time,
-driver and worker RSS, rows read per rank at 2, 4 and 8 workers, and the import's rows/s.
+driver and worker RSS, rows read per rank at 2, 4, 8, 64 and 128 workers (whole store and a top-20% view), and the
+import's rows/s.
 
     python bench/bench_data_50m.py [--rows 50000000] [--parts 4] [--real ROWS] [--dir DIR] [--keep] [--skip-worker]
 
@@ -11,13 +12,18 @@ sets are; Parquet stores the constant images in ~2.5 MB per 10,000-row shard. Ea
 1. import: `import_npz(parts, store, num_classes=10)` (what `raylab data import-npz P1 P2 P3 P4 STORE` runs):
    rows/s, CPU seconds, peak RSS. Reading a hole costs the kernel a zero-filled page, not a disk read; a real 154 GB set reads 48 KB
    runs from disk instead (one pread per 16 rows).
-2. select: `build_view(store, select.policy=none)`, the view training streams (time, peak RSS).
+2. select: `build_view(store, select.policy=none)`, the view training streams (time, peak RSS); and a top-20% view
+   (`tests/data/top_view.py`: the real per-class top fraction over seeded random scores, as the store has none,
+   so the kept rows are scattered over every row group as a scorer's are).
 3. start-up: what a training driver does before Ray starts, `generated_input(view)` (row index: built beside the
    view on first use, memory-mapped after; every shard checked on a stat) and pickling the Train loop config; the
-   first start (builds the index) and a second one; also on the whole store.
+   first start (builds the index) and a second one; also on the whole store, and on the top-20% view (its first
+   start writes its compact copy, `raylab.pipeline.compact`).
 4. reads: per rank, the rows it takes and the rows of the row groups it reads over the first 100 windows of a pass
-   (3.3M rows), at 2, 4 and 8 workers, global batch 2048 x 0.8 generated (Wang et al. 2023 at 20M+: 1,638 rows a
-   step); and for one rank, the same counted on real reads of 3 windows.
+   (6.6M rows; all of a top-20% view's), at 2, 4, 8, 64 and 128 workers (9 ranks spread over the world at 64 and
+   128), global batch 2048 x 0.8 generated (Wang et al. 2023 at 20M+: 1,638 rows a step): the policy-none view, the
+   top-20% view read from its compact copy, and the same view read in place (its index over the store's shards,
+   what training read before); and for one rank, the same counted on real reads of 3 windows.
 5. worker: 2 Ray Train workers stream 100 batches each of 819 generated rows through the Ray Data ingest: RSS of
    each worker before and at its peak, against its window share (WINDOW_ROWS / 2 rows of 3,072 bytes).
 6. with --real ROWS: the import of ROWS random images from 4 parts written to disk and dropped from the page cache
@@ -31,10 +37,21 @@ Measured on the 2-core dev box shared with other jobs (`--real 1000000`, 2026-12
     start-up, view            1.8 s and 625 MB peak the first time (builds the index: 1.1 GB rows.npz hashed and
                               mapped), 0.3 s and 91 MB after; the whole store 0.1-0.2 s, 92-97 MB; loop config 97 B
     replaced                  the per-shard mask index 87 s, sha256 of every shard 261 s for the real 154 GB
-    rows read / consumed      max over ranks 1.008 (2 workers), 1.030 (4), 1.060 (8)
-    Train workers (2)         RSS 387 MB before streaming, 474 MB at peak (window share 48 MB)
-    import, random, on disk   1M rows: 31K rows/s wall at load 15 (55K at load 7; 117K alone at load 6),
-                              69-130K rows per CPU-second; one pread per row on the same files: 14-18K rows/s
+    rows read / consumed      max over ranks 1.008 (2 workers), 1.030 (4), 1.060 (8) (before the changes below)
+
+`--rows 10000000 --skip-worker` (2026-12-07, load average 14-54 on the 2 cores: 50M did not fit the time), rows
+read / consumed over the first 100 windows of a pass (6.6M rows; the 2M-row top-20% view's whole pass), max over
+the ranks counted (all ranks up to 8; 9 of 64 and of 128), windows of 65,536 rows:
+
+    world                     2      4      8      64     128
+    policy-none view          1.003  1.014  1.031  1.263  1.518
+    top-20% view, compact     1.004  1.016  1.033  1.297  1.548
+    top-20% view, in place    5.009  5.039  5.083  5.563  6.310   (what training read before the compact copy)
+    top-20% first start       138 s, driver peak RSS 444 MB (writes the 2M-row compact copy from the 10M-row
+                              store); 0.1 s and 75 MB after
+    (`--rows 2000000`: 1.004 / 1.016 / 1.033 / 1.297 / 1.548 none, 1.005 / 1.017 / 1.038 / 1.331 / 1.564 compact,
+    5.02 / 5.07 / 5.09 / 5.60 / 6.37 in place; first start 19 s.) Before the proportional split of a batch over two
+    windows and the 65,536-row window, the whole store read 2.30x at 64 ranks and 3.54x at 128 (2M rows, 20 windows).
 """
 from __future__ import annotations
 
@@ -61,7 +78,8 @@ import numpy as np  # noqa: E402
 from raylab.data.mix import WINDOW_ROWS  # noqa: E402
 
 GLOBAL_GENERATED = 1638  # 2048 - round(0.2 * 2048): the paper's batch above 1M generated images
-WORLDS = (2, 4, 8)
+WORLDS = (2, 4, 8, 64, 128)
+RANKS_COUNTED = 9  # ranks spread over a world of more
 READ_WINDOWS = 100
 
 
@@ -105,19 +123,38 @@ def phase_startup(target: Path) -> dict:
     return _stats(start, rows=len(generated.rows), loop_config_bytes=len(loop_config))
 
 
+def rank_reads(index, world: int) -> list[tuple[int, int]]:
+    """(rows taken, rows read) over the first READ_WINDOWS windows of a pass, of RANKS_COUNTED ranks of `world`."""
+    from raylab.data.mix import GeneratedStream
+
+    out = []
+    for rank in sorted(set(np.linspace(0, world - 1, min(world, RANKS_COUNTED)).astype(int).tolist())):
+        plan = GeneratedStream(index, GLOBAL_GENERATED // world, seed=0, rank=rank, world=world).pass_plan()
+        taken, read = np.sum([plan.reads(w) for w in plan.windows[:READ_WINDOWS]], axis=0)
+        out.append((int(taken), int(read)))
+    return out
+
+
+def in_place_index(view: Path):
+    """A view's row index over its store's shards, as training read a sparse view before its compact copy."""
+    from raylab.data.row_index import RowIndex
+    from raylab.pipeline.generated_input import _build_view_index
+    from raylab.pipeline.select import view_meta
+
+    folder, meta = view_meta(view)
+    info, blocks, arrays = _build_view_index(folder, meta)
+    return RowIndex(tuple(str(Path(meta["store"]) / n) for n in info["files"]), blocks, info["rows"],
+                    np.asarray(arrays["row"][0]), np.asarray(arrays["label"][0]))
+
+
 def phase_reads(d: Path) -> dict:
     from raylab.data import mix
     from raylab.data.mix import GeneratedStream
     from raylab.pipeline.generated_input import open_generated
 
-    index, out = open_generated(d / "view"), {}
-    for world in WORLDS:
-        ratios = []
-        for rank in range(world):
-            plan = GeneratedStream(index, GLOBAL_GENERATED // world, seed=0, rank=rank, world=world).pass_plan()
-            taken, read = np.sum([plan.reads(w) for w in plan.windows[:READ_WINDOWS]], axis=0)
-            ratios.append((int(taken), int(read)))
-        out[world] = ratios
+    index = open_generated(d / "view")
+    indexes = {"view": index, "top20": open_generated(d / "top20"), "top20-in-place": in_place_index(d / "top20")}
+    out = {name: {world: rank_reads(rows, world) for world in WORLDS} for name, rows in indexes.items()}
     counted = []
     real = mix.read_parquet
     mix.read_parquet = lambda *a, **k: counted.append(real(*a, **k).num_rows) or real(*a, **k)
@@ -125,6 +162,14 @@ def phase_reads(d: Path) -> dict:
     got = sum(mix.read_window(plan.for_window(w), w).num_rows for w in plan.windows[:3])
     planned = np.sum([plan.reads(w) for w in plan.windows[:3]], axis=0).tolist()
     return {"per_rank": out, "real": {"taken": got, "read": sum(counted), "planned": planned}}
+
+
+def phase_select_top(d: Path) -> dict:
+    from tests.data.top_view import write_top_view
+
+    start = time.perf_counter()
+    view = write_top_view(d / "store", d / "top20")
+    return _stats(start, rows=len(view))
 
 
 def phase_worker(d: Path) -> dict:
@@ -250,6 +295,7 @@ def phase_real_per_row(d: Path) -> dict:
 
 
 PHASES = {"import": lambda d, a: phase_import(d, a), "select": lambda d, a: phase_select(d),
+          "select-top20": lambda d, a: phase_select_top(d), "startup-top20": lambda d, a: phase_startup(d / "top20"),
           "startup-view": lambda d, a: phase_startup(d / "view"),
           "startup-store": lambda d, a: phase_startup(d / "store"),
           "reads": lambda d, a: phase_reads(d), "worker": lambda d, a: phase_worker(d),
@@ -281,7 +327,11 @@ def report(r: dict, rows: int) -> None:
           f"{imp['maxrss_mb']:.0f} MB, {imp['shards']} shards, {imp['store_gb']:.1f} GB, load average "
           f"{imp['load']:.1f} on 2 cores")
     print(f"2. select (policy none): {sel['wall_s']:.0f} s, peak RSS {sel['maxrss_mb']:.0f} MB")
-    for key in ("startup-view-1", "startup-view-2", "startup-store-1", "startup-store-2"):
+    top = r["select-top20"]
+    print(f"2. select (top 20% per class, random scores): {top['wall_s']:.0f} s, peak RSS {top['maxrss_mb']:.0f} MB, "
+          f"{top['rows']:,} rows")
+    for key in ("startup-view-1", "startup-view-2", "startup-store-1", "startup-store-2", "startup-top20-1",
+                "startup-top20-2"):
         s = r[key]
         print(f"3. start-up {key[8:]:8s}: {s['wall_s']:6.1f} s, driver peak RSS {s['maxrss_mb']:6.0f} MB, loop "
               f"config {s['loop_config_bytes']} bytes")
@@ -289,10 +339,12 @@ def report(r: dict, rows: int) -> None:
     print(f"   replaced: the per-shard mask index {old['index_s']:.0f} s, sha256 of every shard at every start "
           f"{old['hash_s']:.0f} s here ({old['hash_mb_s']:.0f} MB/s; {old['hash_real_s']:.0f} s for the real 154 GB), "
           "extrapolated from 20 shards")
-    for world, ranks in r["reads"]["per_rank"].items():
-        ratios = [read / taken for taken, read in ranks]
-        print(f"4. world {world}: rows read / rows consumed per rank over {READ_WINDOWS} windows: max "
-              f"{max(ratios):.3f}, mean {np.mean(ratios):.3f} ({ranks[0][0]:,} rows consumed by rank 0)")
+    for name, worlds in r["reads"]["per_rank"].items():
+        for world, ranks in worlds.items():
+            ratios = [read / taken for taken, read in ranks]
+            print(f"4. {name:14s} world {world:>3}: rows read / rows consumed per rank over {READ_WINDOWS} windows: "
+                  f"max {max(ratios):.3f}, mean {np.mean(ratios):.3f} ({len(ranks)} ranks; {ranks[0][0]:,} rows "
+                  "consumed by rank 0)")
     real = r["reads"]["real"]
     print(f"   real reads, rank 1 of 4, 3 windows: took {real['taken']:,}, read {real['read']:,} "
           f"(plan: {real['planned']})")
@@ -331,7 +383,8 @@ def main() -> None:
         for part in parts:
             Path(part).unlink()
         results["select"] = run_phase("select", d, [])
-        for target in ("view", "store"):
+        results["select-top20"] = run_phase("select-top20", d, [])
+        for target in ("view", "store", "top20"):
             for n in (1, 2):
                 results[f"startup-{target}-{n}"] = run_phase(f"startup-{target}", d, [])
         results["reads"] = run_phase("reads", d, [])

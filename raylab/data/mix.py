@@ -24,12 +24,14 @@ pass therefore has its own order, a pure function of (seed, pass) and the view's
 Global batch b of a pass is its positions [b·G, (b+1)·G) with G = world × rows per rank: the same rows for any
 number of workers (MosaicML Streaming's elastic determinism: a run resumed on more or fewer workers sees the same
 data). Within a global batch the ranks split by storage order (`rank_share`): rank r takes the r-th world-quantile
-of the batch's rows in each window, exactly G / world rows, so across a window it takes the rows of its own
-consecutive blocks and reads only their row groups, not the whole window (each rank read every window whole and
-kept 1/world before: world x the view's bytes per pass, from one NFS export). MosaicML assigns shards to nodes
+of the batch's rows in each window, exactly G / world rows over the batch, so across a window it takes the rows of
+its own consecutive blocks and reads only their row groups, not the whole window (each rank read every window whole
+and kept 1/world before: world x the view's bytes per pass, from one NFS export). MosaicML assigns shards to nodes
 for the same reason, but fixes the order for one count of "canonical nodes"; here the order is the same for every
-world, and the reads per rank stay under 2x its rows while a window holds >= 8 row groups per rank (32 ranks at
-WINDOW_ROWS; a view that keeps a fraction f of the rows it names reads ~1/f of that, whole row groups).
+world. What a rank reads beyond its rows is, per window, about one row group at each edge of its quantile plus the
+spread of a batch (W / G rows): reads / rows ~ 1 + world x (ROW_GROUP_ROWS + W / G) / W, under 2x up to 128 ranks
+at WINDOW_ROWS and the paper's batch (2.07x at 256, 3.1x at 512: a larger world needs a larger window). A view that keeps a small fraction of its store's rows is read from a compact copy of its rows
+(`raylab.pipeline.compact`), or each row group read would hold few of its rows.
 
 Shards themselves are written in random class order (seed plans interleave classes, `import-npz` deals runs of
 rows across shards), and memory is one window's share, whatever the view's size.
@@ -50,10 +52,12 @@ from raylab.data.row_index import RowIndex
 from raylab.data.shard_format import IMAGE_TYPE, decode_images
 from raylab.data.shards import read_parquet
 
-# Rows mixed together: 100 MB of images, all ranks together. A rank reads the row groups of about 1/world of a
-# window plus ~2 more (shards.ROW_GROUP_ROWS = 128 rows each) and the spread of its batches: 1.03x its rows at 8
-# ranks of 204 rows, 1.13x at 32 ranks of 51, 2.3x at 64 ranks of 25 (bench/bench_data_50m.py): <= 2x up to 32.
-WINDOW_ROWS = 32768
+# Rows mixed together: 200 MB of images, all ranks together. A rank reads the row groups of 1/world of a window
+# plus about one row group at each edge: at 32,768 rows, 2.0x its rows at 128 ranks of 12 (1.5x at 64); at 65,536,
+# 1.6x at 128 and 1.3x at 64 (tests/data/test_at_scale.py). The window must not depend on the world (the order of a
+# pass is a function of (seed, pass)), so it is sized for the largest world we run: under 2x up to 128 ranks (the
+# whole store at 2M rows, 1,638 rows a step: 2.07x at 256 ranks, 3.1x at 512).
+WINDOW_ROWS = 65536
 
 
 def split_batch(batch_size: int, ratio: float) -> tuple[int, int]:
@@ -180,9 +184,13 @@ def rank_share(window: Window, sequence: np.ndarray, group: int, world: int, ran
 
     Global batch b is pass positions [b*group, (b+1)*group) (group = world x rows per rank), the same rows for
     any world. Each global batch's part in this window is sorted by storage position, and the ranks take
-    consecutive slices of it: rank r gets as many as the batch's positions t in this part with t mod world = r,
-    so every rank gets exactly group / world rows of each global batch. As the part is spread evenly over the
-    window, rank r's slice is about the r-th world-quantile of the window's storage: its own blocks.
+    consecutive slices of it, in proportion: of the batch's first x positions, ranks < r take floor(r * x / world)
+    (`_below`), so rank r takes its r-th world-quantile of every part, a batch split over two windows included, and
+    exactly group / world rows of the whole batch. As each part is spread evenly over the window, rank r's slice is
+    about the r-th world-quantile of the window's storage: its own blocks. (Splitting by t mod world instead gave the
+    low ranks two rows of a small part and the high ranks one, so a rank's rows of the parts at a window's edges lay
+    far from its own blocks: 2.3x reads at 64 ranks.) A part is a whole batch, starts or ends one, or is a whole
+    window of >= world rows, so no rank's count is negative.
     """
     lo, hi = max(window.start, first), min(window.start + window.rows, end)
     if lo >= hi:
@@ -200,8 +208,8 @@ def rank_share(window: Window, sequence: np.ndarray, group: int, world: int, ran
 
 
 def _below(x: np.ndarray, r: int, world: int) -> np.ndarray:
-    """How many t < x have t mod world < r."""
-    return (x // world) * r + np.minimum(x % world, r)
+    """How many of a batch's first x positions ranks < r take: their share of x, rounded down."""
+    return (x * r) // world
 
 
 @dataclass(frozen=True)
@@ -301,6 +309,8 @@ class GeneratedStream:
         if len(index) < batch * world:
             raise ValueError(f"the generated view has {len(index)} rows, fewer than one batch's {batch * world} "
                              f"({batch} per worker x {world})")
+        if window_rows < world:  # a window split among more ranks than rows: a rank's count could go negative
+            raise ValueError(f"window_rows={window_rows} must be at least the world size {world}")
         self.index, self.batch, self.seed, self.rank, self.world = index, batch, seed, rank, world
         self.window_rows, self.reader = window_rows, reader
         self.position = StreamPosition()

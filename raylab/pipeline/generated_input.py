@@ -2,9 +2,11 @@
 and its lineage record, with a start-up of seconds whatever its size.
 
 What a training start reads: view.json, the store's manifest, the index's index.json and one `stat` per shard
-(`shard_verify.verify_once`: a shard is hashed once per version of the file, not at every start). The index is
-built on first use, O(N) in chunks from the view's rows.npz (its members memory-mapped, never loaded) or from a
-store's manifest alone; the driver then hands the Train workers its path, never its rows.
+(`shard_verify.verify_once`: a shard is hashed once per version of the file, not at every start). A view that keeps
+few of its store's rows is read from a compact copy of them beside it (`raylab.pipeline.compact`), written on its
+first use, whose index is a whole store's. The index is built on first use, O(N) in chunks from the view's
+rows.npz (its members memory-mapped, never loaded) or from a store's manifest alone; the driver then hands the
+Train workers its path, never its rows.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from raylab.data.shard_format import ShardError
 from raylab.data.shard_layout import _sorted_entries, load_manifest
 from raylab.data.shard_verify import verify_once
 from raylab.io import sha256_file
+from raylab.pipeline.compact import compact_view, is_sparse
 from raylab.pipeline.select import VIEW_META, VIEW_ROWS, SelectError, check_view_store, view_meta
 
 INDEX_DIR = "index"  # beside view.json, or under a store for training on the whole store
@@ -45,9 +48,12 @@ def open_generated(path: str | os.PathLike) -> RowIndex:
 
 
 def view_index(path: str | os.PathLike) -> RowIndex:
-    """The row index of the view at `path`, built beside it on first use (and again if rows.npz changed)."""
+    """The row index of the view at `path`, built beside it on first use (and again if rows.npz changed); a
+    sparse view's is its compact copy's, written on first use (`raylab.pipeline.compact`)."""
     folder, meta = view_meta(path)
     check_view_store(meta)
+    if is_sparse(meta):
+        return store_index(compact_view(folder))
     try:
         stat = (folder / VIEW_ROWS).stat()
     except FileNotFoundError:

@@ -1,6 +1,7 @@
 """The generated data path at 2M rows in stores of constant images (Parquet encodes them in almost nothing): a set
 in 4 parts imported into one store whose training batches have a uniform class mix, its row index stored once and
-memory-mapped, and every rank reading at most 2x the rows it consumes at 2, 4 and 8 workers."""
+memory-mapped, and every rank reading at most 2x the rows it consumes at 2, 4, 8, 64 and 128 workers, of the whole
+store and of a top-20% view of it (read from its compact copy)."""
 import pickle
 import re
 
@@ -12,6 +13,7 @@ from raylab.data.npz_import import import_npz
 from raylab.data.row_index import RowIndex, store_blocks
 from raylab.data.shards import ROW_GROUP_ROWS
 from tests.data.npz_parts import write_constant_npz
+from tests.data.top_view import write_top_view
 
 ROWS, PARTS, CLASSES = 2_000_000, 4, 10
 
@@ -62,15 +64,40 @@ def test_the_row_index_of_2m_rows_is_memory_mapped_and_pickles_as_its_path(four_
     assert len(shipped) < 500 and pickle.loads(shipped).path == index.path  # what the loop config carries
 
 
-@pytest.mark.parametrize("world", [2, 4, 8])
+@pytest.mark.parametrize("world", [2, 4, 8, 64, 128])
 def test_every_rank_reads_at_most_twice_the_rows_it_consumes(world):
     """A 2M-row store of 10,000-row shards in row groups of ROW_GROUP_ROWS, one pass at the paper's batch (2048,
-    80% generated: 1,638 rows a step). Before, every rank read each window whole: world x its rows."""
+    80% generated: 1,638 rows a step). Before, every rank read each window whole: world x its rows; then, with
+    batches split by position mod world, 2.3x at 64 ranks and 3.5x at 128. At 64 and 128 ranks, 9 ranks spread
+    over the world are counted (the plan of one rank is the same code whatever the others do)."""
     index = RowIndex(tuple(f"shard{i}" for i in range(200)),
                      store_blocks([{"rows": 10_000, "row_group_rows": ROW_GROUP_ROWS}] * 200), ROWS)
-    for rank in range(world):
+    for rank in sorted(set(np.linspace(0, world - 1, min(world, 9)).astype(int).tolist())):
         stream = GeneratedStream(index, 1638 // world, seed=5, rank=rank, world=world)
         plan = stream.pass_plan()
         taken, read = np.sum([plan.reads(w) for w in plan.windows], axis=0)
         assert taken == stream.batches_per_pass * (1638 // world)  # its whole share of the pass
+        assert read <= 2 * taken, (rank, taken, read)
+
+
+@pytest.fixture(scope="module")
+def top20(four_parts):
+    """The top 20% of every class of the 2M-row store (by a random score: kept rows scattered over every row
+    group), opened for training: 400K rows, compacted on first use."""
+    from raylab.pipeline.generated_input import open_generated
+
+    write_top_view(four_parts, four_parts.parent / "top20")
+    return open_generated(four_parts.parent / "top20")
+
+
+@pytest.mark.parametrize("world", [2, 4, 8, 64, 128])
+def test_every_rank_of_a_top20_view_reads_at_most_twice_the_rows_it_consumes(top20, world):
+    """The paper's default view. Read in place, each row group read held ~1/5 rows of the view: 5.0x at 2 ranks,
+    8.3x at 64 and 10.8x at 128 (tests/pipeline/test_compact.py counts real reads of a small one)."""
+    assert len(top20) == ROWS // 5 and {f.rsplit("/", 2)[1] for f in top20.files} == {"compact"}
+    for rank in sorted(set(np.linspace(0, world - 1, min(world, 9)).astype(int).tolist())):
+        stream = GeneratedStream(top20, 1638 // world, seed=5, rank=rank, world=world)
+        plan = stream.pass_plan()
+        taken, read = np.sum([plan.reads(w) for w in plan.windows], axis=0)
+        assert taken == stream.batches_per_pass * (1638 // world)
         assert read <= 2 * taken, (rank, taken, read)

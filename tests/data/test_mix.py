@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from raylab.data.mix import GeneratedStream, pass_windows, rebatch
+from raylab.data.mix import GeneratedStream, Window, pass_windows, rank_share, rebatch, window_sequence
 from raylab.data.row_index import RowIndex
 from raylab.data.shards import ShardStore
 
@@ -97,3 +97,26 @@ def test_rebatch_cuts_exact_sizes():
 def test_too_small_a_view_is_one_line(index):
     with pytest.raises(ValueError, match="fewer than one batch"):
         GeneratedStream(index, 700, seed=0, world=2)
+
+
+def test_a_batch_split_over_two_windows_is_shared_by_storage_quantile():
+    """64 ranks of 10 rows; window 1 holds the last 280 rows of batch 1, batch 2 and the first 80 rows of batch 3.
+    Every rank takes its own world-quantile of the window's storage from each part (so it reads its own row groups),
+    and the ranks together take the window once. Split by position mod 64, the first 16 ranks took 2 rows of the
+    80-row part and the others 1: rank r's rows of it lay near 2r/80 of the window, not r/64 (2.3x reads at 64)."""
+    world, per_rank, rows = 64, 10, 1000
+    window = Window(1, rows, (1,), rows)
+    sequence = window_sequence(3, 0, window)
+    gap = rows / 80  # the spacing of the smallest part's rows in storage
+    taken = []
+    for rank in range(world):
+        mine = rank_share(window, sequence, world * per_rank, world, rank, 0, 4 * world * per_rank)
+        lo, hi = rank * rows / world, (rank + 1) * rows / world
+        assert mine.min() >= lo - 2 * gap and mine.max() < hi + 2 * gap, (rank, mine.min(), mine.max())
+        taken.append(mine)
+    assert sorted(np.concatenate(taken).tolist()) == list(range(rows))
+
+
+def test_a_window_smaller_than_the_world_is_one_line(index):
+    with pytest.raises(ValueError, match="window_rows=50 must be at least the world size 60"):
+        GeneratedStream(index, 10, seed=0, world=60, window_rows=50)

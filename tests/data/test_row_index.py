@@ -30,14 +30,16 @@ def store(tmp_path):
 
 
 def test_a_view_index_is_built_once_beside_the_view_and_names_its_rows(store, tmp_path):
-    view = build_view(store.root, SelectConfig(policy="none", amount=600), tmp_path / "view")
+    """A view keeping most of its store's rows (2/3) is indexed in place; a sparse one is read from a compact copy
+    (tests/pipeline/test_compact.py)."""
+    view = build_view(store.root, SelectConfig(policy="none", amount=2000), tmp_path / "view")
     index = open_generated(tmp_path / "view")
     assert (tmp_path / "view" / "index" / "index.json").is_file() and isinstance(index.row, np.memmap)
-    assert len(index) == 600 and len(pickle.dumps(index)) < 500  # travels as its path
+    assert len(index) == 2000 and len(pickle.dumps(index)) < 500  # travels as its path
     built = os.stat(tmp_path / "view" / "index" / "index.json").st_mtime_ns
     again = open_generated(tmp_path / "view")
-    assert os.stat(tmp_path / "view" / "index" / "index.json").st_mtime_ns == built and len(again) == 600
-    stream = GeneratedStream(index, 600, seed=1, window_rows=256)  # one batch = the whole view, read from shards
+    assert os.stat(tmp_path / "view" / "index" / "index.json").st_mtime_ns == built and len(again) == 2000
+    stream = GeneratedStream(index, 2000, seed=1, window_rows=256)  # one batch = the whole view, read from shards
     images, labels = stream.next_batch()
     order = np.argsort(stream.last_seeds)
     assert stream.last_seeds[order].tolist() == view.seed.tolist() and labels[order].tolist() == view.label.tolist()
