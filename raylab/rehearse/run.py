@@ -7,6 +7,7 @@ Always torn down: every step runs inside try/finally, SIGINT/SIGTERM become Keyb
 """
 from __future__ import annotations
 
+import argparse
 import datetime
 import os
 import secrets
@@ -55,6 +56,23 @@ class Options:
     expect_trials: int | None = None
     unshared_node: str = ""   # a worker whose shared root is an empty directory instead (the refusal drill)
     dress: bool = False       # place the CIFAR-10 fixture; the node dies in a sweep trial, not an input's training
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    """The `raylab rehearse` verb's options (raylab.cli)."""
+    p.add_argument("--nodes", type=int, default=3, help="head + worker nodes (>= 3; default 3)")
+    p.add_argument("--cluster-yaml", default="cluster.yaml", help="the start commands to rehearse")
+    p.add_argument("--workdir", default="", help="rehearsal directory (default /var/tmp/raylab-rehearse-<id>)")
+    p.add_argument("--no-fault", dest="fault", action="store_false", help="do not kill a worker node")
+    p.add_argument("--expect-trials", type=int, default=None, help="trial runs the job must leave in MLflow")
+    p.add_argument("--dress", action="store_true", help="the dress rehearsal: --preset paper --miniature, "
+                   "ablate_steps and ablate_amount on a CIFAR-10 fixture under the shared root")
+    p.add_argument("--unshared-node", default="", help="drill: this worker (e.g. worker2) gets an empty local "
+                   "directory where the shared root should be")
+    p.add_argument("--slurm", action="store_true", help="slurmctld on the head, slurmd on the workers: sbatch the "
+                   "job (raylab slurm), SIGTERM it mid-training, let it requeue and resume")
+    p.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND... ({shared} = the shared root; "
+                   "default: the main ablation's smoke as a cluster runs it)")
 
 
 def options_from(args: dict) -> Options:
