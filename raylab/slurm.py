@@ -27,6 +27,7 @@ from typing import Callable
 from raylab.preempt import PREEMPTED_EXIT, STOP_DIR, STOP_ENV
 
 WAIT_POLL_S = 2.0
+START_TRIES = 3
 
 PORT_BASE, RANGE, BLOCKS = 20000, 200, 200   # job j's ports: PORT_BASE + (j % BLOCKS) * RANGE, the next RANGE
 SYMMETRIC_PORT = 6379                          # exclusive nodes: Ray's default head port
@@ -96,7 +97,7 @@ def environment(job: SlurmJob) -> list[str]:
     lines = ["set -u", f"cd {q(job.workdir)}", f"export PATH={q(job.python_bin)}:$PATH",
              f"export PYTHONPATH={q(job.workdir)}", f"export RAYLAB_ROOT={q(job.root)}",
              f"export {STOP_ENV}=\"$RAYLAB_ROOT/{STOP_DIR}/slurm-$SLURM_JOB_ID\"",
-             f"rm -f \"${STOP_ENV}\"  # a requeued run starts without the previous run's request",
+             f"mkdir -p \"$RAYLAB_ROOT/{STOP_DIR}\" && rm -f \"${STOP_ENV}\"  # a requeued run starts afresh",
              f"export RAY_TMPDIR={TEMP_DIR}", "export RAY_USAGE_STATS_ENABLED=0 RAY_AUTH_MODE=token",
              "export RAY_AUTH_TOKEN=$(python -c 'import secrets; print(secrets.token_hex(32))')",
              f"export RAY_SYMMETRIC_RUN_CLUSTER_WAIT_TIMEOUT={HEAD_WAIT_S}",
@@ -120,12 +121,18 @@ def on_node(line: str) -> str:
     return f"bash -c {shlex.quote(line)}"
 
 
-RESOURCES = "--num-cpus=${SLURM_CPUS_ON_NODE:-1} --num-gpus=${SLURM_GPUS_ON_NODE:-0}"
+# Slurm's CPUs and GPUs of the node, and the custom resource Tune trial drivers hold instead of a CPU (raylab.tune
+# .sweep; cluster.yaml's head has the same).
+TRIAL_DRIVERS = 16
+RESOURCES = ("--num-cpus=${SLURM_CPUS_ON_NODE:-1} --num-gpus=${SLURM_GPUS_ON_NODE:-0} "
+             f"--resources='{{\"trial_driver\": {TRIAL_DRIVERS}}}'")
 
 
 def exclusive_lines(job: SlurmJob) -> list[str]:
+    """The command runs with RAY_ADDRESS set: without it raylab would start a local Ray (and Ray, finding the
+    node's, refuses the local one's CPU count)."""
     entry = f"ray symmetric-run --address $head_ip:{SYMMETRIC_PORT} --min-nodes {job.nodes} {RESOURCES} -- " \
-            f"{shlex.join(job.command)}"
+            f"env RAY_ADDRESS=$head_ip:{SYMMETRIC_PORT} {shlex.join(job.command)}"
     return [f"srun --overlap --ntasks-per-node=1 {on_node(entry)} &", "driver=$!", "steps=\"\""]
 
 
@@ -143,14 +150,20 @@ def shared_lines(job: SlurmJob) -> list[str]:
     start = f"ray start --block --temp-dir={TEMP_DIR} {RESOURCES} --disable-usage-stats"
     head = f"{start} --head --node-ip-address=$head_ip --dashboard-host=127.0.0.1 {port_flags(True)}"
     worker = f"{start} --address=$head_ip:$base {port_flags(False)}"  # its address: the route to the head's
+    wait = lambda n: f"python -m raylab.slurm wait-nodes {n} {HEAD_WAIT_S} || {{ kill $steps; exit 1; }}"  # noqa
     lines = [f"export base=$(({PORT_BASE} + SLURM_JOB_ID % {BLOCKS} * {RANGE}))", "export RAY_ADDRESS=$head_ip:$base",
-             f"srun --overlap --nodes=1 --ntasks=1 -w \"$head\" {on_node(f'rm -rf {TEMP_DIR}; exec ' + head)} &",
-             "steps=$!"]
-    if job.nodes > 1:
+             f"srun --overlap --nodes=1 --ntasks=1 -w \"$head\" {on_node(retried(head))} &", "steps=$!", wait(1)]
+    if job.nodes > 1:  # workers once the head is up: a worker whose head is late gives up after 30 s
         lines += [f"srun --overlap --nodes={job.nodes - 1} --ntasks={job.nodes - 1} --exclude=\"$head\" "
-                  f"{on_node(f'rm -rf {TEMP_DIR}; exec ' + worker)} &", "steps=\"$steps $!\""]
-    return lines + [f"python -m raylab.slurm wait-nodes {job.nodes} {HEAD_WAIT_S} || {{ kill $steps; exit 1; }}",
-                    f"{shlex.join(job.command)} &", "driver=$!"]
+                  f"{on_node(retried(worker))} &", "steps=\"$steps $!\"", wait(job.nodes)]
+    return lines + [f"{shlex.join(job.command)} &", "driver=$!"]
+
+
+def retried(start: str) -> str:
+    """`ray start --block` on a fresh temp dir, tried START_TRIES times: Ray gives a node 30 s (hard-coded) to
+    register, which a loaded node misses. A step ended by the teardown dies with its shell, so no retry then."""
+    return (f"for try in $(seq {START_TRIES}); do rm -rf {TEMP_DIR}; {start} && break; "
+            f"echo \"raylab slurm: ray start failed on $(hostname) (try $try)\"; sleep 5; done")
 
 
 MODES: dict[str, Callable[[SlurmJob], list[str]]] = {"exclusive": exclusive_lines, "shared": shared_lines}
@@ -183,6 +196,7 @@ def script(job: SlurmJob) -> str:
 def write(job: SlurmJob, out: Path) -> Path:
     from raylab.io import atomic_write_text
 
+    Path(job.root, "slurm").mkdir(exist_ok=True)  # the job's output (#SBATCH --output): sbatch creates no folder
     path = atomic_write_text(out, script(job))
     path.chmod(0o755)
     return path
