@@ -21,7 +21,7 @@ SMALL = {"train.ratio": 1, "data.max_train": 128, "data.val_size": 64, "train.ba
 
 
 def test_stop_request_is_a_file_named_by_the_environment(tmp_path, monkeypatch):
-    monkeypatch.delenv(preempt.STOP_ENV, raising=False)
+    monkeypatch.setenv(preempt.STOP_ENV, "")  # unset for raylab; restored after, with what prepare() sets
     assert not preempt.stop_requested() and preempt.request_stop() is None
     path = preempt.prepare(tmp_path)  # the driver's own file under the shared root
     assert path.parent == tmp_path.resolve() / preempt.STOP_DIR and not preempt.stop_requested()
