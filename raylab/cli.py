@@ -7,17 +7,19 @@ validates the whole config before any compute starts.
 from __future__ import annotations
 
 import argparse
-import sys
-from typing import Callable
-
 import json
 import shlex
+import sys
 from pathlib import Path
+from typing import Callable
 
 from raylab.cluster import terminal
 from raylab.config import ExperimentConfig, all_keys, from_json, override, parse_assignments, pin_paths, to_flat
 from raylab.knobs import ConfigError, bad_input
+from raylab.preempt import PREEMPTED_EXIT, Preempted
 from raylab.presets import PRESETS, explain, make_config, miniature
+from raylab.rehearse.run import add_args as _rehearse_args
+from raylab.slurm import add_args as _slurm_args
 
 VERBS: dict[str, tuple[Callable[[argparse.Namespace], int], Callable[[argparse.ArgumentParser], None], str]] = {}
 # Verbs that run on Ray: their terminal shows raylab's lines and every error, Ray's chatter only with --verbose.
@@ -409,26 +411,20 @@ def _export(ns: argparse.Namespace) -> int:
     return 0
 
 
-def _rehearse_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--nodes", type=int, default=3, help="head + worker nodes (>= 3; default 3)")
-    p.add_argument("--cluster-yaml", default="cluster.yaml", help="the start commands to rehearse")
-    p.add_argument("--workdir", default="", help="rehearsal directory (default /var/tmp/raylab-rehearse-<id>)")
-    p.add_argument("--no-fault", dest="fault", action="store_false", help="do not kill a worker node")
-    p.add_argument("--expect-trials", type=int, default=None, help="trial runs the job must leave in MLflow")
-    p.add_argument("--dress", action="store_true", help="the dress rehearsal: --preset paper --miniature, "
-                   "ablate_steps and ablate_amount on a CIFAR-10 fixture under the shared root")
-    p.add_argument("--unshared-node", default="", help="drill: this worker (e.g. worker2) gets an empty local "
-                   "directory where the shared root should be")
-    p.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND... ({shared} = the shared root; "
-                   "default: the main ablation's smoke as a cluster runs it)")
-
-
 @verb("rehearse", "a real multi-node Ray cluster on this machine (root): run a job, lose a node, check the "
       "cluster contract", _rehearse_args)
 def _rehearse(ns: argparse.Namespace) -> int:
     from raylab.rehearse.run import options_from, rehearse
 
     return rehearse(options_from(vars(ns)))
+
+
+@verb("slurm", "write the sbatch script of a command on Slurm nodes (exclusive or shared), requeued after SIGTERM "
+      "until done", _slurm_args)
+def _slurm(ns: argparse.Namespace) -> int:
+    from raylab.slurm import main_from
+
+    return main_from(vars(ns))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -466,6 +462,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with terminal(getattr(ns, "verbose", True)):
             return ns.func(ns)
+    except Preempted as err:  # checkpointed on SIGTERM: the sbatch script requeues on this status
+        print(f"raylab: {err}", file=sys.stderr)
+        return PREEMPTED_EXIT
     except KeyboardInterrupt:
         name = " ".join(w for w in (ns.verb, getattr(ns, "sub", None)) if w)
         print(f"raylab {name}: interrupted; kept: {KEPT.get(name, 'what was finished')}; resume with: raylab "

@@ -42,7 +42,12 @@ def init_ray(address: str | None = None, *, shared_root: str | os.PathLike | Non
     import ray
 
     if not ray.is_initialized():
+        from raylab import preempt
+
+        if shared_root is not None:  # before Ray starts: a local Ray's workers inherit $RAYLAB_STOP_FILE
+            preempt.prepare(shared_root)
         _connect(address or os.environ.get("RAY_ADDRESS"), **kwargs)
+        preempt.install_handler()  # after ray.init, whose own SIGTERM handler exits at once
     if shared_root is not None and str(shared_root) not in _CHECKED:
         check_shared_root(shared_root)
         _CHECKED.add(str(shared_root))

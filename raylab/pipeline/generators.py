@@ -80,7 +80,8 @@ def _sample_edm(net: Any, seeds: list[int], labels: np.ndarray, gen: GenerateCon
 
 
 GENERATORS["edm"] = GeneratorKind(
-    default=_default_edm, check_default=_default_edm, load=lambda path, gen, device: load_generator(path).to(device).eval(),
+    default=_default_edm, check_default=_default_edm,
+    load=lambda path, gen, device: load_generator(path).to(device).eval(),
     label_dim=lambda net: int(net.label_dim), sample=_sample_edm, sampler_identity=sampler_identity)
 GENERATORS["gaussian"] = GeneratorKind(
     # the fit comes from the training split, whose files check_dataset checks

@@ -7,6 +7,7 @@ Always torn down: every step runs inside try/finally, SIGINT/SIGTERM become Keyb
 """
 from __future__ import annotations
 
+import argparse
 import datetime
 import os
 import secrets
@@ -55,13 +56,32 @@ class Options:
     expect_trials: int | None = None
     unshared_node: str = ""   # a worker whose shared root is an empty directory instead (the refusal drill)
     dress: bool = False       # place the CIFAR-10 fixture; the node dies in a sweep trial, not an input's training
+    slurm: str = ""           # a real Slurm instead (raylab.rehearse.slurm), the job in this raylab slurm --mode
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    """The `raylab rehearse` verb's options (raylab.cli)."""
+    p.add_argument("--nodes", type=int, default=3, help="head + worker nodes (>= 3; default 3)")
+    p.add_argument("--cluster-yaml", default="cluster.yaml", help="the start commands to rehearse")
+    p.add_argument("--workdir", default="", help="rehearsal directory (default /var/tmp/raylab-rehearse-<id>)")
+    p.add_argument("--no-fault", dest="fault", action="store_false", help="do not kill a worker node")
+    p.add_argument("--expect-trials", type=int, default=None, help="trial runs the job must leave in MLflow")
+    p.add_argument("--dress", action="store_true", help="the dress rehearsal: --preset paper --miniature, "
+                   "ablate_steps and ablate_amount on a CIFAR-10 fixture under the shared root")
+    p.add_argument("--unshared-node", default="", help="drill: this worker (e.g. worker2) gets an empty local "
+                   "directory where the shared root should be")
+    p.add_argument("--slurm", nargs="?", const="shared", default="", metavar="MODE", help="slurmctld on the head, "
+                   "slurmd on the workers: sbatch the job (raylab slurm, MODE shared or exclusive; default shared), "
+                   "SIGTERM it mid-training, let it requeue and resume")
+    p.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND... ({shared} = the shared root; "
+                   "default: the main ablation's smoke as a cluster runs it)")
 
 
 def options_from(args: dict) -> Options:
     """The verb's arguments as Options: `-- COMMAND` runs COMMAND, else `--dress` the dress job, else DEFAULT_JOB."""
     command = args["command"][1:] if args["command"][:1] == ["--"] else args["command"]
     opts = Options(**{k: args[k] for k in ("nodes", "cluster_yaml", "workdir", "fault", "expect_trials",
-                                          "unshared_node", "dress")})
+                                          "unshared_node", "dress", "slurm")})
     opts.command = list(command or (DRESS_JOB if opts.dress else DEFAULT_JOB))
     return opts
 
@@ -331,6 +351,10 @@ def run_job(cluster: Cluster, opts: Options, timings: Timings) -> int:
 
 
 def rehearse(opts: Options) -> int:
+    if opts.slurm:
+        from raylab.rehearse.slurm import rehearse_slurm
+
+        return rehearse_slurm(opts)
     problem = preflight()
     if problem:
         print(problem, flush=True)

@@ -392,7 +392,9 @@ class Tracker:
 
     def _end_after(self, exc: BaseException) -> None:
         """Best effort: a broken store must not hide the exception that ended the run."""
-        status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
+        from raylab.preempt import Preempted  # a stop request: ended on purpose, resumable
+
+        status = "KILLED" if isinstance(exc, (KeyboardInterrupt, Preempted)) else "FAILED"
         with contextlib.suppress(Exception):
             self.set_tags({"raylab.error": f"{type(exc).__name__}: {exc}"})
         with contextlib.suppress(Exception):

@@ -17,6 +17,7 @@ from raylab.config import ExperimentConfig, to_flat, to_json
 from raylab.data.datasets import check_dataset, split_identity
 from raylab.data.mix import split_batch
 from raylab.precision import precision_params
+from raylab.preempt import Preempted, stop_file, stop_line
 from raylab.raytrain import EpochLogger, make_trainer
 from raylab.runs import RunDir, run_dir
 from raylab.train.worker import train_worker
@@ -129,7 +130,8 @@ def run_training(cfg: ExperimentConfig, *, generated: GeneratedInput | None = No
     tracker = open_tracker(cfg, run, parent_run_id, tags, run_name)
     log_inputs(tracker, cfg, original, generated)
     loop_config = {"flat": to_flat(cfg), "run_dir": str(run.path), "crash": crash, "trace": trace,
-                   "generated": generated.rows if generated is not None else None}
+                   "generated": generated.rows if generated is not None else None,
+                   "stop_file": str(stop_file() or "") or None}  # workers look for the stop request (preempt)
     logger = EpochLogger(tracker.uri, tracker.run_id, "epoch", cfg.train.epochs, label=f"[{run_name or run.name}] ")
     trainer = make_trainer(train_worker, loop_config, cfg, run, callbacks=[logger, *(callbacks or [])])
     with tracker:
@@ -138,6 +140,8 @@ def run_training(cfg: ExperimentConfig, *, generated: GeneratedInput | None = No
         device_s = _add_cost(run, (time.perf_counter() - start) * max(cfg.resources.num_workers, 1))
         out = result.return_value or {}
         logger.replay(out.get("history", []))  # local mode has no controller; elsewhere every step is there
+        if out.get("stopped") is not None:  # the tracker ends the run KILLED; a rerun reopens it
+            raise Preempted(stop_line(f"{run.name}: epoch {out['stopped']} of {cfg.train.epochs} checkpointed"))
         best = out.get("best", {})
         tracker.log_metrics({"best_epoch": best.get("epoch", -1), f"best_{best.get('metric', 'score')}":
                              best.get("score", float("nan")), "cost_train_device_s": device_s}, step=cfg.train.epochs)

@@ -25,6 +25,7 @@ from raylab.data.row_index import RowIndex
 from raylab.eval.metrics import correct_flags, pgd_flags, random_starts
 from raylab.io import atomic_write
 from raylab.models import create_model
+from raylab.preempt import stop_requested
 from raylab.raytrain import load_latest_state, rank_and_world, report, worker_preflight
 from raylab.runtime import gpu_backends, rng_state, seed_everything, set_rng_state, torch_threads
 from raylab.train.ema import WeightAverage
@@ -229,6 +230,8 @@ def _train(cfg: ExperimentConfig, loop_config: dict[str, Any]) -> dict[str, Any]
     if state is not None:
         start, best, history = restore(ctx, streams, state, own)
     run_path = Path(loop_config["run_dir"])
+    if start < cfg.train.epochs and _stop_agreed(loop_config, ctx.device, world):  # a restart after the request
+        return {"history": history, "best": best, "stopped": start}
     for epoch in range(start, cfg.train.epochs):
         lr = ctx.schedule.last_lr()[0]  # the LR this epoch starts with (constant within it when per-epoch)
         batches = _trace(_epoch_batches(splits, streams, steps), streams, loop_config, epoch)
@@ -241,9 +244,19 @@ def _train(cfg: ExperimentConfig, loop_config: dict[str, Any]) -> dict[str, Any]
         last = epoch + 1 == cfg.train.epochs
         if rank == 0 and last:
             save_weights(run_path / "last.pt", ctx, epoch + 1, metrics)
-        due = last or (epoch + 1) % cfg.train.checkpoint_every == 0
+        stop = not last and _stop_agreed(loop_config, ctx.device, world)
+        due = last or stop or (epoch + 1) % cfg.train.checkpoint_every == 0
         report(metrics, (state_dict(ctx, streams, epoch + 1, best, history), rank_state(ctx)) if due else None)
+        if stop:
+            return {"history": history, "best": best, "stopped": epoch + 1}
     return {"history": history, "best": best}
+
+
+def _stop_agreed(loop_config: dict, device: torch.device, world: int) -> bool:
+    """Whether any rank sees the stop request (raylab.preempt). Summed over ranks so that all stop after the same
+    epoch: `report` is a barrier, and a rank that saw the file a moment later would wait there forever."""
+    seen = int(stop_requested(loop_config.get("stop_file")))
+    return sum_over_ranks([seen], device, world)[0] > 0
 
 
 def selection_metric(cfg: ExperimentConfig, val_rows: int) -> str:

@@ -108,6 +108,7 @@ def _fits(cfg: ExperimentConfig, key: str, value: Any, coupled: Optional[Couplin
 
 def run_ablation(ablation: Ablation, argv: Sequence[str] | None = None) -> int:
     from raylab.cluster import terminal
+    from raylab.preempt import PREEMPTED_EXIT, Preempted
     from raylab.tune.sweep import SweepError, run_sweep
 
     ns = parse_args(ablation, argv)
@@ -135,11 +136,14 @@ def run_ablation(ablation: Ablation, argv: Sequence[str] | None = None) -> int:
     except SweepError as err:
         print(f"error: {err}")
         return 1
+    except Preempted as err:  # checkpointed on SIGTERM: the sbatch script requeues on this status
+        print(f"stopped: {err}", flush=True)
+        return PREEMPTED_EXIT
     except KeyboardInterrupt as err:  # Ctrl-C: Tune kept its state; the same command restores the sweep
         kept = str(err) or "Tune's state and every finished trial are kept"
         print(f"interrupted: {kept}; resume with: python {' '.join(map(shlex.quote, sys.argv))}", flush=True)
         return 130
-    except Exception as err:  # noqa: BLE001 - bad input (SharedRootError among it) is one line; a bug keeps its traceback
+    except Exception as err:  # noqa: BLE001 - bad input (a SharedRootError too) is one line; a bug keeps its trace
         if bad_input(err) is None:
             raise
         print(f"error: {' '.join(str(bad_input(err)).split())}")

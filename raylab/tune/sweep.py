@@ -107,13 +107,19 @@ def check_inputs(arms: Sequence[ExperimentConfig]) -> None:
 # One trial (runs inside a Tune trial actor).
 
 def run_trial(trial_config: dict[str, Any], *, flat: dict[str, Any], parent_run_id: str, sweep: str,
-              swept: Sequence[str] = ()) -> None:
+              swept: Sequence[str] = (), stop_file: Optional[str] = None) -> None:
     """One trial: `trial_config` holds only the swept keys and the keys coupled to them (what Tune shows); the base
-    config, the sweep's MLflow parent run, its name and its swept keys (the trial's run name) come through
-    `tune.with_parameters`."""
+    config, the sweep's MLflow parent run, its name, its swept keys (the trial's run name) and the driver's stop
+    file (raylab.preempt) come through `tune.with_parameters`."""
     import ray.data
 
+    from raylab import preempt
     from raylab.cluster import labelled
+
+    if stop_file:
+        os.environ[preempt.STOP_ENV] = stop_file
+    if preempt.stop_requested():  # a trial Tune starts after the request: not even its generation
+        raise preempt.Preempted(preempt.stop_line("trial"))
 
     # Each stage's own line is the trial's progress; Ray Data's bars from inside trials (generation, ingest, eval)
     # flooded the main job's log with 3,000+ lines. Datasets carry this context to their executions.
@@ -259,8 +265,11 @@ def _tuner(cfg: ExperimentConfig, space: dict, name: str, storage: Path, parent:
     per trial, the status table every 30 s) only with `verbose`: each trial prints its own stage lines."""
     from ray import tune
 
+    from raylab.preempt import stop_file
+
     trainable = tune.with_resources(tune.with_parameters(run_trial, flat=to_flat(cfg), parent_run_id=parent, sweep=name,
-                                                         swept=list(space)), {"CPU": 0, "trial_driver": 1})
+                                                         swept=list(space), stop_file=str(stop_file() or "") or None),
+                                  {"CPU": 0, "trial_driver": 1})
     if tune.Tuner.can_restore(str(storage / name)):
         return tune.Tuner.restore(str(storage / name), trainable=trainable, resume_unfinished=True,
                                   resume_errored=True)
@@ -278,6 +287,7 @@ def run_sweep(cfg: ExperimentConfig, space: dict[str, Sequence[Any]], *, layout:
     """Run (or restore and finish) the sweep of `space` over `cfg`; print and log its table and figures.
     `coupled`: keys that follow the value of a one-key sweep (`Coupling`); `verbose`: Tune's tables too."""
     from raylab.cluster import init_ray
+    from raylab.preempt import Preempted, stop_line, stop_requested
     from raylab.tune.report import report_sweep
 
     arms = check_space(cfg, space, coupled)
@@ -291,10 +301,13 @@ def run_sweep(cfg: ExperimentConfig, space: dict[str, Sequence[Any]], *, layout:
         with _tune_output(verbose):
             results = _tuner(cfg, space, name, storage, parent, coupled, verbose).fit()
         unfinished = _unfinished(path)  # Tune caught Ctrl-C, saved its state and returned as if done
-        end = "KILLED" if unfinished else "FAILED" if results.errors else "FINISHED"
+        stopped = stop_requested()  # stopped trials ended ERROR: a restored sweep resumes them (resume_errored)
+        end = "KILLED" if unfinished or stopped else "FAILED" if results.errors else "FINISHED"
         # the report of the trials that finished, saying how the sweep ends (the parent run ends right after it)
         rows, table = report_sweep(cfg.tracking, parent, list(space), layout=layout, status=end)
         status["end"] = end
+        if stopped:
+            raise Preempted(stop_line(f"sweep {name}: {len(results.errors)} trial(s) unfinished, Tune state kept"))
         if unfinished:
             raise SweepInterrupted(f"sweep {name}: interrupted with {unfinished} trial(s) unfinished; Tune state "
                                    f"kept in {path}")
