@@ -415,8 +415,10 @@ def _export(ns: argparse.Namespace) -> int:
       "cluster contract", _rehearse_args)
 def _rehearse(ns: argparse.Namespace) -> int:
     from raylab.rehearse.run import options_from, rehearse
+    from raylab.rehearse.slurm import rehearse_slurm
 
-    return rehearse(options_from(vars(ns)))
+    opts = options_from(vars(ns))
+    return rehearse_slurm(opts) if opts.slurm else rehearse(opts)
 
 
 @verb("slurm", "write the sbatch script of a command on Slurm nodes (exclusive or shared), requeued after SIGTERM "

@@ -171,6 +171,17 @@ class Node:
         return self.process.poll() is None
 
 
+def stop_nodes(running: list[Node]) -> None:
+    """Kill every node (the last started first), then wait for each to be gone (at most 30 s a node)."""
+    for node in reversed(running):
+        node.kill()
+    for node in running:
+        try:
+            node.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            pass
+
+
 def start_node(layout: Layout, index: int, name: str, script: list[str], env: dict[str, str]) -> Node:
     """`nsenter` into the node's network namespace, then `unshare` the mount, PID and UTS namespaces and run
     `script` as PID 1 there."""

@@ -213,13 +213,7 @@ class Cluster:
             raise nodes.NodeError(f"cluster not ready: {out.strip().splitlines()[-1:]} (logs: {self.layout.base}/logs)")
 
     def down(self) -> None:
-        for node in reversed(self.running):
-            node.kill()
-        for node in self.running:
-            try:
-                node.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                pass
+        nodes.stop_nodes(self.running)
         if self.network:
             nodes.delete_network(self.layout, len(self.names))
 
@@ -351,10 +345,6 @@ def run_job(cluster: Cluster, opts: Options, timings: Timings) -> int:
 
 
 def rehearse(opts: Options) -> int:
-    if opts.slurm:
-        from raylab.rehearse.slurm import rehearse_slurm
-
-        return rehearse_slurm(opts)
     problem = preflight()
     if problem:
         print(problem, flush=True)

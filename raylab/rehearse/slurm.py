@@ -154,13 +154,7 @@ class SlurmCluster:
         raise nodes.NodeError(f"Slurm not ready after {UP_TIMEOUT_S:.0f} s: {states} (logs: {self.layout.base})")
 
     def down(self) -> None:
-        for node in reversed(self.running):
-            node.kill()
-        for node in self.running:
-            try:
-                node.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                pass
+        nodes.stop_nodes(self.running)
         if self.network:
             nodes.delete_network(self.layout, self.count)
 
