@@ -89,13 +89,15 @@ def pin_ray_address() -> None:
 # line per epoch (they stay in the session's logs/ray-data files), and once per reading process that its progress
 # bars are off (raylab turns them off: the epoch line is the progress). Ray Train prints every report's whole
 # metrics dict ("Reporting training result"), which that epoch line already says, and five INFO lines per run
-# about its worker group and checkpoints (they stay in the session's ray-train-* logs).
+# about its worker group and checkpoints (they stay in the session's ray-train-* logs). The raylet warns each time
+# the processes it started pass another multiple of the node's cores ("... 4x the maximum expected startup
+# concurrency (2)"): a sweep whose trials run side by side starts a dozen actors per trial by design.
 RAY_CHATTER = ("has constructor arguments in the object store and max_restarts > 0",
                "Starting execution of Dataset dataset_", "Execution plan of Dataset dataset_",
                "execution finished in", "Reporting training result ", "Progress bars disabled. To enable",
                "Requesting resources: {", "Attempting to start training worker group of size",
                "Started training worker group of size", ", local_rank=", "Setting up process group for: ",
-               "Checkpoint successfully created at: ")
+               "Checkpoint successfully created at: ", "PYTHON worker processes have been started on node: ")
 # Loggers whose INFO lines are not the user's business by default: MLflow creating its tables on a new store, Tune
 # writing its experiment state. MLflow sets its level as it is imported, from MLFLOW_LOGGING_LEVEL (the processes of
 # a local Ray instance started meanwhile inherit it too).
