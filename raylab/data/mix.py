@@ -58,6 +58,10 @@ from raylab.data.shards import read_parquet
 # pass is a function of (seed, pass)), so it is sized for the largest world we run: under 2x up to 128 ranks (the
 # whole store at 2M rows, 1,638 rows a step: 2.07x at 256 ranks, 3.1x at 512).
 WINDOW_ROWS = 65536
+# A pass of a small view lasts a few steps (the main job's 150 rows: 3), and each read is one Ray Data execution
+# (~50 ms of the rank's CPU plus a round of Ray Data's own actors): one read spans consecutive passes up to this
+# many of the rank's rows. A pass of at least this many rows is read alone, as before.
+READ_ROWS = 4096
 
 
 def split_batch(batch_size: int, ratio: float) -> tuple[int, int]:
@@ -278,6 +282,12 @@ def read_pass_local(plan: PassPlan) -> Iterator[pa.Table]:
         yield read_window(one, one.windows[0])
 
 
+def read_passes_local(plans: Sequence[PassPlan]) -> Iterator[pa.Table]:
+    """Consecutive passes in this process, one after another."""
+    for plan in plans:
+        yield from read_pass_local(plan)
+
+
 def rebatch(tables: Iterable[pa.Table], size: int) -> Iterator[pa.Table]:
     """Tables of any lengths -> tables of exactly `size` rows (a shorter tail is dropped)."""
     pending: list[pa.Table] = []
@@ -298,14 +308,14 @@ def decode_generated(batch: Any) -> tuple[np.ndarray, np.ndarray]:
     return decode_images(batch.column("image")), labels
 
 
-PassReader = Callable[[PassPlan], Iterable[pa.Table]]
+PassReader = Callable[[Sequence[PassPlan]], Iterable[pa.Table]]  # consecutive passes' plans -> their tables
 
 
 class GeneratedStream:
     """Fixed-size batches of generated rows for one rank, pass after pass, in the order described above."""
 
     def __init__(self, index: RowIndex, batch: int, *, seed: int, rank: int = 0, world: int = 1,
-                 window_rows: int = WINDOW_ROWS, reader: PassReader = read_pass_local):
+                 window_rows: int = WINDOW_ROWS, reader: PassReader = read_passes_local):
         if len(index) < batch * world:
             raise ValueError(f"the generated view has {len(index)} rows, fewer than one batch's {batch * world} "
                              f"({batch} per worker x {world})")
@@ -316,25 +326,38 @@ class GeneratedStream:
         self.position = StreamPosition()
         self.last_seeds = np.empty(0, np.int64)  # the `seed` column of the last batch (traces, mix-stats)
         self._it: Iterator[pa.Table] | None = None
+        self._until = 0  # the pass the current read ends before
 
     @property
     def batches_per_pass(self) -> int:
         return len(self.index) // (self.batch * self.world)
 
-    def pass_plan(self) -> PassPlan:
-        """What this rank reads of the current pass from the current position on (a resume starts mid-pass)."""
+    @property
+    def passes_per_read(self) -> int:
+        """Passes one read spans: each pass gives this rank exactly batches_per_pass batches, so the passes' tables
+        rebatch into whole batches that never straddle two passes."""
+        return max(1, READ_ROWS // (self.batches_per_pass * self.batch))
+
+    def pass_plan(self, passes: int | None = None) -> PassPlan:
+        """What this rank reads of pass `passes` (default: the current pass from the current position on; a resume
+        starts mid-pass), or of a later pass from its start."""
+        current = passes is None or passes == self.position.passes
+        passes = self.position.passes if passes is None else passes
         group = self.batch * self.world
-        first, end = self.position.offset * group, self.batches_per_pass * group
-        windows = tuple(w for w in pass_windows(self.index.sizes, self.seed, self.position.passes, self.window_rows)
+        first, end = (self.position.offset if current else 0) * group, self.batches_per_pass * group
+        windows = tuple(w for w in pass_windows(self.index.sizes, self.seed, passes, self.window_rows)
                         if w.start + w.rows > first and w.start < end)
-        return PassPlan(self.index, windows, self.seed, self.position.passes, self.rank, self.world, self.batch,
-                        first, end)
+        return PassPlan(self.index, windows, self.seed, passes, self.rank, self.world, self.batch, first, end)
 
     def next_batch(self) -> tuple[np.ndarray, np.ndarray]:
         if self.position.offset >= self.batches_per_pass:
-            self.position, self._it = StreamPosition(self.position.passes + 1, 0), None
+            self.position = StreamPosition(self.position.passes + 1, 0)
+            if self.position.passes >= self._until:
+                self._it = None
         if self._it is None:
-            self._it = rebatch(self.reader(self.pass_plan()), self.batch)
+            now = self.position.passes
+            self._until = now + self.passes_per_read
+            self._it = rebatch(self.reader([self.pass_plan(p) for p in range(now, self._until)]), self.batch)
         batch = next(self._it, None)
         if batch is None:
             raise RuntimeError(f"pass {self.position.passes} of the generated view ended after "

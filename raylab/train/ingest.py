@@ -9,13 +9,13 @@ which an exact resume needs.
 from __future__ import annotations
 
 import functools
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
 
 from raylab.config import ExperimentConfig
-from raylab.data.mix import PassPlan, read_window
+from raylab.data.mix import READ_ROWS, PassPlan, read_window
 from raylab.data.row_index import RowIndex
 from raylab.data.shard_format import IMAGE_BYTES
 
@@ -31,43 +31,58 @@ def ingest_options(object_store_mb: int):
     return options
 
 
-def _read_task_fn(plan: PassPlan):
-    return [read_window(plan, plan.windows[0])]
+def _read_task_fn(units: Sequence[PassPlan]):
+    return [read_window(one, one.windows[0]) for one in units]
 
 
-def window_datasource(plan: PassPlan):
-    """A Ray Data `Datasource` with one read task per window of `plan`."""
-    from ray.data.block import BlockMetadata
+def read_units(plans: Sequence[PassPlan]) -> list[list[PassPlan]]:
+    """The read tasks of consecutive passes, in order: each a run of one-window plans (`PassPlan.for_window`), a
+    window alone once it holds READ_ROWS of the rank's rows (a small view's windows, one per pass, share a task)."""
+    tasks: list[list[PassPlan]] = [[]]
+    held = 0
+    for plan in plans:
+        for window in plan.windows:
+            if tasks[-1] and held + window.rows // plan.world > READ_ROWS:
+                tasks.append([])
+                held = 0
+            tasks[-1].append(plan.for_window(window))
+            held += window.rows // plan.world
+    return [t for t in tasks if t]
+
+
+def window_datasource(units: Sequence[Sequence[PassPlan]]):
+    """A Ray Data `Datasource` with one read task per unit of `read_units`, in order."""
     from ray.data.datasource import Datasource, ReadTask
 
     class PassWindows(Datasource):
         def estimate_inmemory_data_size(self) -> int:
-            return sum(w.rows for w in plan.windows) * (IMAGE_BYTES + 2)
+            return sum(p.windows[0].rows // p.world for task in units for p in task) * (IMAGE_BYTES + 2)
 
         def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None) -> list:
-            tasks = []
-            index = plan.index
-            for window in plan.windows:
-                one = plan.for_window(window)
-                files = np.unique(index.blocks["file"][list(window.blocks)])
-                meta = BlockMetadata(num_rows=None, size_bytes=window.rows * (IMAGE_BYTES + 2) // plan.world,
-                                     input_files=[index.files[f] for f in files], exec_stats=None)
-                tasks.append(ReadTask(functools.partial(_read_task_fn, one), meta))
-            return tasks
+            return [ReadTask(functools.partial(_read_task_fn, task), _metadata(task)) for task in units]
 
     return PassWindows()
 
 
+def _metadata(task: Sequence[PassPlan]):
+    from ray.data.block import BlockMetadata
+
+    files = sorted({p.index.files[f] for p in task for f in p.index.blocks["file"][list(p.windows[0].blocks)]})
+    rows = sum(p.windows[0].rows // p.world for p in task)
+    return BlockMetadata(num_rows=None, size_bytes=rows * (IMAGE_BYTES + 2), input_files=files, exec_stats=None)
+
+
 def ray_pass_reader(object_store_mb: int = 0):
-    """A `PassReader` for `GeneratedStream` that reads each pass through Ray Data (budget: MiB for this rank)."""
-    def read(plan: PassPlan) -> Iterator[pa.Table]:
+    """A `PassReader` for `GeneratedStream` that reads consecutive passes through Ray Data as one execution
+    (budget: MiB for this rank)."""
+    def read(plans: Sequence[PassPlan]) -> Iterator[pa.Table]:
         import ray.data
 
         # Read tasks ask for no CPU of their own: they run inside the rank's budget, which waits on them. Asking
         # for one, they never ran once Train workers held every CPU (the dress rehearsal: after a node loss, 4
         # workers on a 4-CPU node waited on their first window forever). The object-store budget bounds them.
-        ds = ray.data.read_datasource(window_datasource(plan), override_num_blocks=max(len(plan.windows), 1),
-                                      num_cpus=0)
+        units = read_units(plans)
+        ds = ray.data.read_datasource(window_datasource(units), override_num_blocks=max(len(units), 1), num_cpus=0)
         ds.context.execution_options = ingest_options(object_store_mb)
         ds.context.enable_progress_bars = False  # one pass per epoch or so: the epoch line is the progress
         yield from ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=1)

@@ -2,7 +2,8 @@
 import numpy as np
 import pytest
 
-from raylab.data.mix import GeneratedStream, Window, pass_windows, rank_share, rebatch, window_sequence
+from raylab.data.mix import (READ_ROWS, GeneratedStream, Window, pass_windows, rank_share, read_passes_local, rebatch,
+                             window_sequence)
 from raylab.data.row_index import RowIndex
 from raylab.data.shards import ShardStore
 
@@ -120,3 +121,36 @@ def test_a_batch_split_over_two_windows_is_shared_by_storage_quantile():
 def test_a_window_smaller_than_the_world_is_one_line(index):
     with pytest.raises(ValueError, match="window_rows=50 must be at least the world size 60"):
         GeneratedStream(index, 10, seed=0, world=60, window_rows=50)
+
+
+def counting_reader(calls):
+    def read(plans):
+        calls.append([p.passes for p in plans])
+        return read_passes_local(plans)
+    return read
+
+
+def test_a_small_view_is_read_many_passes_at_a_time_in_the_same_order(index, monkeypatch):
+    """A pass of the main job's view lasts 3 steps; each read is a Ray Data execution, so one read spans passes up
+    to READ_ROWS of the rank's rows, and the batches are those of pass-by-pass reads."""
+    calls = []
+    many = GeneratedStream(index, 50, seed=3, window_rows=250, reader=counting_reader(calls))
+    assert many.passes_per_read == READ_ROWS // 1200  # 24 batches of 50 a pass
+    got = [many.next_batch() and many.last_seeds.copy() for _ in range(24 * 5)]
+    assert calls == [[0, 1, 2], [3, 4, 5]]
+    monkeypatch.setattr("raylab.data.mix.READ_ROWS", 1)
+    calls.clear()
+    one = GeneratedStream(index, 50, seed=3, window_rows=250, reader=counting_reader(calls))
+    assert [one.next_batch() and one.last_seeds.tolist() for _ in range(24 * 5)] == [g.tolist() for g in got]
+    assert calls == [[p] for p in range(5)]
+
+
+def test_a_stream_resumed_inside_a_many_pass_read_continues_exactly(index):
+    straight = GeneratedStream(index, 50, seed=3, window_rows=250)
+    seen = [straight.next_batch() and straight.last_seeds.copy() for _ in range(100)]
+    cut = GeneratedStream(index, 50, seed=3, window_rows=250)
+    for _ in range(37):  # pass 1, offset 13: inside the first read of passes 0-2
+        cut.next_batch()
+    resumed = GeneratedStream(index, 50, seed=3, window_rows=250)
+    resumed.load_state_dict(cut.state_dict())
+    assert [resumed.next_batch() and resumed.last_seeds.tolist() for _ in range(63)] == [s.tolist() for s in seen[37:]]
