@@ -71,6 +71,9 @@ PRESETS["smoke"] = {
     "select.top_fraction": 0.5, "data.max_train": 128, "data.val_size": 32, "train.epochs": 1,
     "train.batch_size": 32, "attack.steps": 1, "train.val_pgd_steps": 2, "eval.num_test": 32, "eval.pgd_steps": 2,
     "eval.chunk_size": 16, "eval.batch_size": 16, "resources.cpus_per_worker": 1, "resources.eval_actors": 1,
+    # One trial at a time: the rehearsals stop a smoke sweep after its first trial's checkpoint and check that the
+    # requeued run trains the rest; side by side, both trials' single epochs end together.
+    "sweep.max_concurrent": 1,
 }
 
 
