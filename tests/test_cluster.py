@@ -183,3 +183,22 @@ def test_every_ray_train_worker_checks_root_and_dataset_before_its_first_step(tm
     with pytest.raises(DatasetError, match=re.escape(f"data.dataset=cifar10 on node {this_node()}: {tmp_path}/data/")):
         worker_preflight(cifar, {ROOT_KEY: token})
     worker_preflight(cfg, {ROOT_KEY: token})  # digits, and a node that sees the root: nothing to refuse
+
+
+def test_rays_log_dedup_keeps_each_trials_line_apart():
+    """Ray's driver merged `[steps=2] epoch 3/12 ...` into `[steps=8] epoch 3/12 ...` (they differ only in words with
+    digits) while trials ran side by side; importing raylab tells Ray to print every labelled line. Ray's own
+    deduplicator, with and without that setting."""
+    import raylab  # noqa: F401
+    from ray._private.ray_logging import LogDeduplicator
+
+    def printed(allow):
+        dedup = LogDeduplicator(5, allow, None, _timesource=lambda: 0.0)
+        out = []
+        for pid, label in ((1, "steps=2"), (2, "steps=8"), (3, "steps=4")):
+            batch = {"ip": "127.0.0.1", "pid": pid, "task_name": "x", "lines": [f"[{label}] epoch 3/12  loss 2.283"]}
+            out += [line for b in dedup.deduplicate(batch) for line in b["lines"]]
+        return out
+
+    assert len(printed(os.environ["RAY_DEDUP_LOGS_ALLOW_REGEX"])) == 3
+    assert len(printed(None)) == 1  # Ray's default: the other two arms' lines vanish
