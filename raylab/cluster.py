@@ -171,6 +171,24 @@ def terminal(verbose: bool = False) -> Iterator[None]:
                 os.environ.pop(name, None)
 
 
+class StatsActorErrors(logging.Filter):
+    """Drops Ray's "Unhandled error" record of a failed call to Ray Data's `_StatsActor` (dashboard metrics, never
+    awaited). With a sweep's trials side by side, `update_execution_metrics` of a dataset sometimes reaches the
+    actor before its `register_dataset` and fails with a KeyError: twice in a quiet main job, each a 10-line traceback
+    in the user's terminal, and nothing raylab computes depends on it. Every other unhandled error still prints."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (message.startswith("Unhandled error") and "_StatsActor." in message)
+
+
+def drop_stats_actor_errors() -> None:
+    """Install `StatsActorErrors` on the logger Ray reports unhandled errors with (once per process)."""
+    log = logging.getLogger("ray._private.worker")
+    if not any(isinstance(f, StatsActorErrors) for f in log.filters):
+        log.addFilter(StatsActorErrors())
+
+
 @contextlib.contextmanager
 def labelled(label: str) -> Iterator[None]:
     """Every line this process prints while the block runs starts with `label` (a sweep trial's `[steps=8] `: trials

@@ -1,6 +1,7 @@
 """raylab.cluster: the shared-root check (a task on every node reads a token the driver wrote under the root, and
 every piece of work reads it again where it runs: nodes that join later were never probed), and what the driver's
 terminal shows."""
+import logging
 import os
 import re
 import socket
@@ -202,3 +203,19 @@ def test_rays_log_dedup_keeps_each_trials_line_apart():
 
     assert len(printed(os.environ["RAY_DEDUP_LOGS_ALLOW_REGEX"])) == 3
     assert len(printed(None)) == 1  # Ray's default: the other two arms' lines vanish
+
+
+def test_only_a_stats_actor_call_is_dropped_of_rays_unhandled_errors(caplog):
+    """Ray Data's _StatsActor sometimes gets a dataset's metrics before its registration (trials side by side): its
+    unhandled KeyError is dropped; any other unhandled error still reaches the log. Ray's own handler."""
+    from ray._private.worker import _unhandled_error_handler
+
+    from raylab.cluster import drop_stats_actor_errors
+
+    drop_stats_actor_errors()
+    drop_stats_actor_errors()  # once per process
+    with caplog.at_level("ERROR", logger="ray._private.worker"):
+        _unhandled_error_handler(RuntimeError("ray::_StatsActor.update_execution_metrics() ... KeyError: 'dataset_1'"))
+        _unhandled_error_handler(RuntimeError("ray::EvalActor.__call__() ... ValueError: bad"))
+    assert [r.getMessage()[-12:] for r in caplog.records] == ["ValueError: bad"[-12:]]
+    assert len(logging.getLogger("ray._private.worker").filters) == 1

@@ -114,7 +114,7 @@ def run_trial(trial_config: dict[str, Any], *, flat: dict[str, Any], parent_run_
     import ray.data
 
     from raylab import preempt
-    from raylab.cluster import labelled
+    from raylab.cluster import drop_stats_actor_errors, labelled
 
     if stop_file:
         os.environ[preempt.STOP_ENV] = stop_file
@@ -124,6 +124,7 @@ def run_trial(trial_config: dict[str, Any], *, flat: dict[str, Any], parent_run_
     # Each stage's own line is the trial's progress; Ray Data's bars from inside trials (generation, ingest, eval)
     # flooded the main job's log with 3,000+ lines. Datasets carry this context to their executions.
     ray.data.DataContext.get_current().enable_progress_bars = False
+    drop_stats_actor_errors()
     cfg = from_flat(flat | {k: v for k, v in trial_config.items() if "." in k})
     label = trial_label(cfg, swept or trial_config)
     with labelled(f"[{label}] "):  # the generation's line and the evaluation's table say which arm they are
